@@ -30,6 +30,7 @@
 //! its name, shape and the xxh3-128 of its little-endian f32 bytes (the per-tensor digests
 //! run in parallel). Hex, 32 characters.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -133,12 +134,7 @@ pub(crate) fn version_hash(model: &FuseMoe) -> String {
         .par_iter()
         .map(|(_, data)| {
             let mut hasher = Xxh3::new();
-            let mut bytes = Vec::with_capacity(4 * 16_384);
-            for chunk in data.chunks(16_384) {
-                bytes.clear();
-                bytes.extend(chunk.iter().flat_map(|v| v.to_le_bytes()));
-                hasher.update(&bytes);
-            }
+            hasher.update(&le_bytes(data));
             hasher.digest128()
         })
         .collect();
@@ -159,6 +155,15 @@ fn config_json(cfg: &FuseMoeConfig) -> String {
     serde_json::to_string(cfg).unwrap_or_default()
 }
 
+/// The little-endian bytes of `data`: borrowed on little-endian machines, converted elsewhere.
+fn le_bytes(data: &[f32]) -> Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        Cow::Borrowed(bytemuck::cast_slice(data))
+    } else {
+        Cow::Owned(data.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+}
+
 /// An f32 tensor borrowed for safetensors; bytes are produced one tensor at a time while
 /// writing, so saving never holds a second copy of the whole model.
 struct F32View<'a> {
@@ -173,8 +178,8 @@ impl View for F32View<'_> {
     fn shape(&self) -> &[usize] {
         &self.shape
     }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        self.data.iter().flat_map(|v| v.to_le_bytes()).collect()
+    fn data(&self) -> Cow<'_, [u8]> {
+        le_bytes(self.data)
     }
     fn data_len(&self) -> usize {
         4 * self.data.len()
@@ -244,21 +249,25 @@ pub(crate) fn load(path: &Path, expected: Option<&FuseMoeConfig>) -> Result<Fuse
             name: extra.to_string(),
         });
     }
-    let mut tensors: HashMap<String, Vec<f32>> = specs
+    // Presence and shapes first, in canonical order, so the error names the first problem;
+    // then the (large) conversions in parallel.
+    let mut views = Vec::with_capacity(specs.len());
+    for (name, shape) in &specs {
+        let view = file_tensors
+            .tensor(name)
+            .map_err(|_| FusionError::MissingTensor { name: name.clone() })?;
+        if view.shape() != shape.as_slice() {
+            return Err(FusionError::ShapeMismatch {
+                name: name.clone(),
+                expected: shape.clone(),
+                got: view.shape().to_vec(),
+            });
+        }
+        views.push((name.clone(), view));
+    }
+    let mut tensors: HashMap<String, Vec<f32>> = views
         .par_iter()
-        .map(|(name, shape)| {
-            let view = file_tensors
-                .tensor(name)
-                .map_err(|_| FusionError::MissingTensor { name: name.clone() })?;
-            if view.shape() != shape.as_slice() {
-                return Err(FusionError::ShapeMismatch {
-                    name: name.clone(),
-                    expected: shape.clone(),
-                    got: view.shape().to_vec(),
-                });
-            }
-            Ok((name.clone(), widen(name, view.dtype(), view.data())?))
-        })
+        .map(|(name, view)| Ok((name.clone(), widen(name, view.dtype(), view.data())?)))
         .collect::<Result<_, FusionError>>()?;
 
     let mut take = |name: &str| {
@@ -303,10 +312,14 @@ pub(crate) fn load(path: &Path, expected: Option<&FuseMoeConfig>) -> Result<Fuse
 /// Little-endian F32, BF16 or F16 bytes → f32.
 fn widen(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, FusionError> {
     Ok(match dtype {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
+        Dtype::F32 => match bytemuck::try_cast_slice::<u8, f32>(bytes) {
+            // Safetensors data is 8-aligned in a page-aligned map, so this is the usual path.
+            Ok(values) if cfg!(target_endian = "little") => values.to_vec(),
+            _ => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+        },
         Dtype::BF16 => bytes
             .chunks_exact(2)
             .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
