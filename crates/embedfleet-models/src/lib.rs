@@ -1,1 +1,32 @@
-//! placeholder
+//! The model runtime of embedfleet: what the ensemble is, and how one model turns inputs into
+//! vectors.
+//!
+//! # Layout
+//! - [`catalogue`]: the twelve models (names, dims, limits, pooling, modalities, memory).
+//! - [`model`]: the [`EmbeddingModel`] trait every architecture implements and roles call.
+//! - [`registry`]: models by name, loaded lazily and once.
+//! - [`resolve`]: where weights come from (local directory, HF cache, hub).
+//! - [`text`]: tokenizer + encoder + pooling for transformer text encoders.
+//! - [`arch`]: one file per architecture (`bert.rs`, `mpnet.rs`) over shared layers.
+//! - [`packed`]: padding-free batches and the attention that runs on them.
+//! - [`tokenize`], [`pooling`]: shared steps around the encoders.
+//! - [`error`]: [`ModelError`] and its wire codes.
+
+pub mod arch;
+pub mod catalogue;
+pub mod error;
+pub mod model;
+pub mod packed;
+pub mod pooling;
+pub mod registry;
+pub mod resolve;
+pub mod text;
+pub mod tokenize;
+
+pub use catalogue::{ModelSpec, Pooling, CATALOGUE};
+pub use error::ModelError;
+pub use model::{EmbedOptions, EmbeddingModel, ModelEmbedding, ModelInput};
+pub use registry::ModelRegistry;
+pub use resolve::{ModelFiles, WeightResolver};
+pub use text::TextEmbedder;
+pub use candle_core::Device;

@@ -1,0 +1,270 @@
+//! The model catalogue: the twelve models of the ensemble and what the rest of the fleet needs to
+//! know about each before loading it (dims, limits, pooling, modalities, memory).
+//!
+//! Public names are part of the wire contract: clients select models by them, cache keys and
+//! queue subjects embed them. Never rename one; add a new entry instead.
+
+use embedfleet_proto::Modality;
+
+/// How token states become one vector. Kept next to the catalogue because it is a property of the
+/// checkpoint's training recipe, not of its architecture (BERT is pooled both ways below).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    /// Mean over the sequence's tokens (special tokens included, as sentence-transformers does).
+    Mean,
+    /// The first token's state (`[CLS]` / `<s>`).
+    Cls,
+    /// The last token's state (causal decoders, where only it has seen the whole input).
+    LastToken,
+    /// The model's own projection head (CLIP).
+    Projection,
+}
+
+/// The architecture family of a checkpoint; one file per family under `arch/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    Bert,
+    Roberta,
+    MpNet,
+    T5Encoder,
+    Clip,
+    WhisperEncoder,
+    Mistral,
+}
+
+/// One model of the ensemble.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    /// The short public name (`minilm`), used on the wire, in subjects and in cache keys.
+    pub name: &'static str,
+    /// The ensemble position of the original specification (E1..E12); also the fusion slot order.
+    pub ordinal: u8,
+    /// Hugging Face repository id the weights come from.
+    pub hf_repo: &'static str,
+    /// Width of the pooled embedding.
+    pub dim: usize,
+    /// Longest input in tokens (audio: encoder frames) the checkpoint was trained for; longer input
+    /// is truncated, or rejected with 413 when the request says `truncate: false`.
+    pub max_seq_len: usize,
+    pub pooling: Pooling,
+    pub architecture: Architecture,
+    /// Input kinds the model can embed; others get zeros and a mask bit in fusion.
+    pub modalities: &'static [Modality],
+    /// Parameter count, for placement: memory needed is this times the bytes per weight.
+    pub parameters: u64,
+}
+
+impl ModelSpec {
+    /// Whether the model embeds inputs of this kind.
+    pub fn takes(&self, modality: Modality) -> bool {
+        self.modalities.contains(&modality)
+    }
+
+    /// Weight memory in bytes at the given bytes per parameter (4 for f32, 2 for f16/bf16).
+    /// Activations come on top; placement keeps a margin for them.
+    pub fn weight_bytes(&self, bytes_per_parameter: u64) -> u64 {
+        self.parameters * bytes_per_parameter
+    }
+}
+
+use Modality::{Audio, Code, Image, Text};
+
+/// The ensemble, in fusion slot order.
+pub const CATALOGUE: &[ModelSpec] = &[
+    ModelSpec {
+        name: "minilm",
+        ordinal: 1,
+        hf_repo: "sentence-transformers/all-MiniLM-L6-v2",
+        dim: 384,
+        max_seq_len: 256,
+        pooling: Pooling::Mean,
+        architecture: Architecture::Bert,
+        modalities: &[Text, Code],
+        parameters: 22_713_216,
+    },
+    ModelSpec {
+        name: "bge-large",
+        ordinal: 2,
+        hf_repo: "BAAI/bge-large-en-v1.5",
+        dim: 1024,
+        max_seq_len: 512,
+        pooling: Pooling::Cls,
+        architecture: Architecture::Bert,
+        modalities: &[Text, Code],
+        parameters: 335_141_888,
+    },
+    ModelSpec {
+        name: "instructor-xl",
+        ordinal: 3,
+        hf_repo: "hkunlp/instructor-xl",
+        dim: 768,
+        max_seq_len: 512,
+        pooling: Pooling::Mean,
+        architecture: Architecture::T5Encoder,
+        modalities: &[Text],
+        parameters: 1_241_000_000,
+    },
+    ModelSpec {
+        name: "clip-vit-l",
+        ordinal: 4,
+        hf_repo: "openai/clip-vit-large-patch14",
+        dim: 768,
+        max_seq_len: 77,
+        pooling: Pooling::Projection,
+        architecture: Architecture::Clip,
+        modalities: &[Image, Text],
+        parameters: 427_616_513,
+    },
+    ModelSpec {
+        name: "whisper-large",
+        ordinal: 5,
+        hf_repo: "openai/whisper-large-v3",
+        dim: 1280,
+        max_seq_len: 1500,
+        pooling: Pooling::Mean,
+        architecture: Architecture::WhisperEncoder,
+        modalities: &[Audio],
+        parameters: 637_000_000,
+    },
+    ModelSpec {
+        name: "codebert",
+        ordinal: 6,
+        hf_repo: "microsoft/codebert-base",
+        dim: 768,
+        max_seq_len: 512,
+        pooling: Pooling::Cls,
+        architecture: Architecture::Roberta,
+        modalities: &[Code, Text],
+        parameters: 124_645_632,
+    },
+    ModelSpec {
+        name: "sentence-t5-xxl",
+        ordinal: 7,
+        hf_repo: "sentence-transformers/sentence-t5-xxl",
+        dim: 768,
+        max_seq_len: 256,
+        pooling: Pooling::Mean,
+        architecture: Architecture::T5Encoder,
+        modalities: &[Text],
+        parameters: 4_865_000_000,
+    },
+    ModelSpec {
+        name: "mpnet",
+        ordinal: 8,
+        hf_repo: "sentence-transformers/all-mpnet-base-v2",
+        dim: 768,
+        max_seq_len: 384,
+        pooling: Pooling::Mean,
+        architecture: Architecture::MpNet,
+        modalities: &[Text, Code],
+        parameters: 109_486_464,
+    },
+    ModelSpec {
+        name: "contriever",
+        ordinal: 9,
+        hf_repo: "facebook/contriever-msmarco",
+        dim: 768,
+        max_seq_len: 512,
+        pooling: Pooling::Mean,
+        architecture: Architecture::Bert,
+        modalities: &[Text],
+        parameters: 109_482_240,
+    },
+    ModelSpec {
+        name: "dragon-plus",
+        ordinal: 10,
+        hf_repo: "facebook/dragon-plus-context-encoder",
+        dim: 768,
+        max_seq_len: 512,
+        pooling: Pooling::Cls,
+        architecture: Architecture::Bert,
+        modalities: &[Text],
+        parameters: 109_482_240,
+    },
+    ModelSpec {
+        name: "gte-large",
+        ordinal: 11,
+        hf_repo: "thenlper/gte-large",
+        dim: 1024,
+        max_seq_len: 512,
+        pooling: Pooling::Mean,
+        architecture: Architecture::Bert,
+        modalities: &[Text, Code],
+        parameters: 335_141_888,
+    },
+    ModelSpec {
+        name: "e5-mistral",
+        ordinal: 12,
+        hf_repo: "intfloat/e5-mistral-7b-instruct",
+        dim: 4096,
+        max_seq_len: 4096,
+        pooling: Pooling::LastToken,
+        architecture: Architecture::Mistral,
+        modalities: &[Text, Code],
+        parameters: 7_110_660_096,
+    },
+];
+
+/// Looks a model up by its public name.
+pub fn find(name: &str) -> Option<&'static ModelSpec> {
+    CATALOGUE.iter().find(|spec| spec.name == name)
+}
+
+/// The public names, in slot order; used in error messages so a typo shows the choices.
+pub fn names() -> impl Iterator<Item = &'static str> {
+    CATALOGUE.iter().map(|spec| spec.name)
+}
+
+/// Width of the fusion input for an active model set: the sum of their dims.
+///
+/// Always computed from the set, never a constant: the original specification's 12,954 for all
+/// twelve is an arithmetic slip (the dims add up to 13,184), and a fleet may run any subset.
+pub fn fusion_input_width<'a>(active: impl IntoIterator<Item = &'a ModelSpec>) -> usize {
+    active.into_iter().map(|spec| spec.dim).sum()
+}
+
+/// Puts a set of models into catalogue (fusion slot) order, dropping duplicates, so that every
+/// node assembles fusion inputs the same way whatever order a request named them in.
+pub fn in_slot_order(mut models: Vec<&'static ModelSpec>) -> Vec<&'static ModelSpec> {
+    models.sort_by_key(|spec| spec.ordinal);
+    models.dedup_by_key(|spec| spec.ordinal);
+    models
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_twelve_models_fuse_into_13184_inputs() {
+        assert_eq!(CATALOGUE.len(), 12);
+        assert_eq!(fusion_input_width(CATALOGUE), 13_184);
+    }
+
+    #[test]
+    fn names_are_unique_and_ordinals_follow_the_slots() {
+        for (index, spec) in CATALOGUE.iter().enumerate() {
+            assert_eq!(usize::from(spec.ordinal), index + 1, "{}", spec.name);
+            assert_eq!(find(spec.name), Some(spec));
+        }
+        let mut names: Vec<_> = names().collect();
+        names.dedup();
+        assert_eq!(names.len(), 12);
+    }
+
+    #[test]
+    fn two_model_set_is_1152_wide_in_slot_order() {
+        let set = in_slot_order(vec![find("mpnet").unwrap(), find("minilm").unwrap(), find("mpnet").unwrap()]);
+        assert_eq!(set.iter().map(|s| s.name).collect::<Vec<_>>(), ["minilm", "mpnet"]);
+        assert_eq!(fusion_input_width(set), 1152);
+    }
+
+    #[test]
+    fn modalities_say_what_each_model_takes() {
+        assert!(find("whisper-large").unwrap().takes(Modality::Audio));
+        assert!(!find("whisper-large").unwrap().takes(Modality::Text));
+        assert!(find("clip-vit-l").unwrap().takes(Modality::Image));
+        assert!(find("minilm").unwrap().takes(Modality::Code));
+        assert!(find("unknown").is_none());
+    }
+}

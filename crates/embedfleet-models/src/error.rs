@@ -1,0 +1,87 @@
+//! The one error type of the model runtime, and how each case maps onto a wire error code.
+
+use std::path::PathBuf;
+
+use embedfleet_proto::{ErrorKind, Modality};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("unknown model `{name}` (known: {known})")]
+    UnknownModel { name: String, known: String },
+
+    #[error("no weights for `{model}`: tried {}", tried.join("; "))]
+    WeightsNotFound { model: String, tried: Vec<String> },
+
+    #[error("{}: {reason}", path.display())]
+    MissingFile { path: PathBuf, reason: String },
+
+    #[error("corrupt weights in {}: {reason}", path.display())]
+    CorruptWeights { path: PathBuf, reason: String },
+
+    #[error("bad config {}: {reason}", path.display())]
+    BadConfig { path: PathBuf, reason: String },
+
+    #[error("tokenizer {}: {reason}", path.display())]
+    BadTokenizer { path: PathBuf, reason: String },
+
+    #[error("`{model}` does not take {modality} input")]
+    UnsupportedModality { model: String, modality: Modality },
+
+    #[error("input {index} is empty")]
+    EmptyInput { index: usize },
+
+    #[error("input {index} is {tokens} tokens, over `{model}`'s limit of {max} (send truncate: true to cut it)")]
+    InputTooLong { model: String, index: usize, tokens: usize, max: usize },
+
+    #[error("`{model}` ({architecture}) has no implementation in this build yet")]
+    ArchitectureUnavailable { model: String, architecture: String },
+
+    #[error("tokenizing for `{model}` failed: {reason}")]
+    Tokenize { model: String, reason: String },
+
+    #[error("`{model}` forward pass failed: {source}")]
+    Inference {
+        model: String,
+        #[source]
+        source: candle_core::Error,
+    },
+}
+
+impl ModelError {
+    /// The wire error this becomes when it answers a request.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::UnknownModel { .. } => ErrorKind::UnknownModel,
+            Self::UnsupportedModality { .. } => ErrorKind::UnsupportedModality,
+            Self::EmptyInput { .. } => ErrorKind::EmptyInput,
+            Self::InputTooLong { .. } => ErrorKind::InputTooLong,
+            // The model exists in the catalogue but this node cannot serve it: another node may.
+            Self::WeightsNotFound { .. } | Self::ArchitectureUnavailable { .. } => ErrorKind::NoWorker,
+            Self::MissingFile { .. }
+            | Self::CorruptWeights { .. }
+            | Self::BadConfig { .. }
+            | Self::BadTokenizer { .. }
+            | Self::Tokenize { .. }
+            | Self::Inference { .. } => ErrorKind::Internal,
+        }
+    }
+
+    /// True when the same input will fail again however often it is retried; a queue consumer
+    /// terminates such a job instead of redelivering it.
+    pub fn is_permanent_for_input(&self) -> bool {
+        matches!(
+            self,
+            Self::UnsupportedModality { .. } | Self::EmptyInput { .. } | Self::InputTooLong { .. } | Self::Tokenize { .. }
+        )
+    }
+
+    pub(crate) fn inference(model: &str) -> impl Fn(candle_core::Error) -> Self + '_ {
+        move |source| Self::Inference { model: model.to_string(), source }
+    }
+}
+
+impl From<&ModelError> for embedfleet_proto::ProtoError {
+    fn from(error: &ModelError) -> Self {
+        embedfleet_proto::ProtoError::new(error.kind(), error.to_string())
+    }
+}

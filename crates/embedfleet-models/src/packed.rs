@@ -1,0 +1,279 @@
+//! Packed (padding-free) batches and the attention that runs over them.
+//!
+//! A padded batch spends most of its matrix products on padding when lengths vary, which they
+//! always do in an embedding service. Here every token of every sequence is one row of a
+//! `[total_tokens, hidden]` matrix: the linear layers (nearly all the FLOPs) run once over real
+//! tokens only, and attention, the one place sequences must not mix, walks each sequence's own
+//! rows. This is what text-embeddings-inference does on GPUs with varlen flash attention; on CPU
+//! it is the difference between trailing PyTorch and passing it.
+
+use candle_core::{DType, Device, Result, Tensor};
+use rayon::prelude::*;
+
+/// Token ids of several sequences laid end to end, with where each sequence starts.
+#[derive(Debug, Clone)]
+pub struct PackedBatch {
+    /// All token ids, sequence after sequence.
+    pub ids: Vec<u32>,
+    /// `offsets[s]..offsets[s + 1]` are sequence `s`'s rows; `offsets.len()` is sequences + 1.
+    pub offsets: Vec<usize>,
+}
+
+impl PackedBatch {
+    pub fn new<S: AsRef<[u32]>>(sequences: &[S]) -> Self {
+        let mut offsets = Vec::with_capacity(sequences.len() + 1);
+        offsets.push(0);
+        let mut ids = Vec::with_capacity(sequences.iter().map(|s| s.as_ref().len()).sum());
+        for sequence in sequences {
+            ids.extend_from_slice(sequence.as_ref());
+            offsets.push(ids.len());
+        }
+        Self { ids, offsets }
+    }
+
+    pub fn sequences(&self) -> usize {
+        self.offsets.len() - 1
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn len_of(&self, sequence: usize) -> usize {
+        self.offsets[sequence + 1] - self.offsets[sequence]
+    }
+
+    pub fn max_len(&self) -> usize {
+        (0..self.sequences()).map(|s| self.len_of(s)).max().unwrap_or(0)
+    }
+
+    /// Position of every token within its own sequence, plus `start` (RoBERTa-style checkpoints
+    /// count positions from `padding_idx + 1`).
+    pub fn positions(&self, start: u32) -> Vec<u32> {
+        let mut positions = Vec::with_capacity(self.tokens());
+        for s in 0..self.sequences() {
+            positions.extend((0..self.len_of(s) as u32).map(|p| p + start));
+        }
+        positions
+    }
+
+    pub fn ids_tensor(&self, device: &Device) -> Result<Tensor> {
+        Tensor::from_slice(&self.ids, self.tokens(), device)
+    }
+
+    /// `[sequences, tokens]` matrix whose product with the hidden states is each sequence's mean.
+    pub fn mean_pooling_matrix(&self, device: &Device) -> Result<Tensor> {
+        let (rows, cols) = (self.sequences(), self.tokens());
+        let mut weights = vec![0f32; rows * cols];
+        for s in 0..rows {
+            let (start, end) = (self.offsets[s], self.offsets[s + 1]);
+            let weight = 1.0 / (end - start) as f32;
+            weights[s * cols + start..s * cols + end].fill(weight);
+        }
+        Tensor::from_vec(weights, (rows, cols), device)
+    }
+
+    /// Row index of each sequence's first token.
+    pub fn first_rows(&self, device: &Device) -> Result<Tensor> {
+        let rows: Vec<u32> = self.offsets[..self.sequences()].iter().map(|&o| o as u32).collect();
+        Tensor::from_vec(rows, self.sequences(), device)
+    }
+
+    /// Row index of each sequence's last token.
+    pub fn last_rows(&self, device: &Device) -> Result<Tensor> {
+        let rows: Vec<u32> = self.offsets[1..].iter().map(|&o| o as u32 - 1).collect();
+        Tensor::from_vec(rows, self.sequences(), device)
+    }
+}
+
+/// An additive attention bias that depends only on the key's offset from the query (MPNet's
+/// bucketed relative positions). `values[bucket * heads + head]`.
+pub struct RelativeBias<'a> {
+    pub values: &'a [f32],
+    pub heads: usize,
+    /// Bucket of each relative offset `key - query`, indexed by `offset + max_offset`.
+    pub bucket_of_offset: &'a [usize],
+    pub max_offset: usize,
+}
+
+impl RelativeBias<'_> {
+    #[inline]
+    fn get(&self, head: usize, query: usize, key: usize) -> f32 {
+        let offset = key + self.max_offset - query;
+        self.values[self.bucket_of_offset[offset] * self.heads + head]
+    }
+}
+
+/// Multi-head self-attention over a packed batch.
+///
+/// `qkv` is `[tokens, 3 * hidden]`: each row holds the query, key and value projections of one
+/// token, heads side by side within each. Returns the context, `[tokens, hidden]`.
+pub fn packed_attention(qkv: &Tensor, batch: &PackedBatch, heads: usize, bias: Option<&RelativeBias>) -> Result<Tensor> {
+    match qkv.device() {
+        Device::Cpu if qkv.dtype() == DType::F32 => packed_attention_cpu(qkv, batch, heads, bias),
+        _ => packed_attention_tensor_ops(qkv, batch, heads, bias),
+    }
+}
+
+/// The CPU kernel: one pass per output row, all heads, reading keys and values straight out of
+/// the packed projection. No padding, no mask, no `[batch, heads, len, len]` tensor.
+fn packed_attention_cpu(qkv: &Tensor, batch: &PackedBatch, heads: usize, bias: Option<&RelativeBias>) -> Result<Tensor> {
+    let (tokens, width) = qkv.dims2()?;
+    let hidden = width / 3;
+    let head_dim = hidden / heads;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let qkv = qkv.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let mut sequence_of_row = Vec::with_capacity(tokens);
+    for s in 0..batch.sequences() {
+        sequence_of_row.extend(std::iter::repeat_n(s, batch.len_of(s)));
+    }
+    let max_len = batch.max_len();
+    let mut context = vec![0f32; tokens * hidden];
+    context
+        .par_chunks_mut(hidden)
+        .enumerate()
+        .for_each_init(
+            || vec![0f32; max_len],
+            |scores, (row, out)| {
+                let sequence = sequence_of_row[row];
+                let start = batch.offsets[sequence];
+                let len = batch.len_of(sequence);
+                let scores = &mut scores[..len];
+                for head in 0..heads {
+                    let q = &qkv[row * width + head * head_dim..][..head_dim];
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, score) in scores.iter_mut().enumerate() {
+                        let k = &qkv[(start + j) * width + hidden + head * head_dim..][..head_dim];
+                        let mut s = dot(q, k) * scale;
+                        if let Some(bias) = bias {
+                            s += bias.get(head, row - start, j);
+                        }
+                        *score = s;
+                        max = max.max(s);
+                    }
+                    let mut sum = 0.0;
+                    for score in scores.iter_mut() {
+                        *score = (*score - max).exp();
+                        sum += *score;
+                    }
+                    let out = &mut out[head * head_dim..][..head_dim];
+                    out.fill(0.0);
+                    for (j, &p) in scores.iter().enumerate() {
+                        let v = &qkv[(start + j) * width + 2 * hidden + head * head_dim..][..head_dim];
+                        let p = p / sum;
+                        out.iter_mut().zip(v).for_each(|(o, v)| *o += p * v);
+                    }
+                }
+            },
+        );
+    Tensor::from_vec(context, (tokens, hidden), &Device::Cpu)
+}
+
+/// Eight independent accumulators so the compiler can keep them in vector lanes.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in a_chunks.zip(b_chunks) {
+        for lane in 0..8 {
+            acc[lane] += x[lane] * y[lane];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// The device-generic path (GPU, or non-f32 dtypes): the same computation in tensor ops, one
+/// sequence at a time.
+fn packed_attention_tensor_ops(qkv: &Tensor, batch: &PackedBatch, heads: usize, bias: Option<&RelativeBias>) -> Result<Tensor> {
+    let (_, width) = qkv.dims2()?;
+    let hidden = width / 3;
+    let head_dim = hidden / heads;
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let mut contexts = Vec::with_capacity(batch.sequences());
+    for s in 0..batch.sequences() {
+        let len = batch.len_of(s);
+        let rows = qkv.narrow(0, batch.offsets[s], len)?;
+        let split = |part: usize| -> Result<Tensor> {
+            rows.narrow(1, part * hidden, hidden)?.reshape((len, heads, head_dim))?.transpose(0, 1)?.contiguous()
+        };
+        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(bias) = bias {
+            let mut values = vec![0f32; heads * len * len];
+            for head in 0..heads {
+                for i in 0..len {
+                    for j in 0..len {
+                        values[(head * len + i) * len + j] = bias.get(head, i, j);
+                    }
+                }
+            }
+            let bias = Tensor::from_vec(values, (heads, len, len), qkv.device())?.to_dtype(scores.dtype())?;
+            scores = (scores + bias)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        contexts.push(probs.matmul(&v)?.transpose(0, 1)?.reshape((len, hidden))?);
+    }
+    Tensor::cat(&contexts, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(len: usize, seed: u32) -> Vec<f32> {
+        // A tiny LCG keeps the test free of an RNG dependency; the values only need to vary.
+        let mut state = seed;
+        (0..len)
+            .map(|_| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn cpu_kernel_matches_tensor_ops_with_and_without_bias() -> Result<()> {
+        let batch = PackedBatch::new(&[vec![1; 5], vec![2; 1], vec![3; 9]]);
+        let (heads, hidden) = (4, 32);
+        let qkv = Tensor::from_vec(random(batch.tokens() * 3 * hidden, 7), (batch.tokens(), 3 * hidden), &Device::Cpu)?;
+        let values = random(8 * heads, 11);
+        let max_offset = 8;
+        let bucket_of_offset: Vec<usize> = (0..2 * max_offset + 1).map(|o| o % 8).collect();
+        let bias = RelativeBias { values: &values, heads, bucket_of_offset: &bucket_of_offset, max_offset };
+        for bias in [None, Some(&bias)] {
+            let fast = packed_attention_cpu(&qkv, &batch, heads, bias)?.to_vec2::<f32>()?;
+            let reference = packed_attention_tensor_ops(&qkv, &batch, heads, bias)?.to_vec2::<f32>()?;
+            for (a, b) in fast.iter().flatten().zip(reference.iter().flatten()) {
+                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_sequence_only_attends_to_itself() -> Result<()> {
+        // Same sequence alone and packed next to another: its context rows must not change.
+        let (heads, hidden) = (2, 8);
+        let data = random(12 * 3 * hidden, 3);
+        let both = Tensor::from_vec(data.clone(), (12, 3 * hidden), &Device::Cpu)?;
+        let alone = Tensor::from_vec(data[..4 * 3 * hidden].to_vec(), (4, 3 * hidden), &Device::Cpu)?;
+        let packed = packed_attention(&both, &PackedBatch::new(&[vec![0; 4], vec![0; 8]]), heads, None)?;
+        let single = packed_attention(&alone, &PackedBatch::new(&[vec![0; 4]]), heads, None)?;
+        let packed = packed.narrow(0, 0, 4)?.to_vec2::<f32>()?;
+        assert_eq!(packed, single.to_vec2::<f32>()?);
+        Ok(())
+    }
+
+    #[test]
+    fn pooling_helpers_locate_sequences() -> Result<()> {
+        let batch = PackedBatch::new(&[vec![1, 2], vec![3, 4, 5]]);
+        assert_eq!(batch.positions(2), [2, 3, 2, 3, 4]);
+        assert_eq!(batch.first_rows(&Device::Cpu)?.to_vec1::<u32>()?, [0, 2]);
+        assert_eq!(batch.last_rows(&Device::Cpu)?.to_vec1::<u32>()?, [1, 4]);
+        let mean = batch.mean_pooling_matrix(&Device::Cpu)?.to_vec2::<f32>()?;
+        assert_eq!(mean[0][..2], [0.5, 0.5]);
+        assert!((mean[1][2..].iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        Ok(())
+    }
+}
