@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # The project's test command: fetch the real checkpoints (a fast checksum pass when they are
-# already in models/), then run every test in the workspace. Extra arguments go to cargo test,
-# e.g. `scripts/test.sh -p embedfleet-models` or `scripts/test.sh -- --nocapture`.
+# already in models/), run every test in the workspace, and compile every bench. Extra arguments
+# go to cargo test, e.g. `scripts/test.sh -p embedfleet-models` or `scripts/test.sh -- --nocapture`.
+#
+# Tests build in the release profile: the real-weight tests run full BERT/MPNet forwards, and the
+# benches need the same optimised dependencies, so one build serves both (on 2 cores a second,
+# debug build of candle would cost CI several minutes for nothing).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/fetch-models.sh
-cargo test --workspace --all-targets "$@"
+cargo test --release --workspace "$@"
+cargo bench --workspace --no-run

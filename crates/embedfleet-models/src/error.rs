@@ -30,7 +30,7 @@ pub enum ModelError {
     #[error("input {index} is empty")]
     EmptyInput { index: usize },
 
-    #[error("input {index} is {tokens} tokens, over `{model}`'s limit of {max} (send truncate: true to cut it)")]
+    #[error("input {index} is {tokens} tokens, over `{model}`'s limit of {max} and truncation is off")]
     InputTooLong { model: String, index: usize, tokens: usize, max: usize },
 
     #[error("`{model}` ({architecture}) has no implementation in this build yet")]

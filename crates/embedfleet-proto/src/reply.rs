@@ -110,6 +110,18 @@ pub struct EmbeddingData {
 }
 
 impl EmbeddingData {
+    /// An entry with nothing filled in yet.
+    pub fn new(index: usize) -> Self {
+        EmbeddingData {
+            object: EmbeddingObject,
+            index,
+            embedding: None,
+            partials: None,
+            experts: None,
+            cached: false,
+        }
+    }
+
     /// An entry with only the fused vector.
     pub fn fused(index: usize, embedding: Vec<f32>) -> Self {
         EmbeddingData {
@@ -126,7 +138,7 @@ impl EmbeddingData {
 /// The gate's top-k choice for one input.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExpertSelection {
-    /// Gate weights of the selected experts, in the order of `selected`.
+    /// Gate weight of every expert, zero for those not selected; sums to 1.
     pub weights: Vec<f32>,
     /// Indices of the selected experts.
     pub selected: Vec<usize>,

@@ -1,0 +1,44 @@
+//! `embedfleet models`: the catalogue, as a table or JSON lines.
+
+use clap::Args;
+use embedfleet_models::catalogue::{fusion_input_width, CATALOGUE};
+
+#[derive(Args)]
+pub struct ModelsArgs {
+    /// One JSON object per model instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
+    if args.json {
+        for spec in CATALOGUE {
+            let modalities: Vec<String> = spec.modalities.iter().map(ToString::to_string).collect();
+            let line = serde_json::json!({
+                "name": spec.name, "ordinal": spec.ordinal, "hf_repo": spec.hf_repo, "dim": spec.dim,
+                "max_seq_len": spec.max_seq_len, "pooling": format!("{:?}", spec.pooling).to_lowercase(),
+                "architecture": format!("{:?}", spec.architecture), "modalities": modalities,
+                "parameters": spec.parameters, "f16_bytes": spec.weight_bytes(2),
+            });
+            println!("{line}");
+        }
+        return Ok(());
+    }
+    println!("{:<4} {:<16} {:>5} {:>6} {:<10} {:<12} {:>9}  {}", "id", "name", "dim", "maxlen", "pooling", "takes", "f16 GiB", "hf repo");
+    for spec in CATALOGUE {
+        let takes: Vec<String> = spec.modalities.iter().map(ToString::to_string).collect();
+        println!(
+            "E{:<3} {:<16} {:>5} {:>6} {:<10} {:<12} {:>9.2}  {}",
+            spec.ordinal,
+            spec.name,
+            spec.dim,
+            spec.max_seq_len,
+            format!("{:?}", spec.pooling).to_lowercase(),
+            takes.join(","),
+            spec.weight_bytes(2) as f64 / (1u64 << 30) as f64,
+            spec.hf_repo
+        );
+    }
+    println!("fusion input width with all {} models: {}", CATALOGUE.len(), fusion_input_width(CATALOGUE));
+    Ok(())
+}

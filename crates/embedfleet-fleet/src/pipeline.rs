@@ -1,0 +1,166 @@
+//! The in-process pipeline: inputs → every active model → FuseMoE → `data` elements of the wire
+//! reply.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use embedfleet_fusion::{FuseMoe, FuseMoeConfig, FusionError};
+use embedfleet_models::{catalogue, EmbedOptions, ModelError, ModelInput, ModelRegistry, ModelSpec};
+use embedfleet_proto::{EmbeddingData, ErrorKind, ExpertSelection, ProtoError};
+
+/// Seed of the untrained fusion weights. Fixed so that every node of a fleet, and every run of
+/// the CLI, fuses identically without shipping a weights file.
+pub const DEFAULT_FUSION_SEED: u64 = 0x0e3b_f1ee_7f05_e0e1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("fusion: {0}")]
+    Fusion(#[from] FusionError),
+    #[error("input {index} ({modality}) is taken by none of the active models ({models})")]
+    NoModelTakesInput { index: usize, modality: embedfleet_proto::Modality, models: String },
+}
+
+impl PipelineError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Model(error) => error.kind(),
+            Self::Fusion(error) if error.is_bad_input() => ErrorKind::BadRequest,
+            Self::Fusion(_) => ErrorKind::Internal,
+            Self::NoModelTakesInput { .. } => ErrorKind::UnsupportedModality,
+        }
+    }
+}
+
+impl From<&PipelineError> for ProtoError {
+    fn from(error: &PipelineError) -> Self {
+        ProtoError::new(error.kind(), error.to_string())
+    }
+}
+
+/// What one call asks of the pipeline; mirrors the per-request options of the wire contract.
+#[derive(Debug, Clone, Default)]
+pub struct PipelineRequest {
+    pub options: EmbedOptions,
+    /// Produce the fused `embedding`.
+    pub fuse: bool,
+    /// Include the per-model vectors.
+    pub return_partials: bool,
+}
+
+/// The `data` elements for a batch of inputs, plus the tokens read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PipelineOutput {
+    pub data: Vec<EmbeddingData>,
+    /// Tokens read by all models together (each model tokenizes the input its own way).
+    pub prompt_tokens: u64,
+}
+
+pub struct Pipeline {
+    registry: Arc<ModelRegistry>,
+    /// The active models in fusion slot order.
+    models: Vec<&'static ModelSpec>,
+    /// Sized for the active set; fuses every request of this pipeline.
+    fusion: FuseMoe,
+}
+
+impl Pipeline {
+    /// A pipeline over `model_names` (any order; slot order is restored) with fusion weights from
+    /// `fusion_weights`, or seeded from [`DEFAULT_FUSION_SEED`] when there is no file.
+    pub fn new(registry: Arc<ModelRegistry>, model_names: &[String], fusion_weights: Option<&Path>) -> Result<Self, PipelineError> {
+        let specs = model_names.iter().map(|name| embedfleet_models::registry::lookup(name)).collect::<Result<Vec<_>, _>>()?;
+        let models = catalogue::in_slot_order(specs);
+        let config = FuseMoeConfig::for_input_dims(models.iter().map(|spec| spec.dim).collect::<Vec<_>>());
+        let fusion = match fusion_weights {
+            Some(path) => FuseMoe::load_expecting(path, &config)?,
+            None => FuseMoe::from_seed(config, DEFAULT_FUSION_SEED)?,
+        };
+        Ok(Self { registry, models, fusion })
+    }
+
+    pub fn models(&self) -> &[&'static ModelSpec] {
+        &self.models
+    }
+
+    pub fn fusion(&self) -> &FuseMoe {
+        &self.fusion
+    }
+
+    /// Loads every active model now rather than on the first request.
+    pub fn warm_up(&self) -> Result<(), PipelineError> {
+        for spec in &self.models {
+            self.registry.get(spec.name)?;
+        }
+        Ok(())
+    }
+
+    /// Embeds a batch; `first_index` numbers the output (`index` of each `data` element).
+    pub fn embed(&self, inputs: &[ModelInput], request: &PipelineRequest, first_index: usize) -> Result<PipelineOutput, PipelineError> {
+        for (index, input) in inputs.iter().enumerate() {
+            if !self.models.iter().any(|spec| spec.takes(input.modality())) {
+                let models = self.models.iter().map(|spec| spec.name).collect::<Vec<_>>().join(", ");
+                return Err(PipelineError::NoModelTakesInput { index: first_index + index, modality: input.modality(), models });
+            }
+        }
+
+        // partials[slot][input]: None where the slot's model does not take the input's modality.
+        let mut partials: Vec<Vec<Option<Vec<f32>>>> = Vec::with_capacity(self.models.len());
+        let mut prompt_tokens = 0u64;
+        for spec in &self.models {
+            let taken: Vec<usize> = (0..inputs.len()).filter(|&i| spec.takes(inputs[i].modality())).collect();
+            let mut slot = vec![None; inputs.len()];
+            if !taken.is_empty() {
+                let model = self.registry.get(spec.name)?;
+                let batch: Vec<ModelInput> = taken.iter().map(|&i| inputs[i].clone()).collect();
+                let embedded = model.embed_batch(&batch, &request.options).map_err(|error| renumber(error, &taken, first_index))?;
+                for (&i, embedding) in taken.iter().zip(embedded) {
+                    prompt_tokens += embedding.tokens as u64;
+                    slot[i] = Some(embedding.vector);
+                }
+            }
+            partials.push(slot);
+        }
+
+        let fused = if request.fuse {
+            let rows: Vec<Vec<Option<&[f32]>>> =
+                (0..inputs.len()).map(|i| partials.iter().map(|slot| slot[i].as_deref()).collect()).collect();
+            Some(self.fusion.fuse_batch(&rows)?)
+        } else {
+            None
+        };
+
+        let mut fused = fused.map(Vec::into_iter);
+        let data = (0..inputs.len())
+            .map(|i| {
+                let mut element = EmbeddingData::new(first_index + i);
+                if let Some(fusion) = fused.as_mut().and_then(Iterator::next) {
+                    element.embedding = Some(fusion.embedding);
+                    element.experts = Some(ExpertSelection { weights: fusion.expert_weights, selected: fusion.selected });
+                }
+                if request.return_partials || !request.fuse {
+                    let by_name: BTreeMap<String, Vec<f32>> = self
+                        .models
+                        .iter()
+                        .zip(&mut partials)
+                        .filter_map(|(spec, slot)| slot[i].take().map(|vector| (spec.name.to_string(), vector)))
+                        .collect();
+                    element.partials = Some(by_name);
+                }
+                element
+            })
+            .collect();
+        Ok(PipelineOutput { data, prompt_tokens })
+    }
+}
+
+/// A model numbers inputs within the sub-batch it was given; callers need their own numbering.
+fn renumber(error: ModelError, taken: &[usize], first_index: usize) -> ModelError {
+    let global = |index: usize| first_index + taken.get(index).copied().unwrap_or(index);
+    match error {
+        ModelError::EmptyInput { index } => ModelError::EmptyInput { index: global(index) },
+        ModelError::InputTooLong { model, index, tokens, max } => ModelError::InputTooLong { model, index: global(index), tokens, max },
+        other => other,
+    }
+}
