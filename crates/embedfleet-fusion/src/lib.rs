@@ -15,7 +15,7 @@
 //! - [`assemble`]: partials → the gate's and experts' input row; bad partials are typed errors.
 //! - [`gate`]: the router and its [`Routing`].
 //! - `expert`: one expert MLP.
-//! - `linear`: the CPU matrix product (SIMD, multithreaded, fixed summation order).
+//! - [`linear`]: the CPU matrix product (SIMD, multithreaded, fixed summation order).
 //! - `cpu`: [`FuseMoe::fuse`] / [`FuseMoe::fuse_batch`] (grouped by expert), capacity
 //!   limiting, and [`load_balance_loss`].
 //! - [`weights`]: the safetensors file format, tensor names and the version hash.
@@ -54,14 +54,14 @@ pub mod error;
 mod expert;
 pub mod gate;
 pub mod init;
-mod linear;
+pub mod linear;
 mod model;
 pub mod weights;
 
 pub use config::{FuseMoeConfig, GatingKind};
 pub use cpu::{load_balance_loss, FusedEmbedding};
 #[cfg(feature = "cuda")]
-pub use cuda::{CudaFuseMoe, WeightPrecision};
+pub use cuda::{compile_kernels, cuda_available, CudaFuseMoe, WeightPrecision};
 pub use error::FusionError;
 pub use gate::Routing;
 pub use init::InitOptions;

@@ -21,10 +21,18 @@ use rayon::prelude::*;
 
 /// Lanes per accumulator; part of the numeric definition, not a tuning knob.
 const LANES: usize = 16;
+/// How far ahead of the loads (in floats) weights are prefetched.
+const PREFETCH_AHEAD: usize = 512;
 
 /// Computes `out[i][j] = Σ_k x[i][k] · weight[j][k] + bias[j]` for `rows` rows of `x` (row `i`
-/// starts at `i * x_stride`, `in_features` wide) into `out` (`rows × out_features`, row-major).
-pub(crate) fn linear_forward(
+/// starts at `i * x_stride`, `in_features` wide) into `out` (`rows × out_features`, row-major),
+/// on rayon's thread pool. Public so the benches can compare it with other matrix products.
+///
+/// # Panics
+///
+/// When the slice lengths do not match the dimensions (a caller bug, never input data).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_forward(
     x: &[f32],
     x_stride: usize,
     rows: usize,
@@ -133,6 +141,9 @@ trait Lanes: Copy {
     /// `a · b + acc` per lane, rounded once.
     unsafe fn fmadd(a: Self, b: Self, acc: Self) -> Self;
     unsafe fn store(self, out: &mut [f32; LANES]);
+    /// Hints that the cache line at `ptr` will be read soon; `ptr` may be out of bounds.
+    #[inline(always)]
+    unsafe fn prefetch(_ptr: *const f32) {}
 }
 
 /// Plain arrays with `f32::mul_add` (correctly rounded even where it is done in software).
@@ -227,6 +238,9 @@ unsafe fn tile<L: Lanes, const JR: usize, const IR: usize>(
         let mut wv = [L::zero(); JR];
         for (jj, wv) in wv.iter_mut().enumerate() {
             *wv = L::load(w.add(jj * k + offset));
+            // Weights come from memory: ask for them early enough that the loads overlap
+            // the arithmetic (with several input rows the hardware prefetcher falls behind).
+            L::prefetch(w.wrapping_add(jj * k + offset + PREFETCH_AHEAD));
         }
         for ii in 0..IR {
             let xv = L::load(x.add(ii * x_stride + offset));
@@ -293,6 +307,11 @@ mod x86 {
         unsafe fn store(self, out: &mut [f32; LANES]) {
             _mm512_storeu_ps(out.as_mut_ptr(), self.0)
         }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn prefetch(ptr: *const f32) {
+            _mm_prefetch::<_MM_HINT_T0>(ptr as *const i8)
+        }
     }
 
     /// Two ymm registers: lanes 0–7 and 8–15.
@@ -323,6 +342,11 @@ mod x86 {
         unsafe fn store(self, out: &mut [f32; LANES]) {
             _mm256_storeu_ps(out.as_mut_ptr(), self.0);
             _mm256_storeu_ps(out.as_mut_ptr().add(8), self.1);
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn prefetch(ptr: *const f32) {
+            _mm_prefetch::<_MM_HINT_T0>(ptr as *const i8)
         }
     }
 

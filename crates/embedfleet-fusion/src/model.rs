@@ -93,6 +93,34 @@ impl FuseMoe {
             + g.router_bias.as_ref().map_or(0, Vec::len))
     }
 
+    /// The same layer with the large matrices (gate projection, expert fc1/fc2 weights)
+    /// rounded to bf16 (nearest even) and widened back; biases, norms and the router stay f32.
+    /// That is what a bf16 deployment (the GPU path's `WeightPrecision::Bf16`) computes with,
+    /// so it is the CPU reference for it. It has its own version.
+    pub fn to_bf16_precision(&self) -> Result<FuseMoe, FusionError> {
+        let round = |values: &[f32]| -> Vec<f32> {
+            values
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_f32())
+                .collect()
+        };
+        let g = &self.gate;
+        let gate = GateWeights {
+            proj_weight: round(&g.proj_weight),
+            ..g.clone()
+        };
+        let experts = self
+            .experts
+            .iter()
+            .map(|x| ExpertWeights {
+                fc1_weight: round(&x.fc1_weight),
+                fc2_weight: round(&x.fc2_weight),
+                ..x.clone()
+            })
+            .collect();
+        FuseMoe::from_parts(self.config.clone(), gate, experts)
+    }
+
     /// Checks shapes and values against `config` and computes the version.
     pub(crate) fn from_parts(
         config: FuseMoeConfig,
