@@ -1,0 +1,42 @@
+//! Real service processes for integration tests: no mocks of NATS or Redis anywhere in the
+//! project, so tests start their own `nats-server -js` and `redis-server` as child processes on
+//! free loopback ports, with their state in a temporary directory, and kill them on drop.
+//!
+//! The system may run its own instances on the default ports; these never touch them.
+//!
+//! # Layout
+//!
+//! - [`nats`]: [`NatsServer`], `nats-server` with JetStream and a temporary store.
+//! - [`redis`]: [`RedisServer`], `redis-server` with persistence off.
+//! - [`process`]: [`ServerProcess`], what both share: spawn, wait for the port, stop, restart,
+//!   kill on drop.
+//! - [`port`]: picking a free port and waiting for one to accept or refuse connections.
+//! - [`binary`]: finding a server binary, with an install hint when it is missing.
+//! - [`error`]: the one error type, [`TestkitError`].
+//!
+//! # Example
+//!
+//! ```no_run
+//! use embedfleet_testkit::RedisServer;
+//!
+//! let mut redis = RedisServer::start()?;
+//! let url = redis.url(); // redis://127.0.0.1:<port>
+//! redis.stop()?; // clients now see connection refused
+//! redis.restart()?; // same port, so a reconnecting client finds it again
+//! # Ok::<(), embedfleet_testkit::TestkitError>(())
+//! ```
+//!
+//! The helpers use std only (no async runtime), so sync and async tests can both use them; the
+//! waits they do are short and bounded.
+
+pub mod binary;
+pub mod error;
+pub mod nats;
+pub mod port;
+pub mod process;
+pub mod redis;
+
+pub use error::TestkitError;
+pub use nats::NatsServer;
+pub use process::ServerProcess;
+pub use redis::RedisServer;

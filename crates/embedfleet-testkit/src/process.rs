@@ -1,0 +1,214 @@
+//! One server child process on a fixed loopback port with its own temporary directory: what
+//! [`crate::NatsServer`] and [`crate::RedisServer`] share.
+//!
+//! The port and the directory outlive the process, so [`ServerProcess::restart`] brings the
+//! server back where clients expect it (same port, same on-disk state), which is what the
+//! reconnect tests need. The child's stdout and stderr go to `server.log` in the directory, so
+//! test output stays quiet while a failed start can still show why.
+
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use crate::binary::ServerBinary;
+use crate::port::{accepts_connections, free_port, process_listens_on, wait_until};
+use crate::TestkitError;
+
+/// Bound on the wait for a started server to accept connections. Generous because the machine
+/// may be busy with builds and benchmarks; a healthy server is ready in milliseconds.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// Bound on the wait for a killed server's port to refuse connections.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Fresh ports tried by [`ServerProcess::start`] when another process wins the free-port race.
+const START_ATTEMPTS: usize = 5;
+/// How much of the log's end an error message quotes.
+const LOG_TAIL_BYTES: u64 = 4096;
+/// Name of the log file in the server's directory.
+const LOG_FILE: &str = "server.log";
+
+/// Builds a server's command-line arguments from its port and its directory.
+pub type ArgsFn = fn(port: u16, dir: &Path) -> Vec<OsString>;
+
+/// A running (or stopped, ready to restart) server child process. Killed on drop.
+#[derive(Debug)]
+pub struct ServerProcess {
+    binary: PathBuf,
+    args: ArgsFn,
+    port: u16,
+    /// Holds the server's state and log; removed on drop, after the child is killed.
+    dir: TempDir,
+    /// `None` while stopped.
+    child: Option<Child>,
+}
+
+impl ServerProcess {
+    /// Starts `binary` on a free port and waits (bounded) until the port accepts connections.
+    /// When the server fails to bind because another process took the port first, it tries
+    /// again on a new port, up to [`START_ATTEMPTS`] times.
+    pub fn start(binary: &ServerBinary, args: ArgsFn) -> Result<Self, TestkitError> {
+        let binary = binary.locate()?;
+        let mut last_log = String::new();
+        for _ in 0..START_ATTEMPTS {
+            let dir = tempfile::Builder::new()
+                .prefix("embedfleet-testkit-")
+                .tempdir()
+                .map_err(TestkitError::io(
+                    "creating the server's temporary directory",
+                ))?;
+            let mut server = ServerProcess {
+                binary: binary.clone(),
+                args,
+                port: free_port()?,
+                dir,
+                child: None,
+            };
+            match server.spawn_and_wait() {
+                Ok(()) => return Ok(server),
+                Err(TestkitError::ExitedEarly { log, .. }) if lost_port_race(&log) => {
+                    last_log = log;
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        Err(TestkitError::PortsExhausted {
+            binary,
+            attempts: START_ATTEMPTS,
+            log: last_log,
+        })
+    }
+
+    /// The loopback port the server listens on, stable across [`Self::restart`].
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's temporary directory (state and `server.log`), stable across restarts.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Whether the child is running (it has not been stopped and has not exited by itself).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(None)))
+    }
+
+    /// The child's process id while it is running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills the server with SIGKILL (an outage, not a shutdown), reaps it, and waits until the
+    /// port refuses connections. Stopping a stopped server does nothing.
+    pub fn stop(&mut self) -> Result<(), TestkitError> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        // `kill` fails only when the child already exited; `wait` then reaps it either way.
+        let _ = child.kill();
+        child.wait().map_err(TestkitError::io(format!(
+            "reaping the server on port {}",
+            self.port
+        )))?;
+        let port = self.port;
+        if !wait_until(STOP_TIMEOUT, || !accepts_connections(port), || false) {
+            return Err(TestkitError::Io {
+                what: format!("port {port} still accepts connections after the server was killed"),
+                source: std::io::ErrorKind::AddrInUse.into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Stops the server if it runs, then starts it again on the same port with the same
+    /// directory, and waits until it accepts connections.
+    pub fn restart(&mut self) -> Result<(), TestkitError> {
+        self.stop()?;
+        self.spawn_and_wait()
+    }
+
+    /// The last few KiB of the server's log, for error messages and debugging.
+    pub fn log_tail(&self) -> String {
+        read_tail(&self.dir.path().join(LOG_FILE))
+    }
+
+    fn spawn_and_wait(&mut self) -> Result<(), TestkitError> {
+        let log_path = self.dir.path().join(LOG_FILE);
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(TestkitError::io(format!("opening {}", log_path.display())))?;
+        let log_err = log
+            .try_clone()
+            .map_err(TestkitError::io("duplicating the log file handle"))?;
+        let mut child = Command::new(&self.binary)
+            .args((self.args)(self.port, self.dir.path()))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .map_err(|source| TestkitError::Spawn {
+                binary: self.binary.clone(),
+                source,
+            })?;
+
+        let port = self.port;
+        let pid = child.id();
+        // Ready when the child itself listens on the port: a plain connect probe could reach
+        // another process that took the port first (see `process_listens_on`).
+        let ready = wait_until(
+            READY_TIMEOUT,
+            || process_listens_on(pid, port).unwrap_or_else(|| accepts_connections(port)),
+            || !matches!(child.try_wait(), Ok(None)),
+        );
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(TestkitError::ExitedEarly {
+                binary: self.binary.clone(),
+                port,
+                status: status.to_string(),
+                log: read_tail(&log_path),
+            });
+        }
+        self.child = Some(child);
+        if !ready {
+            let _ = self.stop();
+            return Err(TestkitError::NotReady {
+                binary: self.binary.clone(),
+                port,
+                waited: READY_TIMEOUT,
+                log: read_tail(&log_path),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Whether a server's log says it could not bind its port (another process took it).
+fn lost_port_race(log: &str) -> bool {
+    log.to_ascii_lowercase().contains("address already in use")
+}
+
+fn read_tail(path: &Path) -> String {
+    let Ok(mut file) = File::open(path) else {
+        return String::from("(no log)");
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = file.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)));
+    let mut bytes = Vec::new();
+    let _ = file.read_to_end(&mut bytes);
+    String::from_utf8_lossy(&bytes).into_owned()
+}
