@@ -9,11 +9,13 @@
 //! - [`text`]: tokenizer + encoder + pooling for transformer text encoders.
 //! - [`arch`]: one file per architecture (`bert.rs`, `mpnet.rs`) over shared layers.
 //! - [`packed`]: padding-free batches and the attention that runs on them.
+//! - [`cpu_kernels`]: fused CPU kernels the shared encoder layer runs on.
 //! - [`tokenize`], [`pooling`]: shared steps around the encoders.
 //! - [`error`]: [`ModelError`] and its wire codes.
 
 pub mod arch;
 pub mod catalogue;
+pub mod cpu_kernels;
 pub mod error;
 pub mod model;
 pub mod packed;

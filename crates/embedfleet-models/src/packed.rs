@@ -153,7 +153,7 @@ fn packed_attention_cpu(qkv: &Tensor, batch: &PackedBatch, heads: usize, bias: O
                     }
                     let mut sum = 0.0;
                     for score in scores.iter_mut() {
-                        *score = (*score - max).exp();
+                        *score = crate::cpu_kernels::exp(*score - max);
                         sum += *score;
                     }
                     let out = &mut out[head * head_dim..][..head_dim];

@@ -12,7 +12,7 @@ use candle_core::{Result, Tensor};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Module, VarBuilder};
 use serde::Deserialize;
 
-use super::layers::{check_heads, fused_qkv, HiddenAct, PostNormLayer};
+use super::layers::{check_heads, fused_qkv, HiddenAct, LayerWeights, PostNormLayer};
 use crate::packed::PackedBatch;
 
 fn default_layer_norm_eps() -> f64 {
@@ -97,16 +97,15 @@ fn load_layer(vb: VarBuilder, cfg: &BertConfig) -> Result<PostNormLayer> {
     let hidden = cfg.hidden_size;
     let attention = vb.pp("attention");
     let self_attention = attention.pp("self");
-    Ok(PostNormLayer {
+    let weights = LayerWeights {
         qkv: fused_qkv(self_attention.pp("query"), self_attention.pp("key"), self_attention.pp("value"), hidden)?,
         attention_out: linear(hidden, hidden, attention.pp("output.dense"))?,
         attention_norm: layer_norm(hidden, cfg.layer_norm_eps, attention.pp("output.LayerNorm"))?,
         intermediate: linear(hidden, cfg.intermediate_size, vb.pp("intermediate.dense"))?,
         output: linear(cfg.intermediate_size, hidden, vb.pp("output.dense"))?,
         output_norm: layer_norm(hidden, cfg.layer_norm_eps, vb.pp("output.LayerNorm"))?,
-        heads: cfg.num_attention_heads,
-        act: cfg.hidden_act,
-    })
+    };
+    PostNormLayer::new(weights, cfg.num_attention_heads, cfg.hidden_act)
 }
 
 /// The BERT encoder stack; returns the last hidden states, `[tokens, hidden]`.

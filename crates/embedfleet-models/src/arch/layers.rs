@@ -4,9 +4,10 @@
 //! each architecture file maps its names onto this one block. The computation is identical, so it
 //! lives once.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::{LayerNorm, Linear, Module, VarBuilder};
 
+use crate::cpu_kernels;
 use crate::packed::{packed_attention, PackedBatch, RelativeBias};
 
 /// Activations the supported checkpoints use.
@@ -42,26 +43,145 @@ pub fn fused_qkv(query: VarBuilder, key: VarBuilder, value: VarBuilder, hidden: 
     Ok(Linear::new(weight, Some(bias)))
 }
 
-/// Self-attention, residual + LayerNorm, feed-forward, residual + LayerNorm.
-pub struct PostNormLayer {
+/// The tensors of one layer as the checkpoint stores them (QKV already fused).
+pub struct LayerWeights {
     pub qkv: Linear,
     pub attention_out: Linear,
     pub attention_norm: LayerNorm,
     pub intermediate: Linear,
     pub output: Linear,
     pub output_norm: LayerNorm,
-    pub heads: usize,
-    pub act: HiddenAct,
+}
+
+/// Self-attention, residual + LayerNorm, feed-forward, residual + LayerNorm.
+pub struct PostNormLayer {
+    weights: LayerImpl,
+    heads: usize,
+    act: HiddenAct,
+}
+
+/// On a CPU with f32 weights the layer runs on [`crate::cpu_kernels`]; anywhere else (GPU,
+/// half precision) on candle tensor ops. One computation, two executors; the parity test in
+/// this file keeps them equal.
+enum LayerImpl {
+    Cpu(CpuLayer),
+    Tensor(LayerWeights),
+}
+
+struct CpuLayer {
+    hidden: usize,
+    qkv: CpuLinear,
+    attention_out: CpuLinear,
+    attention_norm: CpuNorm,
+    intermediate: CpuLinear,
+    output: CpuLinear,
+    output_norm: CpuNorm,
+}
+
+struct CpuLinear {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    in_dim: usize,
+}
+
+struct CpuNorm {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    eps: f32,
+}
+
+impl CpuLinear {
+    fn new(linear: &Linear) -> Result<Self> {
+        let (_, in_dim) = linear.weight().dims2()?;
+        let bias = match linear.bias() {
+            Some(bias) => bias.to_vec1::<f32>()?,
+            None => vec![0.0; linear.weight().dim(0)?],
+        };
+        Ok(Self { weight: linear.weight().flatten_all()?.to_vec1::<f32>()?, bias, in_dim })
+    }
+
+    fn forward(&self, x: &[f32]) -> Vec<f32> {
+        cpu_kernels::linear(x, x.len() / self.in_dim, self.in_dim, &self.weight, &self.bias)
+    }
+}
+
+impl CpuNorm {
+    fn new(norm: &LayerNorm) -> Result<Self> {
+        let weight = norm.weight().to_vec1::<f32>()?;
+        let bias = match norm.bias() {
+            Some(bias) => bias.to_vec1::<f32>()?,
+            None => vec![0.0; weight.len()],
+        };
+        Ok(Self { weight, bias, eps: norm.eps() as f32 })
+    }
 }
 
 impl PostNormLayer {
+    pub fn new(weights: LayerWeights, heads: usize, act: HiddenAct) -> Result<Self> {
+        let weight = weights.qkv.weight();
+        let weights = if weight.device().is_cpu() && weight.dtype() == DType::F32 {
+            LayerImpl::Cpu(CpuLayer {
+                hidden: weights.attention_out.weight().dim(0)?,
+                qkv: CpuLinear::new(&weights.qkv)?,
+                attention_out: CpuLinear::new(&weights.attention_out)?,
+                attention_norm: CpuNorm::new(&weights.attention_norm)?,
+                intermediate: CpuLinear::new(&weights.intermediate)?,
+                output: CpuLinear::new(&weights.output)?,
+                output_norm: CpuNorm::new(&weights.output_norm)?,
+            })
+        } else {
+            LayerImpl::Tensor(weights)
+        };
+        Ok(Self { weights, heads, act })
+    }
+
     /// `hidden_states` is `[tokens, hidden]` for the whole packed batch.
     pub fn forward(&self, hidden_states: &Tensor, batch: &PackedBatch, bias: Option<&RelativeBias>) -> Result<Tensor> {
-        let qkv = self.qkv.forward(hidden_states)?;
-        let context = packed_attention(&qkv, batch, self.heads, bias)?;
-        let attention = self.attention_norm.forward(&(self.attention_out.forward(&context)? + hidden_states)?)?;
-        let intermediate = self.act.apply(&self.intermediate.forward(&attention)?)?;
-        self.output_norm.forward(&(self.output.forward(&intermediate)? + attention)?)
+        match &self.weights {
+            LayerImpl::Cpu(layer) => {
+                let x = hidden_states.flatten_all()?.to_vec1::<f32>()?;
+                let out = layer.forward(x, batch, self.heads, self.act, bias)?;
+                Tensor::from_vec(out, hidden_states.shape(), hidden_states.device())
+            }
+            LayerImpl::Tensor(w) => {
+                let qkv = w.qkv.forward(hidden_states)?;
+                let context = packed_attention(&qkv, batch, self.heads, bias)?;
+                let attention = w.attention_norm.forward(&(w.attention_out.forward(&context)? + hidden_states)?)?;
+                let intermediate = self.act.apply(&w.intermediate.forward(&attention)?)?;
+                w.output_norm.forward(&(w.output.forward(&intermediate)? + attention)?)
+            }
+        }
+    }
+}
+
+impl CpuLayer {
+    fn forward(&self, x: Vec<f32>, batch: &PackedBatch, heads: usize, act: HiddenAct, bias: Option<&RelativeBias>) -> Result<Vec<f32>> {
+        let tokens = x.len() / self.hidden;
+        let qkv = Tensor::from_vec(self.qkv.forward(&x), (tokens, 3 * self.hidden), &candle_core::Device::Cpu)?;
+        let context = packed_attention(&qkv, batch, heads, bias)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut attention = self.attention_out.forward(&context);
+        let norm = &self.attention_norm;
+        cpu_kernels::add_layer_norm(&mut attention, &x, &norm.weight, &norm.bias, norm.eps);
+        let mut intermediate = self.intermediate.forward(&attention);
+        match act {
+            HiddenAct::Gelu => cpu_kernels::gelu_erf(&mut intermediate),
+            HiddenAct::GeluApproximate | HiddenAct::Relu => {
+                let t = act.apply(&Tensor::from_vec(intermediate, (tokens, self.intermediate.bias.len()), &candle_core::Device::Cpu)?)?;
+                intermediate = t.flatten_all()?.to_vec1::<f32>()?;
+            }
+        }
+        let mut output = self.output.forward(&intermediate);
+        let norm = &self.output_norm;
+        cpu_kernels::add_layer_norm(&mut output, &attention, &norm.weight, &norm.bias, norm.eps);
+        Ok(output)
+    }
+}
+
+#[cfg(test)]
+impl PostNormLayer {
+    /// The tensor-op executor even on CPU, to check the CPU kernels against it.
+    fn with_tensor_ops(weights: LayerWeights, heads: usize, act: HiddenAct) -> Self {
+        Self { weights: LayerImpl::Tensor(weights), heads, act }
     }
 }
 
@@ -72,4 +192,59 @@ pub fn check_heads(hidden: usize, heads: usize) -> std::result::Result<(), Strin
         return Err(format!("hidden_size {hidden} is not a multiple of num_attention_heads {heads}"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    fn weights(hidden: usize, intermediate: usize, seed: u64) -> Result<LayerWeights> {
+        let device = Device::Cpu;
+        let linear = |out: usize, inp: usize, salt: u64| -> Result<Linear> {
+            let w = Tensor::randn(0f32, 0.2, (out, inp), &device)?;
+            let b = (Tensor::randn(0f32, 0.1, out, &device)? + salt as f64 * 0.0)?;
+            Ok(Linear::new(w, Some(b)))
+        };
+        let norm = || -> Result<LayerNorm> {
+            Ok(LayerNorm::new((Tensor::randn(0f32, 0.1, hidden, &device)? + 1.0)?, Tensor::randn(0f32, 0.1, hidden, &device)?, 1e-5))
+        };
+        Ok(LayerWeights {
+            qkv: linear(3 * hidden, hidden, seed)?,
+            attention_out: linear(hidden, hidden, seed)?,
+            attention_norm: norm()?,
+            intermediate: linear(intermediate, hidden, seed)?,
+            output: linear(hidden, intermediate, seed)?,
+            output_norm: norm()?,
+        })
+    }
+
+    fn clone_weights(w: &LayerWeights) -> LayerWeights {
+        LayerWeights {
+            qkv: w.qkv.clone(),
+            attention_out: w.attention_out.clone(),
+            attention_norm: w.attention_norm.clone(),
+            intermediate: w.intermediate.clone(),
+            output: w.output.clone(),
+            output_norm: w.output_norm.clone(),
+        }
+    }
+
+    #[test]
+    fn cpu_kernels_match_tensor_ops() -> Result<()> {
+        let (hidden, intermediate, heads) = (64, 256, 4);
+        let batch = PackedBatch::new(&[vec![0; 7], vec![0; 3], vec![0; 12]]);
+        let x = Tensor::randn(0f32, 1.0, (batch.tokens(), hidden), &Device::Cpu)?;
+        for act in [HiddenAct::Gelu, HiddenAct::GeluApproximate, HiddenAct::Relu] {
+            let w = weights(hidden, intermediate, 1)?;
+            let reference = PostNormLayer::with_tensor_ops(clone_weights(&w), heads, act).forward(&x, &batch, None)?;
+            let cpu = PostNormLayer::new(w, heads, act)?;
+            assert!(matches!(cpu.weights, LayerImpl::Cpu(_)));
+            let fast = cpu.forward(&x, &batch, None)?;
+            let diff = (fast - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "{act:?}: max abs difference {diff}");
+        }
+        Ok(())
+    }
 }

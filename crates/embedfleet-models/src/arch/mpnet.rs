@@ -11,7 +11,7 @@ use candle_core::{Result, Tensor};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Module, VarBuilder};
 use serde::Deserialize;
 
-use super::layers::{check_heads, fused_qkv, HiddenAct, PostNormLayer};
+use super::layers::{check_heads, fused_qkv, HiddenAct, LayerWeights, PostNormLayer};
 use crate::packed::{PackedBatch, RelativeBias};
 
 fn default_buckets() -> usize {
@@ -85,16 +85,15 @@ impl MpNetEmbeddings {
 fn load_layer(vb: VarBuilder, cfg: &MpNetConfig) -> Result<PostNormLayer> {
     let hidden = cfg.hidden_size;
     let attn = vb.pp("attention.attn");
-    Ok(PostNormLayer {
+    let weights = LayerWeights {
         qkv: fused_qkv(attn.pp("q"), attn.pp("k"), attn.pp("v"), hidden)?,
         attention_out: linear(hidden, hidden, attn.pp("o"))?,
         attention_norm: layer_norm(hidden, cfg.layer_norm_eps, vb.pp("attention.LayerNorm"))?,
         intermediate: linear(hidden, cfg.intermediate_size, vb.pp("intermediate.dense"))?,
         output: linear(cfg.intermediate_size, hidden, vb.pp("output.dense"))?,
         output_norm: layer_norm(hidden, cfg.layer_norm_eps, vb.pp("output.LayerNorm"))?,
-        heads: cfg.num_attention_heads,
-        act: cfg.hidden_act,
-    })
+    };
+    PostNormLayer::new(weights, cfg.num_attention_heads, cfg.hidden_act)
 }
 
 /// The MPNet encoder stack; returns the last hidden states, `[tokens, hidden]`.
