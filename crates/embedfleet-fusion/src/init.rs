@@ -23,7 +23,7 @@
 //!
 //! # How `R`, `S` and `M` are built
 //!
-//! From [`MixingTransform`]s: seeded orthogonal operators on `ℝⁿ` made of rounds of random
+//! From `MixingTransform`s: seeded orthogonal operators on `ℝⁿ` made of rounds of random
 //! sign flips, a random permutation and block Walsh–Hadamard transforms (block sizes are the
 //! binary digits of `n`, so any `n` works). Rows and columns of such an operator are
 //! orthonormal, they cost `O(n log n)` to produce, and they use only additions,

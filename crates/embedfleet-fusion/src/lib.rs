@@ -11,19 +11,19 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: [`FuseMoeConfig`] and [`GatingKind`], serde, with the specification's defaults.
-//! - [`assemble`]: partials → the gate's and experts' input row; bad partials are typed errors.
-//! - [`gate`]: the router and its [`Routing`].
-//! - `expert`: one expert MLP.
-//! - [`linear`]: the CPU matrix product (SIMD, multithreaded, fixed summation order).
-//! - `cpu`: [`FuseMoe::fuse`] / [`FuseMoe::fuse_batch`] (grouped by expert), capacity
+//! - [`config`] — [`FuseMoeConfig`] and [`GatingKind`], serde, with the specification's defaults.
+//! - [`assemble`] — partials → the gate's and experts' input row; bad partials are typed errors.
+//! - [`gate`] — the router and its [`Routing`].
+//! - `expert` — one expert MLP.
+//! - [`linear`] — the CPU matrix product (SIMD, multithreaded, fixed summation order).
+//! - `cpu` — [`FuseMoe::fuse`] / [`FuseMoe::fuse_batch`] (grouped by expert), capacity
 //!   limiting, and [`load_balance_loss`].
-//! - [`weights`]: the safetensors file format, tensor names and the version hash.
-//! - [`init`]: the deterministic, distance-preserving initialisation behind
+//! - [`weights`] — the safetensors file format, tensor names and the version hash.
+//! - [`init`] — the deterministic, distance-preserving initialisation behind
 //!   [`FuseMoe::from_seed`].
-//! - `model`: [`FuseMoe`] itself.
-//! - [`error`]: [`FusionError`].
-//! - `cuda` (feature `cuda`): [`CudaFuseMoe`], the same forward on a GPU, kernels in
+//! - `model` — [`FuseMoe`] itself.
+//! - [`error`] — [`FusionError`].
+//! - `cuda` (feature `cuda`) — `CudaFuseMoe`, the same forward on a GPU, kernels in
 //!   `kernels/fusemoe.cu` compiled at run time with NVRTC.
 //!
 //! # Example

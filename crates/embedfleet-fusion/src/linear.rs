@@ -160,6 +160,7 @@ impl Lanes for Portable {
         Portable(std::ptr::read_unaligned(ptr as *const [f32; LANES]))
     }
     #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
     unsafe fn fmadd(a: Self, b: Self, acc: Self) -> Self {
         let mut r = acc.0;
         for l in 0..LANES {
@@ -223,6 +224,7 @@ unsafe fn block<L: Lanes, const JR: usize, const IR: usize>(
 /// One register tile: `JR` weight rows × `IR` input rows, each a full-length dot product.
 /// Results go to `out[jj * out_stride + ii]`.
 #[inline(always)]
+#[allow(clippy::needless_range_loop)] // indexes keep the register tile's shape visible
 unsafe fn tile<L: Lanes, const JR: usize, const IR: usize>(
     x: *const f32,
     x_stride: usize,

@@ -201,7 +201,7 @@ fn capacity_limiting_caps_expert_load_and_still_fuses_every_row() {
     let free = unlimited.route_batch(&rows).unwrap();
     let capacity = cfg.expert_capacity(rows.len());
     let fused = model.fuse_batch(&rows).unwrap();
-    let mut load = vec![0usize; 4];
+    let mut load = [0usize; 4];
     for f in &fused {
         assert!((norm(&f.embedding) - 1.0).abs() < 1e-5);
         assert!((f.expert_weights.iter().sum::<f32>() - 1.0).abs() < 1e-5);

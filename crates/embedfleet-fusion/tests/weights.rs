@@ -11,8 +11,11 @@ use embedfleet_fusion::weights::{tensor_specs, CONFIG_KEY, VERSION_KEY};
 use embedfleet_fusion::{FuseMoe, FuseMoeConfig, FusionError, GatingKind};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
-/// Reads every tensor of a saved file as (dtype, shape, bytes), with its metadata.
-fn read_file(path: &Path) -> (Vec<(String, Dtype, Vec<usize>, Vec<u8>)>, HashMap<String, String>) {
+/// One tensor of a file: name, dtype, shape, little-endian bytes.
+type RawTensor = (String, Dtype, Vec<usize>, Vec<u8>);
+
+/// Reads every tensor of a saved file, with its metadata.
+fn read_file(path: &Path) -> (Vec<RawTensor>, HashMap<String, String>) {
     let bytes = std::fs::read(path).unwrap();
     let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
     let metadata = header.metadata().clone().unwrap();
@@ -27,7 +30,7 @@ fn read_file(path: &Path) -> (Vec<(String, Dtype, Vec<usize>, Vec<u8>)>, HashMap
 
 fn write_file(
     path: &Path,
-    tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)],
+    tensors: &[RawTensor],
     metadata: HashMap<String, String>,
 ) {
     let views: Vec<(String, TensorView<'_>)> = tensors
@@ -51,7 +54,7 @@ fn saved(cfg: FuseMoeConfig) -> (FuseMoe, tempfile::TempDir, std::path::PathBuf)
 /// itself can make the load fail).
 fn edited(
     path: &Path,
-    edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>, &mut HashMap<String, String>),
+    edit: impl FnOnce(&mut Vec<RawTensor>, &mut HashMap<String, String>),
 ) -> std::path::PathBuf {
     let (mut tensors, mut metadata) = read_file(path);
     metadata.remove(VERSION_KEY);
