@@ -128,7 +128,7 @@ fn init_gate(cfg: &FuseMoeConfig, seed: u64) -> GateWeights {
 }
 
 /// The shared factors `R` (`half × input_dim`, row-major) and `S` (`output × half`) with
-/// `S·R = M`, a near-isometry, where `half = expert_hidden / 2`.
+/// `S·R = M` ([`target_map_columns`]), where `half = expert_hidden / 2`.
 fn shared_factors(cfg: &FuseMoeConfig, seed: u64) -> (Vec<f32>, Vec<f32>) {
     let d = cfg.input_dim();
     let half = cfg.expert_hidden / 2;
@@ -139,52 +139,101 @@ fn shared_factors(cfg: &FuseMoeConfig, seed: u64) -> (Vec<f32>, Vec<f32>) {
         return (r, s);
     }
     if d <= half {
+        // R = first d columns of U_half: orthonormal columns, RᵀR = I. S = M·Rᵀ, so
+        // S·R = M·RᵀR = M; row o of S is U_half · pad(M row o).
         let u_half = MixingTransform::new(half, &mut stream(seed, STREAM_R));
-        // R = first d columns of U_half: orthonormal columns, RᵀR = I.
         r.par_chunks_mut(d).enumerate().for_each(|(a, row)| {
-            let full = u_half.row(a);
-            copy_rounded(&full[..d], row);
+            copy_rounded(&u_half.row(a)[..d], row);
         });
-        // M: an isometry ℝᵈ → ℝᵒᵘᵗ when d ≤ out, else a scaled orthonormal-row projection.
-        // S = M·Rᵀ, so S·R = M·RᵀR = M; row o of S is U_half · pad(M row o).
-        let m_rows = if d <= out {
-            let u_out = MixingTransform::new(out, &mut stream(seed, STREAM_M));
-            (0..out).map(|o| u_out.row(o)[..d].to_vec()).collect::<Vec<_>>()
-        } else {
-            let u_d = MixingTransform::new(d, &mut stream(seed, STREAM_M));
-            let scale = (d as f64 / out as f64).sqrt();
-            (0..out)
-                .map(|o| u_d.row(o).iter().map(|v| v * scale).collect())
-                .collect()
-        };
-        s.par_chunks_mut(half).zip(m_rows.par_iter()).for_each(|(row, m_row)| {
+        let m = target_map_columns(cfg, seed);
+        s.par_chunks_mut(half).enumerate().for_each(|(o, row)| {
             let mut padded = vec![0.0f64; half];
-            padded[..d].copy_from_slice(m_row);
+            for (p, column) in padded.iter_mut().zip(&m) {
+                *p = column[o];
+            }
             u_half.apply(&mut padded);
             copy_rounded(&padded, row);
         });
+    } else if half >= out {
+        // R = V·[M; 0] and S = [I, 0]·Vᵀ with V = U_half orthogonal: S·R = [I, 0]·[M; 0] = M.
+        // V only spreads M over all hidden units, so none of them starts out special.
+        let v = MixingTransform::new(half, &mut stream(seed, STREAM_R));
+        let m = target_map_columns(cfg, seed);
+        let r_columns: Vec<Vec<f64>> = m
+            .par_iter()
+            .map(|column| {
+                let mut padded = vec![0.0f64; half];
+                padded[..out].copy_from_slice(column);
+                v.apply(&mut padded);
+                padded
+            })
+            .collect();
+        r.par_chunks_mut(d).enumerate().for_each(|(a, row)| {
+            for (x, column) in row.iter_mut().zip(&r_columns) {
+                *x = column[a] as f32;
+            }
+        });
+        s.par_chunks_mut(half).enumerate().for_each(|(o, row)| {
+            let mut unit = vec![0.0f64; half];
+            unit[o] = 1.0;
+            v.apply(&mut unit);
+            copy_rounded(&unit, row);
+        });
     } else {
-        // R = √(d/half) · first `half` rows of U_d: a Johnson–Lindenstrauss projection.
+        // Hidden narrower than both input and output (no default shape does this): R is a
+        // Johnson–Lindenstrauss projection to `half`, S an isometric embedding of it.
         let u_d = MixingTransform::new(d, &mut stream(seed, STREAM_R));
         let scale = (d as f64 / half as f64).sqrt();
         r.par_chunks_mut(d).enumerate().for_each(|(a, row)| {
             let full: Vec<f64> = u_d.row(a).iter().map(|v| v * scale).collect();
             copy_rounded(&full, row);
         });
-        // S with orthonormal rows (half ≥ out) or columns (half < out); M = S·R.
-        if half >= out {
-            let u_half = MixingTransform::new(half, &mut stream(seed, STREAM_S));
-            s.par_chunks_mut(half).enumerate().for_each(|(o, row)| {
-                copy_rounded(&u_half.row(o), row);
-            });
-        } else {
-            let u_out = MixingTransform::new(out, &mut stream(seed, STREAM_S));
-            s.par_chunks_mut(half).enumerate().for_each(|(o, row)| {
-                copy_rounded(&u_out.row(o)[..half], row);
-            });
-        }
+        let u_out = MixingTransform::new(out, &mut stream(seed, STREAM_S));
+        s.par_chunks_mut(half).enumerate().for_each(|(o, row)| {
+            copy_rounded(&u_out.row(o)[..half], row);
+        });
     }
     (r, s)
+}
+
+/// The map every expert starts as, `M` (`output × input_dim`), as its columns:
+///
+/// - input no wider than the output: the first `input_dim` columns of a seeded orthogonal
+///   `U_out`, an exact isometry, so cosines are kept exactly (the two-model case);
+/// - wider (twelve models, 13,184 → 1,536): no linear map keeps every cosine, so each slot
+///   gets its own isometric embedding into the output (a Johnson–Lindenstrauss projection for
+///   a slot wider than the output, e5-mistral's 4,096), from its own seed. Then the cosine
+///   between two rows' own-slot terms is exact and only cross-slot terms add noise
+///   (≈ 1/√output each), about half the distortion of one projection of the whole row.
+fn target_map_columns(cfg: &FuseMoeConfig, seed: u64) -> Vec<Vec<f64>> {
+    let (d, out) = (cfg.input_dim(), cfg.output_dim);
+    let unit_columns = |u: &MixingTransform, n: usize, count: usize, scale: f64| {
+        (0..count)
+            .into_par_iter()
+            .map(|j| {
+                let mut e = vec![0.0f64; n];
+                e[j] = 1.0;
+                u.apply(&mut e);
+                e.truncate(out);
+                e.iter_mut().for_each(|x| *x *= scale);
+                e
+            })
+            .collect::<Vec<_>>()
+    };
+    if d <= out {
+        let u_out = MixingTransform::new(out, &mut stream(seed, STREAM_M));
+        return unit_columns(&u_out, out, d, 1.0);
+    }
+    let mut columns = Vec::with_capacity(d);
+    for (slot, &width) in cfg.input_dims.iter().enumerate() {
+        let slot_stream = STREAM_M + ((slot as u64 + 1) << 16);
+        let n = width.max(out);
+        let u = MixingTransform::new(n, &mut stream(seed, slot_stream));
+        // Rows of U_n are orthonormal: keeping `out` of them and scaling by √(n/out) keeps
+        // norms on average; with n = out this is an exact isometry.
+        columns.extend(unit_columns(&u, n, width, (n as f64 / out as f64).sqrt()));
+    }
+    columns
 }
 
 fn copy_rounded(from: &[f64], to: &mut [f32]) {
@@ -409,16 +458,10 @@ mod tests {
         assert!(nonzero > 50, "row 0 touches only {nonzero} of 100 coordinates");
     }
 
-    /// The upcycled MLP computes S·R·x: check S·R against the intended map's isometry.
-    #[test]
-    fn shared_factors_compose_to_an_isometry_when_the_input_is_narrow() {
-        let cfg = FuseMoeConfig {
-            expert_hidden: 64,
-            output_dim: 40,
-            ..FuseMoeConfig::for_input_dims(vec![10, 14])
-        };
-        let (r, s) = shared_factors(&cfg, 3);
-        let (d, half, out) = (24, 32, 40);
+    /// `MᵀM` for the composed map `M = S·R` (`d × d`, row-major).
+    fn gram_of_composed_map(cfg: &FuseMoeConfig) -> Vec<f64> {
+        let (r, s) = shared_factors(cfg, 3);
+        let (d, half, out) = (cfg.input_dim(), cfg.expert_hidden / 2, cfg.output_dim);
         let mut m = vec![0.0f64; out * d];
         for o in 0..out {
             for b in 0..d {
@@ -427,13 +470,59 @@ mod tests {
                     .sum();
             }
         }
+        let mut gram = vec![0.0f64; d * d];
         for b in 0..d {
             for c in 0..d {
-                let g: f64 = (0..out).map(|o| m[o * d + b] * m[o * d + c]).sum();
+                gram[b * d + c] = (0..out).map(|o| m[o * d + b] * m[o * d + c]).sum();
+            }
+        }
+        gram
+    }
+
+    /// The upcycled MLP computes S·R·x: with the input narrower than the output, S·R must be
+    /// an exact isometry.
+    #[test]
+    fn shared_factors_compose_to_an_isometry_when_the_input_is_narrow() {
+        let cfg = FuseMoeConfig {
+            expert_hidden: 64,
+            output_dim: 40,
+            ..FuseMoeConfig::for_input_dims(vec![10, 14])
+        };
+        let gram = gram_of_composed_map(&cfg);
+        for b in 0..24 {
+            for c in 0..24 {
                 let want = if b == c { 1.0 } else { 0.0 };
+                let g = gram[b * 24 + c];
                 assert!((g - want).abs() < 1e-5, "MᵀM[{b}][{c}] = {g}");
             }
         }
+    }
+
+    /// Inputs wider than both the hidden layer and the output: each slot on its own is still
+    /// embedded isometrically; only cross-slot blocks of MᵀM are non-zero.
+    #[test]
+    fn each_slot_is_embedded_isometrically_when_the_input_is_wide() {
+        let cfg = FuseMoeConfig {
+            expert_hidden: 40,
+            output_dim: 16,
+            ..FuseMoeConfig::for_input_dims(vec![10, 14, 9])
+        };
+        let gram = gram_of_composed_map(&cfg);
+        let d = 33;
+        let slot_of = |i: usize| if i < 10 { 0 } else if i < 24 { 1 } else { 2 };
+        let mut cross = 0.0f64;
+        for b in 0..d {
+            for c in 0..d {
+                let g = gram[b * d + c];
+                if slot_of(b) == slot_of(c) {
+                    let want = if b == c { 1.0 } else { 0.0 };
+                    assert!((g - want).abs() < 1e-5, "MᵀM[{b}][{c}] = {g}");
+                } else {
+                    cross = cross.max(g.abs());
+                }
+            }
+        }
+        assert!(cross > 1e-3, "33 inputs cannot all be orthogonal in 16 outputs");
     }
 
     #[test]
