@@ -22,7 +22,8 @@ pub struct ServerBinary {
 const SYSTEM_DIRS: [&str; 3] = ["/usr/sbin", "/usr/bin", "/usr/local/bin"];
 
 impl ServerBinary {
-    /// The binary's path: the environment override, then `PATH`, then [`SYSTEM_DIRS`].
+    /// The binary's path: the environment override, then `PATH`, then `/usr/sbin`,
+    /// `/usr/bin` and `/usr/local/bin`.
     pub fn locate(&self) -> Result<PathBuf, TestkitError> {
         if let Some(path) = env::var_os(self.env_var).map(PathBuf::from) {
             if is_executable_file(&path) {

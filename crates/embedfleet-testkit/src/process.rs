@@ -49,7 +49,7 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `binary` on a free port and waits (bounded) until the port accepts connections.
     /// When the server fails to bind because another process took the port first, it tries
-    /// again on a new port, up to [`START_ATTEMPTS`] times.
+    /// again on a new port, up to five times.
     pub fn start(binary: &ServerBinary, args: ArgsFn) -> Result<Self, TestkitError> {
         let binary = binary.locate()?;
         let mut last_log = String::new();
