@@ -353,6 +353,8 @@ mod x86 {
     }
 
     /// 4×4 tiles: 16 accumulators + 4 weight vectors + 1 input vector of 32 zmm registers.
+    /// A single input row (batch-1 GEMV) uses 8×1 tiles instead: eight weight rows stream at
+    /// once, which kept ~10 % more bytes in flight than four in an A/B on this machine.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn block_avx512(
         x: &[f32],
@@ -363,7 +365,11 @@ mod x86 {
         k: usize,
         out_block: &mut [f32],
     ) {
-        block::<Avx512, 4, 4>(x, x_stride, rows, w_block, w_rows, k, out_block)
+        if rows == 1 {
+            block::<Avx512, 8, 1>(x, x_stride, rows, w_block, w_rows, k, out_block)
+        } else {
+            block::<Avx512, 4, 4>(x, x_stride, rows, w_block, w_rows, k, out_block)
+        }
     }
 
     /// 2×2 tiles: 8 accumulator pairs + 2 weight pairs of 16 ymm registers.
@@ -435,21 +441,25 @@ mod tests {
 
     #[test]
     fn every_instruction_set_gives_the_same_bits() {
-        let (rows, n, k) = (6, 9, 45);
-        let x = values(rows * k, 6);
-        let w = values(n * k, 7);
-        let mut portable = vec![0.0; rows * n];
-        Isa::Portable.run_block(&x, k, rows, &w, n, k, &mut portable);
-        let detected = Isa::detect();
-        let mut simd = vec![0.0; rows * n];
-        detected.run_block(&x, k, rows, &w, n, k, &mut simd);
-        assert_eq!(portable, simd, "{detected:?} differs from the portable path");
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            let mut avx2 = vec![0.0; rows * n];
-            Isa::Avx2.run_block(&x, k, rows, &w, n, k, &mut avx2);
-            assert_eq!(portable, avx2);
+        // One row takes the GEMV tiles, six the batch tiles.
+        for rows in [1, 6] {
+            let (n, k) = (19, 45);
+            let x = values(rows * k, 6);
+            let w = values(n * k, 7);
+            let mut portable = vec![0.0; rows * n];
+            Isa::Portable.run_block(&x, k, rows, &w, n, k, &mut portable);
+            let detected = Isa::detect();
+            let mut simd = vec![0.0; rows * n];
+            detected.run_block(&x, k, rows, &w, n, k, &mut simd);
+            assert_eq!(portable, simd, "{detected:?} differs from the portable path");
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                let mut avx2 = vec![0.0; rows * n];
+                Isa::Avx2.run_block(&x, k, rows, &w, n, k, &mut avx2);
+                assert_eq!(portable, avx2);
+            }
         }
     }
 

@@ -14,13 +14,23 @@ use crate::init::{initialize, InitOptions};
 use crate::weights;
 
 /// A FuseMoE layer ready to fuse on the CPU (see [`FuseMoe::fuse`]) or to upload to a GPU.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct FuseMoe {
     pub(crate) config: FuseMoeConfig,
     pub(crate) gate: GateWeights,
     pub(crate) experts: Vec<ExpertWeights>,
     /// Hex xxh3-128 of the config and every tensor; see [`FuseMoe::version`].
     version: String,
+}
+
+/// Config and version only: the tensors run to gigabytes.
+impl std::fmt::Debug for FuseMoe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FuseMoe")
+            .field("config", &self.config)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
 }
 
 impl FuseMoe {
