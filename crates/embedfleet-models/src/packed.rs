@@ -144,7 +144,7 @@ fn packed_attention_cpu(qkv: &Tensor, batch: &PackedBatch, heads: usize, bias: O
                     let mut max = f32::NEG_INFINITY;
                     for (j, score) in scores.iter_mut().enumerate() {
                         let k = &qkv[(start + j) * width + hidden + head * head_dim..][..head_dim];
-                        let mut s = dot(q, k) * scale;
+                        let mut s = crate::cpu_kernels::dot(q, k) * scale;
                         if let Some(bias) = bias {
                             s += bias.get(head, row - start, j);
                         }
@@ -167,20 +167,6 @@ fn packed_attention_cpu(qkv: &Tensor, batch: &PackedBatch, heads: usize, bias: O
             },
         );
     Tensor::from_vec(context, (tokens, hidden), &Device::Cpu)
-}
-
-/// Eight independent accumulators so the compiler can keep them in vector lanes.
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in a_chunks.zip(b_chunks) {
-        for lane in 0..8 {
-            acc[lane] += x[lane] * y[lane];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// The device-generic path (GPU, or non-f32 dtypes): the same computation in tensor ops, one

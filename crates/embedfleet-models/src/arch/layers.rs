@@ -79,7 +79,8 @@ struct CpuLayer {
 }
 
 struct CpuLinear {
-    weight: Vec<f32>,
+    /// `[in, out]` row-major: the checkpoint's `[out, in]` transposed once at load.
+    weight_t: Vec<f32>,
     bias: Vec<f32>,
     in_dim: usize,
 }
@@ -97,11 +98,11 @@ impl CpuLinear {
             Some(bias) => bias.to_vec1::<f32>()?,
             None => vec![0.0; linear.weight().dim(0)?],
         };
-        Ok(Self { weight: linear.weight().flatten_all()?.to_vec1::<f32>()?, bias, in_dim })
+        Ok(Self { weight_t: linear.weight().t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?, bias, in_dim })
     }
 
     fn forward(&self, x: &[f32]) -> Vec<f32> {
-        cpu_kernels::linear(x, x.len() / self.in_dim, self.in_dim, &self.weight, &self.bias)
+        cpu_kernels::linear(x, x.len() / self.in_dim, self.in_dim, &self.weight_t, &self.bias)
     }
 }
 
