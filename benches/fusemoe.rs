@@ -23,7 +23,9 @@ use embedfleet_fusion::{FuseMoe, FuseMoeConfig};
 use rayon::prelude::*;
 
 /// The catalogue's widths, E1..E12 (sum 13,184).
-const ALL_MODEL_DIMS: [usize; 12] = [384, 1024, 768, 768, 1280, 768, 768, 768, 768, 768, 1024, 4096];
+const ALL_MODEL_DIMS: [usize; 12] = [
+    384, 1024, 768, 768, 1280, 768, 768, 768, 768, 768, 1024, 4096,
+];
 const TWO_MODEL_DIMS: [usize; 2] = [384, 768];
 
 fn main() {
@@ -33,16 +35,25 @@ fn main() {
         .measurement_time(Duration::from_secs(3))
         .configure_from_args();
 
-    eprintln!("fusemoe bench: {} rayon threads", rayon::current_num_threads());
+    eprintln!(
+        "fusemoe bench: {} rayon threads",
+        rayon::current_num_threads()
+    );
     let bandwidth = measure_bandwidth();
     eprintln!("memory bandwidth floor: {:.1} GB/s", bandwidth / 1e9);
     let matmul_rate = measure_matmul_rate();
-    eprintln!("matrix-product rate floor: {:.1} GFLOP/s", matmul_rate / 1e9);
+    eprintln!(
+        "matrix-product rate floor: {:.1} GFLOP/s",
+        matmul_rate / 1e9
+    );
 
     compare_with_candle(&mut criterion);
 
     let mut summary = Vec::new();
-    for (label, dims) in [("two-model 1152", &TWO_MODEL_DIMS[..]), ("full 13184", &ALL_MODEL_DIMS[..])] {
+    for (label, dims) in [
+        ("two-model 1152", &TWO_MODEL_DIMS[..]),
+        ("full 13184", &ALL_MODEL_DIMS[..]),
+    ] {
         eprintln!("building the seeded {label} layer ...");
         let started = Instant::now();
         let model = match FuseMoe::from_seed(FuseMoeConfig::for_input_dims(dims.to_vec()), 0) {
@@ -57,7 +68,12 @@ fn main() {
             model.version()
         );
         let partials: Vec<Vec<Vec<f32>>> = (0..32)
-            .map(|row| dims.iter().enumerate().map(|(s, &d)| pseudo_random(d, (row * 16 + s) as u64)).collect())
+            .map(|row| {
+                dims.iter()
+                    .enumerate()
+                    .map(|(s, &d)| pseudo_random(d, (row * 16 + s) as u64))
+                    .collect()
+            })
             .collect();
         for batch in [1usize, 32] {
             let rows: Vec<Vec<Option<&[f32]>>> = partials[..batch]
@@ -65,7 +81,14 @@ fn main() {
                 .map(|row| row.iter().map(|p| Some(&p[..])).collect())
                 .collect();
             let figure = bench_fuse(&mut criterion, &model, label, &rows);
-            summary.push(floor_line(&model, label, &rows, figure, bandwidth, matmul_rate));
+            summary.push(floor_line(
+                &model,
+                label,
+                &rows,
+                figure,
+                bandwidth,
+                matmul_rate,
+            ));
         }
     }
 
@@ -78,7 +101,12 @@ fn main() {
 }
 
 /// Benches `fuse_batch` on `rows` and returns the median time per call.
-fn bench_fuse(criterion: &mut Criterion, model: &FuseMoe, label: &str, rows: &[Vec<Option<&[f32]>>]) -> Duration {
+fn bench_fuse(
+    criterion: &mut Criterion,
+    model: &FuseMoe,
+    label: &str,
+    rows: &[Vec<Option<&[f32]>>],
+) -> Duration {
     let samples = RefCell::new(Vec::new());
     let mut group = criterion.benchmark_group(format!("fusemoe/{label}"));
     group.sampling_mode(SamplingMode::Flat);
@@ -130,14 +158,27 @@ fn floor_line(
             figure_s / with_gate,
         )
     } else {
-        let (d, gin, gh) = (cfg.input_dim() as f64, cfg.gate_input_dim() as f64, cfg.gate_hidden as f64);
-        let (h, o, e, k) = (cfg.expert_hidden as f64, cfg.output_dim as f64, cfg.num_experts as f64, cfg.top_k as f64);
-        let flops = batch as f64 * (2.0 * gin * gh + 2.0 * gh * e + k * (2.0 * d * h + 2.0 * h * o));
+        let (d, gin, gh) = (
+            cfg.input_dim() as f64,
+            cfg.gate_input_dim() as f64,
+            cfg.gate_hidden as f64,
+        );
+        let (h, o, e, k) = (
+            cfg.expert_hidden as f64,
+            cfg.output_dim as f64,
+            cfg.num_experts as f64,
+            cfg.top_k as f64,
+        );
+        let flops =
+            batch as f64 * (2.0 * gin * gh + 2.0 * gh * e + k * (2.0 * d * h + 2.0 * h * o));
         let compute_floor = flops / matmul_rate;
         let used = match model.route_batch(rows) {
             Ok(routes) => {
                 let mut used = vec![false; cfg.num_experts];
-                routes.iter().flat_map(|r| &r.selected).for_each(|&x| used[x] = true);
+                routes
+                    .iter()
+                    .flat_map(|r| &r.selected)
+                    .for_each(|&x| used[x] = true);
                 used.iter().filter(|&&u| u).count()
             }
             Err(_) => cfg.num_experts,
@@ -252,7 +293,9 @@ fn sum_streams<const STREAMS: usize>(chunk: &[f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 fn prefetch(ptr: *const f32) {
     // SAFETY: a prefetch never faults, whatever the address.
-    unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(ptr as *const i8) }
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(ptr as *const i8)
+    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -285,8 +328,15 @@ fn measure_matmul_rate() -> f64 {
         linear_forward(&x, n, rows, &w, None, n, n, &mut out);
         own = own.min(started.elapsed().as_secs_f64());
     }
-    let (candle, own) = (2.0 * (n as f64).powi(3) / candle, 2.0 * (rows * n * n) as f64 / own);
-    eprintln!("  candle matmul {:.1} GFLOP/s, fusion linear {:.1} GFLOP/s", candle / 1e9, own / 1e9);
+    let (candle, own) = (
+        2.0 * (n as f64).powi(3) / candle,
+        2.0 * (rows * n * n) as f64 / own,
+    );
+    eprintln!(
+        "  candle matmul {:.1} GFLOP/s, fusion linear {:.1} GFLOP/s",
+        candle / 1e9,
+        own / 1e9
+    );
     candle.max(own)
 }
 

@@ -9,27 +9,40 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use embedfleet_benches::{models_dir, sentences};
-use embedfleet_models::{catalogue, Device, EmbedOptions, EmbeddingModel, ModelInput, TextEmbedder, WeightResolver};
+use embedfleet_models::{
+    catalogue, Device, EmbedOptions, EmbeddingModel, ModelInput, TextEmbedder, WeightResolver,
+};
 
 const BATCH: usize = 32;
 
 fn load(name: &str) -> TextEmbedder {
     let spec = catalogue::find(name).expect("catalogue model");
-    let resolver = WeightResolver { models_dir: Some(models_dir()), offline: true };
-    let files = resolver.resolve(spec).unwrap_or_else(|e| panic!("{e}\nrun scripts/fetch-models.sh first"));
+    let resolver = WeightResolver {
+        models_dir: Some(models_dir()),
+        offline: true,
+    };
+    let files = resolver
+        .resolve(spec)
+        .unwrap_or_else(|e| panic!("{e}\nrun scripts/fetch-models.sh first"));
     TextEmbedder::load(spec, &files, &Device::Cpu).expect("model loads")
 }
 
 fn bench_models(c: &mut Criterion) {
     let sentences: Vec<ModelInput> = sentences().into_iter().map(ModelInput::Text).collect();
-    assert!(sentences.len() >= BATCH, "need at least {BATCH} bench sentences");
+    assert!(
+        sentences.len() >= BATCH,
+        "need at least {BATCH} bench sentences"
+    );
     let options = EmbedOptions::default();
     for name in ["minilm", "mpnet"] {
         eprintln!("models bench: loading {name}");
         let model = load(name);
 
         let mut group = c.benchmark_group(name);
-        group.warm_up_time(Duration::from_secs(2)).measurement_time(Duration::from_secs(8)).sample_size(20);
+        group
+            .warm_up_time(Duration::from_secs(2))
+            .measurement_time(Duration::from_secs(8))
+            .sample_size(20);
 
         // One sentence per call, cycling through the set as the Python side does.
         group.throughput(Throughput::Elements(1));
@@ -38,7 +51,9 @@ fn bench_models(c: &mut Criterion) {
             b.iter(|| {
                 let input = &sentences[next % sentences.len()];
                 next += 1;
-                model.embed_batch(std::slice::from_ref(input), &options).expect("embeds")
+                model
+                    .embed_batch(std::slice::from_ref(input), &options)
+                    .expect("embeds")
             })
         });
 

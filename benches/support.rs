@@ -13,10 +13,16 @@ pub fn bench_dir() -> PathBuf {
 pub fn sentences() -> Vec<String> {
     let path = bench_dir().join("data/sentences.txt");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    text.lines().map(str::trim).filter(|line| !line.is_empty()).map(String::from).collect()
+    text.lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .map(String::from)
+        .collect()
 }
 
 /// Where the real checkpoints are: `$EMBEDFLEET_MODELS_DIR`, else the repo's `models/`.
 pub fn models_dir() -> PathBuf {
-    std::env::var_os("EMBEDFLEET_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| bench_dir().join("../models"))
+    std::env::var_os("EMBEDFLEET_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| bench_dir().join("../models"))
 }

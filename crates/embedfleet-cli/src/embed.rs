@@ -51,7 +51,11 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
     let pipeline = Pipeline::new(registry, &args.models, args.fusion_weights.as_deref())?;
     pipeline.warm_up()?;
     let request = PipelineRequest {
-        options: EmbedOptions { truncate: !args.no_truncate, normalize: !args.no_normalize, instruction: args.instruction.clone() },
+        options: EmbedOptions {
+            truncate: !args.no_truncate,
+            normalize: !args.no_normalize,
+            instruction: args.instruction.clone(),
+        },
         fuse: !args.no_fuse,
         return_partials: args.partials,
     };
@@ -77,7 +81,10 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         done += chunk.len();
         out.flush()?;
         if progress {
-            eprint!("\rembedded {done} inputs ({:.1}/s)", done as f64 / started.elapsed().as_secs_f64());
+            eprint!(
+                "\rembedded {done} inputs ({:.1}/s)",
+                done as f64 / started.elapsed().as_secs_f64()
+            );
         }
     }
     if progress && done > 0 {
@@ -90,7 +97,11 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
 }
 
 /// Reads up to `max` lines; `first_line` is the 0-based number of the first, for messages.
-fn read_chunk(lines: &mut impl Iterator<Item = std::io::Result<Vec<u8>>>, max: usize, first_line: usize) -> anyhow::Result<Vec<ModelInput>> {
+fn read_chunk(
+    lines: &mut impl Iterator<Item = std::io::Result<Vec<u8>>>,
+    max: usize,
+    first_line: usize,
+) -> anyhow::Result<Vec<ModelInput>> {
     let mut chunk = Vec::with_capacity(max);
     for line in lines.by_ref().take(max) {
         let number = first_line + chunk.len() + 1;
@@ -98,13 +109,20 @@ fn read_chunk(lines: &mut impl Iterator<Item = std::io::Result<Vec<u8>>>, max: u
         if bytes.last() == Some(&b'\r') {
             bytes.pop();
         }
-        let text = String::from_utf8(bytes).map_err(|e| anyhow::anyhow!("stdin line {number} is not valid UTF-8 ({e})"))?;
+        let text = String::from_utf8(bytes)
+            .map_err(|e| anyhow::anyhow!("stdin line {number} is not valid UTF-8 ({e})"))?;
         chunk.push(ModelInput::Text(text));
     }
     Ok(chunk)
 }
 
-fn emit(pipeline: &Pipeline, inputs: &[ModelInput], request: &PipelineRequest, first_index: usize, out: &mut impl Write) -> anyhow::Result<()> {
+fn emit(
+    pipeline: &Pipeline,
+    inputs: &[ModelInput],
+    request: &PipelineRequest,
+    first_index: usize,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
     let output = pipeline.embed(inputs, request, first_index)?;
     for element in &output.data {
         serde_json::to_writer(&mut *out, element)?;

@@ -16,7 +16,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "embedfleet", version, about = "Embeddings from an ensemble of models, fused with FuseMoE")]
+#[command(
+    name = "embedfleet",
+    version,
+    about = "Embeddings from an ensemble of models, fused with FuseMoE"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -32,7 +36,10 @@ enum Command {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("EMBEDFLEET_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EMBEDFLEET_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
@@ -45,7 +52,10 @@ fn main() -> ExitCode {
         }
         Err(error) => {
             let rendered = error.render().to_string();
-            let first = rendered.lines().next().unwrap_or("error: invalid arguments");
+            let first = rendered
+                .lines()
+                .next()
+                .unwrap_or("error: invalid arguments");
             eprintln!("{} (see `embedfleet --help`)", first.trim_end());
             return ExitCode::from(2);
         }

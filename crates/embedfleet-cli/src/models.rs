@@ -24,7 +24,10 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    println!("{:<4} {:<16} {:>5} {:>6} {:<10} {:<12} {:>9}  {}", "id", "name", "dim", "maxlen", "pooling", "takes", "f16 GiB", "hf repo");
+    println!(
+        "{:<4} {:<16} {:>5} {:>6} {:<10} {:<12} {:>9}  hf repo",
+        "id", "name", "dim", "maxlen", "pooling", "takes", "f16 GiB"
+    );
     for spec in CATALOGUE {
         let takes: Vec<String> = spec.modalities.iter().map(ToString::to_string).collect();
         println!(
@@ -39,6 +42,10 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
             spec.hf_repo
         );
     }
-    println!("fusion input width with all {} models: {}", CATALOGUE.len(), fusion_input_width(CATALOGUE));
+    println!(
+        "fusion input width with all {} models: {}",
+        CATALOGUE.len(),
+        fusion_input_width(CATALOGUE)
+    );
     Ok(())
 }

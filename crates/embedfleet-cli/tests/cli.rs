@@ -26,7 +26,8 @@ const FUSED_DIM: usize = 1536;
 fn models_dir() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
     assert!(
-        dir.join("minilm/model.safetensors").is_file() && dir.join("mpnet/model.safetensors").is_file(),
+        dir.join("minilm/model.safetensors").is_file()
+            && dir.join("mpnet/model.safetensors").is_file(),
         "no checkpoints in {}: run scripts/fetch-models.sh first (scripts/test.sh does)",
         dir.display()
     );
@@ -48,7 +49,10 @@ fn embedfleet(args: &[&str]) -> Command {
 
 /// Runs with `stdin` as standard input (empty when `None`) and collects stdout and stderr.
 fn run(mut command: Command, stdin: Option<&[u8]>) -> Output {
-    command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = command.spawn().expect("start embedfleet");
     let mut pipe = child.stdin.take().expect("stdin pipe");
     let input = stdin.unwrap_or_default().to_vec();
@@ -73,7 +77,11 @@ fn succeed(output: Output) -> String {
         output.status,
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(output.stderr.is_empty(), "a successful run writes nothing to stderr: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.stderr.is_empty(),
+        "a successful run writes nothing to stderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     stdout_of(&output).to_owned()
 }
 
@@ -86,20 +94,40 @@ fn assert_clean_failure(output: &Output, needles: &[&str]) {
         "expected a non-zero exit, got {}; stderr: {stderr}",
         output.status
     );
-    assert!(output.stdout.is_empty(), "stdout must be empty on failure, got: {}", String::from_utf8_lossy(&output.stdout));
+    assert!(
+        output.stdout.is_empty(),
+        "stdout must be empty on failure, got: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
     let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "expected exactly one stderr line, got: {stderr:?}");
-    assert!(stderr.ends_with('\n'), "the error line is terminated: {stderr:?}");
-    assert!(lines[0].starts_with("error: "), "stderr line must start with `error:`: {stderr:?}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "expected exactly one stderr line, got: {stderr:?}"
+    );
+    assert!(
+        stderr.ends_with('\n'),
+        "the error line is terminated: {stderr:?}"
+    );
+    assert!(
+        lines[0].starts_with("error: "),
+        "stderr line must start with `error:`: {stderr:?}"
+    );
     for needle in needles {
-        assert!(lines[0].contains(needle), "error should mention {needle:?}: {stderr:?}");
+        assert!(
+            lines[0].contains(needle),
+            "error should mention {needle:?}: {stderr:?}"
+        );
     }
 }
 
 fn parse_lines(stdout: &str) -> Vec<Value> {
     stdout
         .lines()
-        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line:.200}")))
+        .map(|line| {
+            serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line:.200}"))
+        })
         .collect()
 }
 
@@ -123,14 +151,20 @@ fn cosine(a: &[f64], b: &[f64]) -> f64 {
 
 fn assert_unit_vector(v: &[f64], dim: usize, what: &str) {
     assert_eq!(v.len(), dim, "{what}: width");
-    assert!(v.iter().all(|x| x.is_finite()), "{what}: non-finite element");
+    assert!(
+        v.iter().all(|x| x.is_finite()),
+        "{what}: non-finite element"
+    );
     let n = norm(v);
     assert!((n - 1.0).abs() < 1e-4, "{what}: norm {n}");
 }
 
 /// stdin lines for `TEXTS`, with Windows line endings to check that `\r` is stripped.
 fn crlf_lines() -> Vec<u8> {
-    TEXTS.iter().flat_map(|t| format!("{t}\r\n").into_bytes()).collect()
+    TEXTS
+        .iter()
+        .flat_map(|t| format!("{t}\r\n").into_bytes())
+        .collect()
 }
 
 /// `embed --partials TEXTS...` in argument mode, run once and shared by the tests that compare
@@ -159,8 +193,14 @@ fn embed_prints_one_fused_line_per_input_with_experts_and_partials() {
         let experts = &line["experts"];
         let weights = vector(&experts["weights"]);
         let sum: f64 = weights.iter().sum();
-        assert!((sum - 1.0).abs() < 1e-5, "line {i}: expert weights sum to {sum}");
-        assert!(weights.iter().all(|w| (0.0..=1.0).contains(w)), "line {i}: weights {weights:?}");
+        assert!(
+            (sum - 1.0).abs() < 1e-5,
+            "line {i}: expert weights sum to {sum}"
+        );
+        assert!(
+            weights.iter().all(|w| (0.0..=1.0).contains(w)),
+            "line {i}: weights {weights:?}"
+        );
         let selected: Vec<usize> = experts["selected"]
             .as_array()
             .expect("selected is an array")
@@ -168,14 +208,32 @@ fn embed_prints_one_fused_line_per_input_with_experts_and_partials() {
             .map(|s| s.as_u64().expect("expert index") as usize)
             .collect();
         assert_eq!(selected.len(), 2, "line {i}: top-2 experts");
-        assert_eq!(selected.iter().collect::<BTreeSet<_>>().len(), 2, "line {i}: distinct experts {selected:?}");
+        assert_eq!(
+            selected.iter().collect::<BTreeSet<_>>().len(),
+            2,
+            "line {i}: distinct experts {selected:?}"
+        );
         for (expert, weight) in weights.iter().enumerate() {
-            assert_eq!(selected.contains(&expert), *weight > 0.0, "line {i}: only selected experts weigh ({weights:?}, {selected:?})");
+            assert_eq!(
+                selected.contains(&expert),
+                *weight > 0.0,
+                "line {i}: only selected experts weigh ({weights:?}, {selected:?})"
+            );
         }
 
-        let partials = line["partials"].as_object().expect("--partials adds `partials`");
-        assert_eq!(partials.keys().map(String::as_str).collect::<Vec<_>>(), ["minilm", "mpnet"], "line {i}");
-        assert_unit_vector(&vector(&partials["minilm"]), 384, &format!("line {i} minilm"));
+        let partials = line["partials"]
+            .as_object()
+            .expect("--partials adds `partials`");
+        assert_eq!(
+            partials.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["minilm", "mpnet"],
+            "line {i}"
+        );
+        assert_unit_vector(
+            &vector(&partials["minilm"]),
+            384,
+            &format!("line {i} minilm"),
+        );
         assert_unit_vector(&vector(&partials["mpnet"]), 768, &format!("line {i} mpnet"));
         fused.push(embedding);
     }
@@ -183,7 +241,10 @@ fn embed_prints_one_fused_line_per_input_with_experts_and_partials() {
     // shape checks above).
     for a in 0..fused.len() {
         for b in a + 1..fused.len() {
-            assert!(cosine(&fused[a], &fused[b]) < 0.999, "inputs {a} and {b} fused to the same vector");
+            assert!(
+                cosine(&fused[a], &fused[b]) < 0.999,
+                "inputs {a} and {b} fused to the same vector"
+            );
         }
     }
 }
@@ -198,43 +259,79 @@ fn output_is_identical_across_runs() {
 
 #[test]
 fn stdin_lines_with_crlf_match_argument_mode_exactly() {
-    let from_stdin = succeed(run(embedfleet(&["embed", "--partials"]), Some(&crlf_lines())));
-    assert!(from_stdin == reference(), "stdin mode differs from argument mode:\n{from_stdin:.300}\nvs\n{:.300}", reference());
+    let from_stdin = succeed(run(
+        embedfleet(&["embed", "--partials"]),
+        Some(&crlf_lines()),
+    ));
+    assert!(
+        from_stdin == reference(),
+        "stdin mode differs from argument mode:\n{from_stdin:.300}\nvs\n{:.300}",
+        reference()
+    );
 }
 
 #[test]
 fn small_stdin_batches_give_the_same_vectors_as_one_batch() {
-    let stdin: Vec<u8> = TEXTS.iter().flat_map(|t| format!("{t}\n").into_bytes()).collect();
-    let batched = parse_lines(&succeed(run(embedfleet(&["embed", "--partials", "--batch-size", "2"]), Some(&stdin))));
+    let stdin: Vec<u8> = TEXTS
+        .iter()
+        .flat_map(|t| format!("{t}\n").into_bytes())
+        .collect();
+    let batched = parse_lines(&succeed(run(
+        embedfleet(&["embed", "--partials", "--batch-size", "2"]),
+        Some(&stdin),
+    )));
     let whole = parse_lines(reference());
     assert_eq!(batched.len(), TEXTS.len());
     for (i, (got, want)) in batched.iter().zip(&whole).enumerate() {
         assert_eq!(got["index"], i, "indices run on across batches");
         let similarity = cosine(&vector(&got["embedding"]), &vector(&want["embedding"]));
-        assert!(similarity >= 0.99999, "input {i}: fused cosine {similarity}");
+        assert!(
+            similarity >= 0.99999,
+            "input {i}: fused cosine {similarity}"
+        );
         for model in ["minilm", "mpnet"] {
-            let similarity = cosine(&vector(&got["partials"][model]), &vector(&want["partials"][model]));
-            assert!(similarity >= 0.99999, "input {i}: {model} cosine {similarity}");
+            let similarity = cosine(
+                &vector(&got["partials"][model]),
+                &vector(&want["partials"][model]),
+            );
+            assert!(
+                similarity >= 0.99999,
+                "input {i}: {model} cosine {similarity}"
+            );
         }
     }
 }
 
 #[test]
 fn no_fuse_prints_partials_only() {
-    let lines = parse_lines(&succeed(run(embedfleet(&["embed", "--no-fuse", TEXTS[0], TEXTS[2]]), None)));
+    let lines = parse_lines(&succeed(run(
+        embedfleet(&["embed", "--no-fuse", TEXTS[0], TEXTS[2]]),
+        None,
+    )));
     let whole = parse_lines(reference());
     assert_eq!(lines.len(), 2);
     for (line, (i, want)) in lines.iter().zip([(0, &whole[0]), (1, &whole[2])]) {
         assert_eq!(line["index"], i);
-        assert!(line.get("embedding").is_none(), "--no-fuse must leave out `embedding`: {line:.200}");
-        assert!(line.get("experts").is_none(), "--no-fuse must leave out `experts`");
-        let partials = line["partials"].as_object().expect("--no-fuse prints partials without --partials");
+        assert!(
+            line.get("embedding").is_none(),
+            "--no-fuse must leave out `embedding`: {line:.200}"
+        );
+        assert!(
+            line.get("experts").is_none(),
+            "--no-fuse must leave out `experts`"
+        );
+        let partials = line["partials"]
+            .as_object()
+            .expect("--no-fuse prints partials without --partials");
         assert_eq!(partials.len(), 2);
         for (model, dim) in [("minilm", 384), ("mpnet", 768)] {
             let got = vector(&partials[model]);
             assert_unit_vector(&got, dim, model);
             let similarity = cosine(&got, &vector(&want["partials"][model]));
-            assert!(similarity >= 0.99999, "input {i}: {model} differs from the fused run ({similarity})");
+            assert!(
+                similarity >= 0.99999,
+                "input {i}: {model} differs from the fused run ({similarity})"
+            );
         }
     }
 }
@@ -242,36 +339,70 @@ fn no_fuse_prints_partials_only() {
 #[test]
 fn long_input_is_truncated_by_default_and_refused_with_no_truncate() {
     let long = vec!["word"; 600].join(" ");
-    let lines = parse_lines(&succeed(run(embedfleet(&["embed", "--models", "minilm", &long]), None)));
+    let lines = parse_lines(&succeed(run(
+        embedfleet(&["embed", "--models", "minilm", &long]),
+        None,
+    )));
     assert_eq!(lines.len(), 1);
-    assert_unit_vector(&vector(&lines[0]["embedding"]), FUSED_DIM, "truncated input");
+    assert_unit_vector(
+        &vector(&lines[0]["embedding"]),
+        FUSED_DIM,
+        "truncated input",
+    );
 
-    let refused = run(embedfleet(&["embed", "--models", "minilm", "--no-truncate", &long]), None);
+    let refused = run(
+        embedfleet(&["embed", "--models", "minilm", "--no-truncate", &long]),
+        None,
+    );
     assert_clean_failure(&refused, &["minilm", "256", "truncation is off"]);
 }
 
 #[test]
 fn empty_and_whitespace_text_is_refused() {
-    assert_clean_failure(&run(embedfleet(&["embed", "--models", "minilm", ""]), None), &["input 0 is empty"]);
-    assert_clean_failure(&run(embedfleet(&["embed", "--models", "minilm", "fine", " \t "]), None), &["input 1 is empty"]);
+    assert_clean_failure(
+        &run(embedfleet(&["embed", "--models", "minilm", ""]), None),
+        &["input 0 is empty"],
+    );
+    assert_clean_failure(
+        &run(
+            embedfleet(&["embed", "--models", "minilm", "fine", " \t "]),
+            None,
+        ),
+        &["input 1 is empty"],
+    );
     // On stdin a blank line is an input too, and its index is its line's.
-    assert_clean_failure(&run(embedfleet(&["embed", "--models", "minilm"]), Some(b"fine\n   \r\nalso fine\n")), &["input 1 is empty"]);
+    assert_clean_failure(
+        &run(
+            embedfleet(&["embed", "--models", "minilm"]),
+            Some(b"fine\n   \r\nalso fine\n"),
+        ),
+        &["input 1 is empty"],
+    );
 }
 
 #[test]
 fn invalid_utf8_on_stdin_is_refused() {
-    let output = run(embedfleet(&["embed", "--models", "minilm"]), Some(b"fine\nbad \xff\xfe bytes\n"));
+    let output = run(
+        embedfleet(&["embed", "--models", "minilm"]),
+        Some(b"fine\nbad \xff\xfe bytes\n"),
+    );
     assert_clean_failure(&output, &["line 2", "UTF-8"]);
 }
 
 #[test]
 fn no_input_at_all_is_refused() {
-    assert_clean_failure(&run(embedfleet(&["embed", "--models", "minilm"]), None), &["no input"]);
+    assert_clean_failure(
+        &run(embedfleet(&["embed", "--models", "minilm"]), None),
+        &["no input"],
+    );
 }
 
 #[test]
 fn unknown_model_is_refused_with_the_known_names() {
-    let output = run(embedfleet(&["embed", "--models", "minilm,no-such-model", "hello"]), None);
+    let output = run(
+        embedfleet(&["embed", "--models", "minilm,no-such-model", "hello"]),
+        None,
+    );
     assert_clean_failure(&output, &["no-such-model", "minilm", "mpnet", "e5-mistral"]);
 }
 
@@ -279,7 +410,15 @@ fn unknown_model_is_refused_with_the_known_names() {
 fn missing_fusion_weights_file_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("fusemoe.safetensors");
-    let output = run(embedfleet(&["embed", "--fusion-weights", missing.to_str().unwrap(), "hello"]), None);
+    let output = run(
+        embedfleet(&[
+            "embed",
+            "--fusion-weights",
+            missing.to_str().unwrap(),
+            "hello",
+        ]),
+        None,
+    );
     assert_clean_failure(&output, &["fusion", &missing.display().to_string()]);
     // The same through the environment variable.
     let mut command = embedfleet(&["embed", "hello"]);
@@ -292,13 +431,27 @@ fn broken_minilm(fill: impl FnOnce(&Path)) -> tempfile::TempDir {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("minilm");
     std::fs::create_dir(&dir).unwrap();
-    std::fs::copy(models_dir().join("minilm/config.json"), dir.join("config.json")).unwrap();
+    std::fs::copy(
+        models_dir().join("minilm/config.json"),
+        dir.join("config.json"),
+    )
+    .unwrap();
     fill(&dir);
     root
 }
 
 fn embed_minilm_from(root: &Path) -> Output {
-    run(embedfleet(&["embed", "--models", "minilm", "--model-dir", root.to_str().unwrap(), "hello"]), None)
+    run(
+        embedfleet(&[
+            "embed",
+            "--models",
+            "minilm",
+            "--model-dir",
+            root.to_str().unwrap(),
+            "hello",
+        ]),
+        None,
+    )
 }
 
 /// Copies one file of the real minilm checkpoint into `dir`.
@@ -309,31 +462,57 @@ fn copy_real(dir: &Path, file: &str) {
 #[test]
 fn broken_model_directories_are_refused() {
     let no_weights = broken_minilm(|dir| copy_real(dir, "tokenizer.json"));
-    assert_clean_failure(&embed_minilm_from(no_weights.path()), &["model.safetensors", "missing"]);
+    assert_clean_failure(
+        &embed_minilm_from(no_weights.path()),
+        &["model.safetensors", "missing"],
+    );
 
     let no_tokenizer = broken_minilm(|dir| copy_real(dir, "model.safetensors"));
-    assert_clean_failure(&embed_minilm_from(no_tokenizer.path()), &["tokenizer.json", "missing"]);
+    assert_clean_failure(
+        &embed_minilm_from(no_tokenizer.path()),
+        &["tokenizer.json", "missing"],
+    );
 
     let weights = std::fs::read(models_dir().join("minilm/model.safetensors")).unwrap();
     let truncated = broken_minilm(|dir| {
         copy_real(dir, "tokenizer.json");
         std::fs::write(dir.join("model.safetensors"), &weights[..weights.len() / 2]).unwrap();
     });
-    assert_clean_failure(&embed_minilm_from(truncated.path()), &["corrupt weights", "model.safetensors"]);
+    assert_clean_failure(
+        &embed_minilm_from(truncated.path()),
+        &["corrupt weights", "model.safetensors"],
+    );
 
     let garbage = broken_minilm(|dir| {
         copy_real(dir, "tokenizer.json");
-        let bytes: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+        let bytes: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+            .collect();
         std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
     });
-    assert_clean_failure(&embed_minilm_from(garbage.path()), &["corrupt weights", "model.safetensors"]);
+    assert_clean_failure(
+        &embed_minilm_from(garbage.path()),
+        &["corrupt weights", "model.safetensors"],
+    );
 
     // No directory for the model at all, offline, with an empty Hugging Face cache: the error
     // names every place it looked.
     let empty = tempfile::tempdir().unwrap();
-    let mut command = embedfleet(&["embed", "--models", "minilm", "--model-dir", empty.path().to_str().unwrap(), "hello"]);
-    command.env("HF_HOME", empty.path().join("hf")).env_remove("HF_HUB_CACHE");
-    assert_clean_failure(&run(command, None), &["minilm", "Hugging Face cache", "offline"]);
+    let mut command = embedfleet(&[
+        "embed",
+        "--models",
+        "minilm",
+        "--model-dir",
+        empty.path().to_str().unwrap(),
+        "hello",
+    ]);
+    command
+        .env("HF_HOME", empty.path().join("hf"))
+        .env_remove("HF_HUB_CACHE");
+    assert_clean_failure(
+        &run(command, None),
+        &["minilm", "Hugging Face cache", "offline"],
+    );
 }
 
 #[test]
@@ -341,16 +520,42 @@ fn models_lists_the_twelve_and_the_fusion_width() {
     let table = succeed(run(embedfleet(&["models"]), None));
     let rows: Vec<&str> = table.lines().filter(|line| line.starts_with('E')).collect();
     assert_eq!(rows.len(), 12, "one row per model:\n{table}");
-    for name in ["minilm", "bge-large", "instructor-xl", "clip-vit-l", "whisper-large", "codebert", "sentence-t5-xxl", "mpnet", "contriever", "dragon-plus", "gte-large", "e5-mistral"] {
-        assert!(rows.iter().any(|row| row.split_whitespace().nth(1) == Some(name)), "{name} missing:\n{table}");
+    for name in [
+        "minilm",
+        "bge-large",
+        "instructor-xl",
+        "clip-vit-l",
+        "whisper-large",
+        "codebert",
+        "sentence-t5-xxl",
+        "mpnet",
+        "contriever",
+        "dragon-plus",
+        "gte-large",
+        "e5-mistral",
+    ] {
+        assert!(
+            rows.iter()
+                .any(|row| row.split_whitespace().nth(1) == Some(name)),
+            "{name} missing:\n{table}"
+        );
     }
     let last = table.lines().last().unwrap_or_default();
-    assert!(last.contains("12 models") && last.ends_with("13184"), "fusion width line: {last:?}");
+    assert!(
+        last.contains("12 models") && last.ends_with("13184"),
+        "fusion width line: {last:?}"
+    );
 
     let json = parse_lines(&succeed(run(embedfleet(&["models", "--json"]), None)));
     assert_eq!(json.len(), 12);
-    let width: u64 = json.iter().map(|model| model["dim"].as_u64().expect("dim")).sum();
+    let width: u64 = json
+        .iter()
+        .map(|model| model["dim"].as_u64().expect("dim"))
+        .sum();
     assert_eq!(width, 13_184);
-    let ordinals: Vec<u64> = json.iter().map(|model| model["ordinal"].as_u64().expect("ordinal")).collect();
+    let ordinals: Vec<u64> = json
+        .iter()
+        .map(|model| model["ordinal"].as_u64().expect("ordinal"))
+        .collect();
     assert_eq!(ordinals, (1..=12).collect::<Vec<_>>());
 }

@@ -6,7 +6,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use embedfleet_fusion::{FuseMoe, FuseMoeConfig, FusionError};
-use embedfleet_models::{catalogue, EmbedOptions, ModelError, ModelInput, ModelRegistry, ModelSpec};
+use embedfleet_models::{
+    catalogue, EmbedOptions, ModelError, ModelInput, ModelRegistry, ModelSpec,
+};
 use embedfleet_proto::{EmbeddingData, ErrorKind, ExpertSelection, ProtoError};
 
 /// Seed of the untrained fusion weights. Fixed so that every node of a fleet, and every run of
@@ -20,7 +22,11 @@ pub enum PipelineError {
     #[error("fusion: {0}")]
     Fusion(#[from] FusionError),
     #[error("input {index} ({modality}) is taken by none of the active models ({models})")]
-    NoModelTakesInput { index: usize, modality: embedfleet_proto::Modality, models: String },
+    NoModelTakesInput {
+        index: usize,
+        modality: embedfleet_proto::Modality,
+        models: String,
+    },
 }
 
 impl PipelineError {
@@ -69,15 +75,27 @@ pub struct Pipeline {
 impl Pipeline {
     /// A pipeline over `model_names` (any order; slot order is restored) with fusion weights from
     /// `fusion_weights`, or seeded from [`DEFAULT_FUSION_SEED`] when there is no file.
-    pub fn new(registry: Arc<ModelRegistry>, model_names: &[String], fusion_weights: Option<&Path>) -> Result<Self, PipelineError> {
-        let specs = model_names.iter().map(|name| embedfleet_models::registry::lookup(name)).collect::<Result<Vec<_>, _>>()?;
+    pub fn new(
+        registry: Arc<ModelRegistry>,
+        model_names: &[String],
+        fusion_weights: Option<&Path>,
+    ) -> Result<Self, PipelineError> {
+        let specs = model_names
+            .iter()
+            .map(|name| embedfleet_models::registry::lookup(name))
+            .collect::<Result<Vec<_>, _>>()?;
         let models = catalogue::in_slot_order(specs);
-        let config = FuseMoeConfig::for_input_dims(models.iter().map(|spec| spec.dim).collect::<Vec<_>>());
+        let config =
+            FuseMoeConfig::for_input_dims(models.iter().map(|spec| spec.dim).collect::<Vec<_>>());
         let fusion = match fusion_weights {
             Some(path) => FuseMoe::load_expecting(path, &config)?,
             None => FuseMoe::from_seed(config, DEFAULT_FUSION_SEED)?,
         };
-        Ok(Self { registry, models, fusion })
+        Ok(Self {
+            registry,
+            models,
+            fusion,
+        })
     }
 
     pub fn models(&self) -> &[&'static ModelSpec] {
@@ -97,11 +115,25 @@ impl Pipeline {
     }
 
     /// Embeds a batch; `first_index` numbers the output (`index` of each `data` element).
-    pub fn embed(&self, inputs: &[ModelInput], request: &PipelineRequest, first_index: usize) -> Result<PipelineOutput, PipelineError> {
+    pub fn embed(
+        &self,
+        inputs: &[ModelInput],
+        request: &PipelineRequest,
+        first_index: usize,
+    ) -> Result<PipelineOutput, PipelineError> {
         for (index, input) in inputs.iter().enumerate() {
             if !self.models.iter().any(|spec| spec.takes(input.modality())) {
-                let models = self.models.iter().map(|spec| spec.name).collect::<Vec<_>>().join(", ");
-                return Err(PipelineError::NoModelTakesInput { index: first_index + index, modality: input.modality(), models });
+                let models = self
+                    .models
+                    .iter()
+                    .map(|spec| spec.name)
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                return Err(PipelineError::NoModelTakesInput {
+                    index: first_index + index,
+                    modality: input.modality(),
+                    models,
+                });
             }
         }
 
@@ -109,12 +141,16 @@ impl Pipeline {
         let mut partials: Vec<Vec<Option<Vec<f32>>>> = Vec::with_capacity(self.models.len());
         let mut prompt_tokens = 0u64;
         for spec in &self.models {
-            let taken: Vec<usize> = (0..inputs.len()).filter(|&i| spec.takes(inputs[i].modality())).collect();
+            let taken: Vec<usize> = (0..inputs.len())
+                .filter(|&i| spec.takes(inputs[i].modality()))
+                .collect();
             let mut slot = vec![None; inputs.len()];
             if !taken.is_empty() {
                 let model = self.registry.get(spec.name)?;
                 let batch: Vec<ModelInput> = taken.iter().map(|&i| inputs[i].clone()).collect();
-                let embedded = model.embed_batch(&batch, &request.options).map_err(|error| renumber(error, &taken, first_index))?;
+                let embedded = model
+                    .embed_batch(&batch, &request.options)
+                    .map_err(|error| renumber(error, &taken, first_index))?;
                 for (&i, embedding) in taken.iter().zip(embedded) {
                     prompt_tokens += embedding.tokens as u64;
                     slot[i] = Some(embedding.vector);
@@ -124,8 +160,9 @@ impl Pipeline {
         }
 
         let fused = if request.fuse {
-            let rows: Vec<Vec<Option<&[f32]>>> =
-                (0..inputs.len()).map(|i| partials.iter().map(|slot| slot[i].as_deref()).collect()).collect();
+            let rows: Vec<Vec<Option<&[f32]>>> = (0..inputs.len())
+                .map(|i| partials.iter().map(|slot| slot[i].as_deref()).collect())
+                .collect();
             Some(self.fusion.fuse_batch(&rows)?)
         } else {
             None
@@ -137,21 +174,29 @@ impl Pipeline {
                 let mut element = EmbeddingData::new(first_index + i);
                 if let Some(fusion) = fused.as_mut().and_then(Iterator::next) {
                     element.embedding = Some(fusion.embedding);
-                    element.experts = Some(ExpertSelection { weights: fusion.expert_weights, selected: fusion.selected });
+                    element.experts = Some(ExpertSelection {
+                        weights: fusion.expert_weights,
+                        selected: fusion.selected,
+                    });
                 }
                 if request.return_partials || !request.fuse {
                     let by_name: BTreeMap<String, Vec<f32>> = self
                         .models
                         .iter()
                         .zip(&mut partials)
-                        .filter_map(|(spec, slot)| slot[i].take().map(|vector| (spec.name.to_string(), vector)))
+                        .filter_map(|(spec, slot)| {
+                            slot[i].take().map(|vector| (spec.name.to_string(), vector))
+                        })
                         .collect();
                     element.partials = Some(by_name);
                 }
                 element
             })
             .collect();
-        Ok(PipelineOutput { data, prompt_tokens })
+        Ok(PipelineOutput {
+            data,
+            prompt_tokens,
+        })
     }
 }
 
@@ -159,8 +204,20 @@ impl Pipeline {
 fn renumber(error: ModelError, taken: &[usize], first_index: usize) -> ModelError {
     let global = |index: usize| first_index + taken.get(index).copied().unwrap_or(index);
     match error {
-        ModelError::EmptyInput { index } => ModelError::EmptyInput { index: global(index) },
-        ModelError::InputTooLong { model, index, tokens, max } => ModelError::InputTooLong { model, index: global(index), tokens, max },
+        ModelError::EmptyInput { index } => ModelError::EmptyInput {
+            index: global(index),
+        },
+        ModelError::InputTooLong {
+            model,
+            index,
+            tokens,
+            max,
+        } => ModelError::InputTooLong {
+            model,
+            index: global(index),
+            tokens,
+            max,
+        },
         other => other,
     }
 }

@@ -154,10 +154,20 @@ mod tests {
         for (partials, what) in cases {
             let err = assemble_row(&cfg(), &partials, &mut row).unwrap_err();
             let ok = match what {
-                "slot count" => matches!(err, FusionError::SlotCount { expected: 2, got: 1 }),
+                "slot count" => matches!(
+                    err,
+                    FusionError::SlotCount {
+                        expected: 2,
+                        got: 1
+                    }
+                ),
                 "width" => matches!(
                     err,
-                    FusionError::SlotWidth { slot: 0, expected: 3, got: 2 }
+                    FusionError::SlotWidth {
+                        slot: 0,
+                        expected: 3,
+                        got: 2
+                    }
                 ),
                 "nan" => matches!(err, FusionError::NonFinitePartial { slot: 0, index: 1 }),
                 "inf" => matches!(err, FusionError::NonFinitePartial { slot: 0, index: 2 }),

@@ -122,7 +122,10 @@ impl FuseMoeConfig {
     /// Checks every field; a layer is only ever built from a validated config.
     pub fn validate(&self) -> Result<(), FusionError> {
         if self.input_dims.is_empty() {
-            return Err(FusionError::invalid("input_dims", "at least one slot is needed"));
+            return Err(FusionError::invalid(
+                "input_dims",
+                "at least one slot is needed",
+            ));
         }
         if let Some(slot) = self.input_dims.iter().position(|&d| d == 0) {
             return Err(FusionError::invalid(
@@ -225,14 +228,19 @@ mod tests {
     #[test]
     fn zero_widths_and_bad_temperature_are_rejected() {
         assert!(FuseMoeConfig::for_input_dims(vec![]).validate().is_err());
-        assert!(FuseMoeConfig::for_input_dims(vec![4, 0]).validate().is_err());
+        assert!(FuseMoeConfig::for_input_dims(vec![4, 0])
+            .validate()
+            .is_err());
         let cfg = FuseMoeConfig {
             temperature: 0.0,
             ..FuseMoeConfig::for_input_dims(vec![4])
         };
         assert!(matches!(
             cfg.validate(),
-            Err(FusionError::InvalidConfig { field: "temperature", .. })
+            Err(FusionError::InvalidConfig {
+                field: "temperature",
+                ..
+            })
         ));
     }
 

@@ -62,7 +62,10 @@ impl FuseMoe {
     fn assemble(&self, rows: &[&[Option<&[f32]>]]) -> Result<Vec<f32>, FusionError> {
         let width = self.config.gate_input_dim();
         let mut assembled = vec![0.0f32; rows.len() * width];
-        for (index, (partials, row)) in rows.iter().zip(assembled.chunks_exact_mut(width)).enumerate()
+        for (index, (partials, row)) in rows
+            .iter()
+            .zip(assembled.chunks_exact_mut(width))
+            .enumerate()
         {
             crate::assemble::assemble_row(&self.config, partials, row).map_err(|source| {
                 if rows.len() == 1 {
@@ -104,7 +107,9 @@ impl FuseMoe {
             let members: Vec<(usize, usize)> = routes
                 .iter()
                 .enumerate()
-                .filter_map(|(r, route)| route.selected.iter().position(|&x| x == e).map(|s| (r, s)))
+                .filter_map(|(r, route)| {
+                    route.selected.iter().position(|&x| x == e).map(|s| (r, s))
+                })
                 .collect();
             if members.is_empty() {
                 continue;
@@ -168,7 +173,10 @@ fn normalize(v: &mut [f32]) -> Result<(), FusionError> {
 /// come out of every row (the paper's residual path has no counterpart in a fusion layer).
 pub(crate) fn limit_capacity(cfg: &FuseMoeConfig, routes: &mut [Routing]) {
     let capacity = cfg.expert_capacity(routes.len());
-    let mut keep: Vec<Vec<bool>> = routes.iter().map(|r| vec![true; r.selected.len()]).collect();
+    let mut keep: Vec<Vec<bool>> = routes
+        .iter()
+        .map(|r| vec![true; r.selected.len()])
+        .collect();
     for e in 0..cfg.num_experts {
         let mut claims: Vec<(usize, usize, f32)> = routes
             .iter()

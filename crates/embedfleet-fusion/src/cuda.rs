@@ -16,7 +16,9 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 
 use crate::assemble::assemble_row;
@@ -150,23 +152,28 @@ impl CudaFuseMoe {
 
         let cfg = model.config().clone();
         let upload = |data: &[f32]| stream.clone_htod(data).map_err(driver);
-        let matrix = |data: &[f32], precision: WeightPrecision| -> Result<DeviceMatrix, FusionError> {
-            Ok(match precision {
-                WeightPrecision::F32 => DeviceMatrix::F32(upload(data)?),
-                WeightPrecision::Bf16 => {
-                    let bits: Vec<u16> = data.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
-                    DeviceMatrix::Bf16(stream.clone_htod(&bits).map_err(driver)?)
-                }
-            })
-        };
-        let linear = |weight: &[f32], bias: &[f32], precision| -> Result<DeviceLinear, FusionError> {
-            Ok(DeviceLinear {
-                weight: matrix(weight, precision)?,
-                bias: upload(bias)?,
-                out_features: bias.len(),
-                in_features: weight.len() / bias.len().max(1),
-            })
-        };
+        let matrix =
+            |data: &[f32], precision: WeightPrecision| -> Result<DeviceMatrix, FusionError> {
+                Ok(match precision {
+                    WeightPrecision::F32 => DeviceMatrix::F32(upload(data)?),
+                    WeightPrecision::Bf16 => {
+                        let bits: Vec<u16> = data
+                            .iter()
+                            .map(|&v| half::bf16::from_f32(v).to_bits())
+                            .collect();
+                        DeviceMatrix::Bf16(stream.clone_htod(&bits).map_err(driver)?)
+                    }
+                })
+            };
+        let linear =
+            |weight: &[f32], bias: &[f32], precision| -> Result<DeviceLinear, FusionError> {
+                Ok(DeviceLinear {
+                    weight: matrix(weight, precision)?,
+                    bias: upload(bias)?,
+                    out_features: bias.len(),
+                    in_features: weight.len() / bias.len().max(1),
+                })
+            };
         let gate = &model.gate;
         let zero_bias = vec![0.0f32; cfg.num_experts];
         let router_bias = gate.router_bias.as_deref().unwrap_or(&zero_bias);
@@ -223,11 +230,19 @@ impl CudaFuseMoe {
         if n == 0 {
             return Ok(Vec::new());
         }
-        let (d, gate_width, out_dim, k) =
-            (cfg.input_dim(), cfg.gate_input_dim(), cfg.output_dim, cfg.top_k);
+        let (d, gate_width, out_dim, k) = (
+            cfg.input_dim(),
+            cfg.gate_input_dim(),
+            cfg.output_dim,
+            cfg.top_k,
+        );
 
         let mut assembled = vec![0.0f32; n * gate_width];
-        for (index, (row, out)) in rows.iter().zip(assembled.chunks_exact_mut(gate_width)).enumerate() {
+        for (index, (row, out)) in rows
+            .iter()
+            .zip(assembled.chunks_exact_mut(gate_width))
+            .enumerate()
+        {
             assemble_row(cfg, row.as_ref(), out).map_err(|source| FusionError::BadRow {
                 row: index,
                 source: Box::new(source),
@@ -239,25 +254,51 @@ impl CudaFuseMoe {
 
         // Gate: projection, LayerNorm + GELU, router logits, top-k.
         let mut hidden = self.output_buffer(n * cfg.gate_hidden)?;
-        self.linear(&self.gate_proj, &x, gate_width, &identity, n, &mut hidden, &identity, false)?;
+        self.linear(
+            &self.gate_proj,
+            &x,
+            gate_width,
+            &identity,
+            n,
+            &mut hidden,
+            &identity,
+            false,
+        )?;
         let (width, eps) = (cfg.gate_hidden as i32, cfg.layer_norm_eps);
         let mut launch = self.stream.launch_builder(&self.kernels.layer_norm_gelu);
-        launch.arg(&mut hidden).arg(&self.norm_weight).arg(&self.norm_bias).arg(&width).arg(&eps);
+        launch
+            .arg(&mut hidden)
+            .arg(&self.norm_weight)
+            .arg(&self.norm_bias)
+            .arg(&width)
+            .arg(&eps);
         // SAFETY: `hidden` holds n rows of gate_hidden floats, the norms gate_hidden each.
         unsafe { launch.launch(blocks(n as u32, BLOCK)) }.map_err(driver)?;
 
         let mut logits = self.output_buffer(n * cfg.num_experts)?;
         match cfg.gating {
-            GatingKind::Softmax => {
-                self.linear(&self.router, &hidden, cfg.gate_hidden, &identity, n, &mut logits, &identity, false)?
-            }
+            GatingKind::Softmax => self.linear(
+                &self.router,
+                &hidden,
+                cfg.gate_hidden,
+                &identity,
+                n,
+                &mut logits,
+                &identity,
+                false,
+            )?,
             GatingKind::Laplace => {
                 let experts = cfg.num_experts as i32;
                 let DeviceMatrix::F32(centroids) = &self.router.weight else {
                     return Err(FusionError::Cuda("router weights must be f32".into()));
                 };
                 let mut launch = self.stream.launch_builder(&self.kernels.laplace_logits);
-                launch.arg(&hidden).arg(centroids).arg(&width).arg(&experts).arg(&mut logits);
+                launch
+                    .arg(&hidden)
+                    .arg(centroids)
+                    .arg(&width)
+                    .arg(&experts)
+                    .arg(&mut logits);
                 let config = LaunchConfig {
                     grid_dim: (cfg.num_experts as u32, n as u32, 1),
                     block_dim: (32, 1, 1),
@@ -287,13 +328,22 @@ impl CudaFuseMoe {
         let weights = self.stream.clone_dtoh(&weights).map_err(driver)?;
         let mut routes: Vec<Routing> = (0..n)
             .map(|r| Routing {
-                selected: selected[r * k..(r + 1) * k].iter().map(|&e| e as usize).collect(),
+                selected: selected[r * k..(r + 1) * k]
+                    .iter()
+                    .map(|&e| e as usize)
+                    .collect(),
                 weights: weights[r * k..(r + 1) * k].to_vec(),
                 probabilities: Vec::new(),
             })
             .collect();
-        if routes.iter().flat_map(|r| &r.selected).any(|&e| e >= cfg.num_experts) {
-            return Err(FusionError::Cuda("route_top_k produced an invalid expert".into()));
+        if routes
+            .iter()
+            .flat_map(|r| &r.selected)
+            .any(|&e| e >= cfg.num_experts)
+        {
+            return Err(FusionError::Cuda(
+                "route_top_k produced an invalid expert".into(),
+            ));
         }
         let original = routes.clone();
         if cfg.enforce_capacity {
@@ -328,8 +378,26 @@ impl CudaFuseMoe {
             let hidden_width = expert.fc1.out_features;
             let mut expert_hidden = self.output_buffer(m * hidden_width)?;
             // fc1 reads the first `d` columns of the assembled rows (the mask is the gate's).
-            self.linear(&expert.fc1, &x, gate_width, &rows_in, m, &mut expert_hidden, &local, true)?;
-            self.linear(&expert.fc2, &expert_hidden, hidden_width, &local, m, &mut expert_out, &slots_out, false)?;
+            self.linear(
+                &expert.fc1,
+                &x,
+                gate_width,
+                &rows_in,
+                m,
+                &mut expert_hidden,
+                &local,
+                true,
+            )?;
+            self.linear(
+                &expert.fc2,
+                &expert_hidden,
+                hidden_width,
+                &local,
+                m,
+                &mut expert_out,
+                &slots_out,
+                false,
+            )?;
             debug_assert_eq!(expert.fc1.in_features, d);
         }
 
@@ -351,7 +419,11 @@ impl CudaFuseMoe {
             .into_iter()
             .zip(fused.chunks_exact(out_dim))
             .map(|(route, embedding)| {
-                let norm = embedding.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+                let norm = embedding
+                    .iter()
+                    .map(|&v| v as f64 * v as f64)
+                    .sum::<f64>()
+                    .sqrt();
                 if !(norm.is_finite() && (norm - 1.0).abs() < 1e-3) {
                     return Err(FusionError::DegenerateOutput { norm: norm as f32 });
                 }
@@ -392,8 +464,13 @@ impl CudaFuseMoe {
         out_rows: &CudaSlice<i32>,
         gelu: bool,
     ) -> Result<(), FusionError> {
-        let (m_i, k_i, n_i) = (m as i32, layer.in_features as i32, layer.out_features as i32);
-        let (x_stride_i, out_stride_i, gelu_i) = (x_stride as i32, layer.out_features as i32, gelu as i32);
+        let (m_i, k_i, n_i) = (
+            m as i32,
+            layer.in_features as i32,
+            layer.out_features as i32,
+        );
+        let (x_stride_i, out_stride_i, gelu_i) =
+            (x_stride as i32, layer.out_features as i32, gelu as i32);
         let grid = (layer.out_features as u32).div_ceil(LINEAR_WARPS);
         let config = blocks(grid, LINEAR_WARPS * 32);
         macro_rules! launch_with {

@@ -28,7 +28,11 @@ pub enum FusionError {
 
     /// A present partial vector does not have its model's width.
     #[error("slot {slot}: expected a partial of width {expected}, got {got}")]
-    SlotWidth { slot: usize, expected: usize, got: usize },
+    SlotWidth {
+        slot: usize,
+        expected: usize,
+        got: usize,
+    },
 
     /// A present partial vector contains NaN or an infinity.
     #[error("slot {slot}: partial has a non-finite value at index {index}")]

@@ -29,7 +29,10 @@ impl ExpertWeights {
 
     /// Bytes of weights and biases; what one batch-1 forward must stream from memory.
     pub fn num_bytes(&self) -> usize {
-        4 * (self.fc1_weight.len() + self.fc1_bias.len() + self.fc2_weight.len() + self.fc2_bias.len())
+        4 * (self.fc1_weight.len()
+            + self.fc1_bias.len()
+            + self.fc2_weight.len()
+            + self.fc2_bias.len())
     }
 
     /// Runs `rows` contiguous input rows (each `input_dim` wide) through the MLP as two matrix

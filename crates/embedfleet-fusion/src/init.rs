@@ -455,7 +455,10 @@ mod tests {
         let u = MixingTransform::new(100, &mut stream(1, 1));
         let row = u.row(0);
         let nonzero = row.iter().filter(|v| v.abs() > 1e-9).count();
-        assert!(nonzero > 50, "row 0 touches only {nonzero} of 100 coordinates");
+        assert!(
+            nonzero > 50,
+            "row 0 touches only {nonzero} of 100 coordinates"
+        );
     }
 
     /// `MᵀM` for the composed map `M = S·R` (`d × d`, row-major).
@@ -509,7 +512,15 @@ mod tests {
         };
         let gram = gram_of_composed_map(&cfg);
         let d = 33;
-        let slot_of = |i: usize| if i < 10 { 0 } else if i < 24 { 1 } else { 2 };
+        let slot_of = |i: usize| {
+            if i < 10 {
+                0
+            } else if i < 24 {
+                1
+            } else {
+                2
+            }
+        };
         let mut cross = 0.0f64;
         for b in 0..d {
             for c in 0..d {
@@ -522,7 +533,10 @@ mod tests {
                 }
             }
         }
-        assert!(cross > 1e-3, "33 inputs cannot all be orthogonal in 16 outputs");
+        assert!(
+            cross > 1e-3,
+            "33 inputs cannot all be orthogonal in 16 outputs"
+        );
     }
 
     #[test]

@@ -258,12 +258,15 @@ unsafe fn tile<L: Lanes, const JR: usize, const IR: usize>(
         let mut padded = [0.0f32; LANES];
         let mut wv = [L::zero(); JR];
         for (jj, wv) in wv.iter_mut().enumerate() {
-            padded[..tail].copy_from_slice(std::slice::from_raw_parts(w.add(jj * k + offset), tail));
+            padded[..tail]
+                .copy_from_slice(std::slice::from_raw_parts(w.add(jj * k + offset), tail));
             *wv = L::load(padded.as_ptr());
         }
         for ii in 0..IR {
-            padded[..tail]
-                .copy_from_slice(std::slice::from_raw_parts(x.add(ii * x_stride + offset), tail));
+            padded[..tail].copy_from_slice(std::slice::from_raw_parts(
+                x.add(ii * x_stride + offset),
+                tail,
+            ));
             let xv = L::load(padded.as_ptr());
             for jj in 0..JR {
                 acc[jj][ii] = L::fmadd(wv[jj], xv, acc[jj][ii]);
@@ -420,7 +423,10 @@ mod tests {
             let want = reference(&x, rows, &w, n, k);
             for (idx, (&got, want)) in out.iter().zip(want).enumerate() {
                 let want = want + bias[idx % n] as f64;
-                assert!((got as f64 - want).abs() < 1e-4 * (k as f64).sqrt(), "{rows}x{n}x{k}");
+                assert!(
+                    (got as f64 - want).abs() < 1e-4 * (k as f64).sqrt(),
+                    "{rows}x{n}x{k}"
+                );
             }
         }
     }
@@ -451,7 +457,10 @@ mod tests {
             let detected = Isa::detect();
             let mut simd = vec![0.0; rows * n];
             detected.run_block(&x, k, rows, &w, n, k, &mut simd);
-            assert_eq!(portable, simd, "{detected:?} differs from the portable path");
+            assert_eq!(
+                portable, simd,
+                "{detected:?} differs from the portable path"
+            );
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")

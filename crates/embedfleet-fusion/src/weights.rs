@@ -66,9 +66,15 @@ pub fn tensor_specs(cfg: &FuseMoeConfig) -> Vec<(String, Vec<usize>)> {
     }
     for i in 0..e {
         let p = format!("experts.{i}");
-        specs.push((format!("{p}.fc1.weight"), vec![cfg.expert_hidden, cfg.input_dim()]));
+        specs.push((
+            format!("{p}.fc1.weight"),
+            vec![cfg.expert_hidden, cfg.input_dim()],
+        ));
         specs.push((format!("{p}.fc1.bias"), vec![cfg.expert_hidden]));
-        specs.push((format!("{p}.fc2.weight"), vec![cfg.output_dim, cfg.expert_hidden]));
+        specs.push((
+            format!("{p}.fc2.weight"),
+            vec![cfg.output_dim, cfg.expert_hidden],
+        ));
         specs.push((format!("{p}.fc2.bias"), vec![cfg.output_dim]));
     }
     specs
@@ -113,7 +119,9 @@ pub(crate) fn check_tensors(model: &FuseMoe) -> Result<(), FusionError> {
         }
     }
     if let Some(extra) = tensors.keys().find(|n| !specs.iter().any(|(s, _)| s == *n)) {
-        return Err(FusionError::UnexpectedTensor { name: extra.clone() });
+        return Err(FusionError::UnexpectedTensor {
+            name: extra.clone(),
+        });
     }
     let non_finite = specs.par_iter().find_map_any(|(name, _)| {
         tensors[name]
@@ -191,7 +199,10 @@ pub(crate) fn save(model: &FuseMoe, path: &Path) -> Result<(), FusionError> {
     let views: Vec<(String, F32View<'_>)> = named_tensors(model)
         .into_iter()
         .map(|(name, data)| {
-            let shape = shapes.get(&name).cloned().unwrap_or_else(|| vec![data.len()]);
+            let shape = shapes
+                .get(&name)
+                .cloned()
+                .unwrap_or_else(|| vec![data.len()]);
             (name, F32View { shape, data })
         })
         .collect();
@@ -234,7 +245,9 @@ pub(crate) fn load(path: &Path, expected: Option<&FuseMoeConfig>) -> Result<Fuse
     cfg.validate()?;
     if let Some(expected) = expected {
         if *expected != cfg {
-            return Err(FusionError::ConfigMismatch(describe_difference(&cfg, expected)));
+            return Err(FusionError::ConfigMismatch(describe_difference(
+                &cfg, expected,
+            )));
         }
     }
 
@@ -350,7 +363,9 @@ fn describe_difference(in_file: &FuseMoeConfig, expected: &FuseMoeConfig) -> Str
         .iter()
         .filter(|(key, value)| file.get(*key) != Some(value))
         .map(|(key, value)| {
-            let got = file.get(key).map_or("absent".to_string(), |v| v.to_string());
+            let got = file
+                .get(key)
+                .map_or("absent".to_string(), |v| v.to_string());
             format!("{key}: file {got}, expected {value}")
         })
         .collect();

@@ -9,7 +9,8 @@ mod common;
 
 use common::values;
 use embedfleet_fusion::{
-    compile_kernels, cuda_available, CudaFuseMoe, FuseMoe, FuseMoeConfig, FusionError, GatingKind, WeightPrecision,
+    compile_kernels, cuda_available, CudaFuseMoe, FuseMoe, FuseMoeConfig, FusionError, GatingKind,
+    WeightPrecision,
 };
 
 #[test]
@@ -37,7 +38,10 @@ fn kernels_compile_with_nvrtc_where_it_is_installed() {
                 "route_top_k",
                 "combine_normalize",
             ] {
-                assert!(ptx.contains(&format!(".entry {kernel}")), "PTX lacks {kernel}");
+                assert!(
+                    ptx.contains(&format!(".entry {kernel}")),
+                    "PTX lacks {kernel}"
+                );
             }
         }
         Err(FusionError::CudaUnavailable(why)) => println!("SKIPPED kernel compile: {why}"),
@@ -46,7 +50,11 @@ fn kernels_compile_with_nvrtc_where_it_is_installed() {
 }
 
 fn relative_error(gpu: &[f32], cpu: &[f32]) -> f64 {
-    let diff: f64 = gpu.iter().zip(cpu).map(|(&g, &c)| (g as f64 - c as f64).powi(2)).sum();
+    let diff: f64 = gpu
+        .iter()
+        .zip(cpu)
+        .map(|(&g, &c)| (g as f64 - c as f64).powi(2))
+        .sum();
     let norm: f64 = cpu.iter().map(|&c| (c as f64).powi(2)).sum();
     (diff / norm).sqrt()
 }
@@ -108,15 +116,24 @@ fn gpu_forward_matches_the_cpu_forward() {
                 let want = reference.fuse_batch(&rows).unwrap();
                 assert_eq!(got.len(), want.len());
                 for (r, (g, w)) in got.iter().zip(&want).enumerate() {
-                    assert!(g.embedding.iter().all(|v| v.is_finite()), "row {r}: non-finite");
-                    assert_eq!(g.selected, w.selected, "row {r}: routing differs ({precision:?})");
+                    assert!(
+                        g.embedding.iter().all(|v| v.is_finite()),
+                        "row {r}: non-finite"
+                    );
+                    assert_eq!(
+                        g.selected, w.selected,
+                        "row {r}: routing differs ({precision:?})"
+                    );
                     let err = relative_error(&g.embedding, &w.embedding);
                     assert!(
                         err < tolerance,
                         "{precision:?} batch {batch} row {r}: relative error {err} ≥ {tolerance}"
                     );
                     let weight_err = relative_error(&g.expert_weights, &w.expert_weights);
-                    assert!(weight_err < tolerance, "row {r}: gate weights differ by {weight_err}");
+                    assert!(
+                        weight_err < tolerance,
+                        "row {r}: gate weights differ by {weight_err}"
+                    );
                 }
             }
         }

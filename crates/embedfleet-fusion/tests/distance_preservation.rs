@@ -35,8 +35,12 @@ fn spearman_on_fixture(cfg: FuseMoeConfig, seed: u64) -> f64 {
 /// The same with minilm and mpnet in the given slots of `cfg` and every other slot absent.
 fn spearman_on_fixture_slots(cfg: FuseMoeConfig, seed: u64, slots: (usize, usize)) -> f64 {
     let path = fixture_path();
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (the real-model fixture is required)", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (the real-model fixture is required)",
+            path.display()
+        )
+    });
     let fixture: Fixture = serde_json::from_str(&text).unwrap();
     let minilm = &fixture.models["minilm"];
     let mpnet = &fixture.models["mpnet"];
@@ -82,7 +86,9 @@ fn seeded_layer_preserves_cosine_order_on_real_minilm_and_mpnet_partials() {
 #[test]
 #[ignore = "builds a 2 GB layer; run with --release -- --ignored"]
 fn full_twelve_model_layer_preserves_cosine_order_on_real_partials() {
-    let dims = vec![384, 1024, 768, 768, 1280, 768, 768, 768, 768, 768, 1024, 4096];
+    let dims = vec![
+        384, 1024, 768, 768, 1280, 768, 768, 768, 768, 768, 1024, 4096,
+    ];
     for seed in [0, 1, 2] {
         let cfg = FuseMoeConfig::for_input_dims(dims.clone());
         let rho = spearman_on_fixture_slots(cfg, seed, (0, 7));

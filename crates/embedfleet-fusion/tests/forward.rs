@@ -26,7 +26,11 @@ fn fused_vectors_are_unit_length_finite_and_report_their_routing() {
     assert_eq!(fused.expert_weights.len(), 8);
     assert!((fused.expert_weights.iter().sum::<f32>() - 1.0).abs() < 1e-6);
     for (e, &w) in fused.expert_weights.iter().enumerate() {
-        assert_eq!(w > 0.0, fused.selected.contains(&e), "expert {e} weight {w}");
+        assert_eq!(
+            w > 0.0,
+            fused.selected.contains(&e),
+            "expert {e} weight {w}"
+        );
     }
     let w = &fused.expert_weights;
     assert!(w[fused.selected[0]] >= w[fused.selected[1]]);
@@ -75,7 +79,10 @@ fn a_batch_gives_each_row_the_bits_it_gets_alone() {
     for (row, fused) in rows.iter().zip(&batch) {
         assert_eq!(&model.fuse(row).unwrap(), fused);
     }
-    assert!(model.fuse_batch::<Vec<Option<&[f32]>>>(&[]).unwrap().is_empty());
+    assert!(model
+        .fuse_batch::<Vec<Option<&[f32]>>>(&[])
+        .unwrap()
+        .is_empty());
 }
 
 #[test]
@@ -87,7 +94,11 @@ fn bad_input_is_a_typed_error() {
     let narrow = [1.0f32, 2.0];
     assert!(matches!(
         model.fuse(&[Some(&narrow), Some(&good)]),
-        Err(FusionError::SlotWidth { slot: 0, expected: 4, got: 2 })
+        Err(FusionError::SlotWidth {
+            slot: 0,
+            expected: 4,
+            got: 2
+        })
     ));
     assert!(matches!(
         model.fuse(&[Some(&nan), Some(&good)]),
@@ -99,9 +110,15 @@ fn bad_input_is_a_typed_error() {
     ));
     assert!(matches!(
         model.fuse(&[Some(&good)]),
-        Err(FusionError::SlotCount { expected: 2, got: 1 })
+        Err(FusionError::SlotCount {
+            expected: 2,
+            got: 1
+        })
     ));
-    assert!(matches!(model.fuse(&[None, None]), Err(FusionError::NoPartials)));
+    assert!(matches!(
+        model.fuse(&[None, None]),
+        Err(FusionError::NoPartials)
+    ));
 
     // In a batch the error names the row, and is still the caller's fault.
     let rows = vec![vec![None, Some(&good[..])], vec![Some(&nan[..]), None]];
@@ -162,7 +179,9 @@ fn every_expert_starts_near_the_shared_map() {
 
 fn fused_cosines_track_input_cosines(cfg: &FuseMoeConfig) {
     let model = layer(cfg.clone());
-    let rows: Vec<(Vec<f32>, Vec<f32>)> = (0..10).map(|i| (values(12, i), values(20, 40 + i))).collect();
+    let rows: Vec<(Vec<f32>, Vec<f32>)> = (0..10)
+        .map(|i| (values(12, i), values(20, 40 + i)))
+        .collect();
     let fused: Vec<Vec<f32>> = rows
         .iter()
         .map(|(a, b)| model.fuse(&[Some(a), Some(b)]).unwrap().embedding)
@@ -174,7 +193,10 @@ fn fused_cosines_track_input_cosines(cfg: &FuseMoeConfig) {
     for i in 0..rows.len() {
         for j in i + 1..rows.len() {
             let (got, want) = (cosine(&fused[i], &fused[j]), cosine(&inputs[i], &inputs[j]));
-            assert!((got - want).abs() < 0.05, "pair {i},{j}: fused {got}, inputs {want}");
+            assert!(
+                (got - want).abs() < 0.05,
+                "pair {i},{j}: fused {got}, inputs {want}"
+            );
         }
     }
 }
@@ -212,11 +234,16 @@ fn capacity_limiting_caps_expert_load_and_still_fuses_every_row() {
     // Rows that kept only their top choice over capacity are the only excess allowed.
     let forced = fused.iter().filter(|f| f.selected.len() == 1).count();
     for (e, &l) in load.iter().enumerate() {
-        assert!(l <= capacity + forced, "expert {e} took {l} routes, capacity {capacity}");
+        assert!(
+            l <= capacity + forced,
+            "expert {e} took {l} routes, capacity {capacity}"
+        );
     }
     let free_max = {
         let mut free_load = vec![0usize; 4];
-        free.iter().flat_map(|r| &r.selected).for_each(|&e| free_load[e] += 1);
+        free.iter()
+            .flat_map(|r| &r.selected)
+            .for_each(|&e| free_load[e] += 1);
         free_load.into_iter().max().unwrap()
     };
     assert!(

@@ -23,20 +23,26 @@ fn read_file(path: &Path) -> (Vec<RawTensor>, HashMap<String, String>) {
     let tensors = file
         .tensors()
         .into_iter()
-        .map(|(name, view)| (name, view.dtype(), view.shape().to_vec(), view.data().to_vec()))
+        .map(|(name, view)| {
+            (
+                name,
+                view.dtype(),
+                view.shape().to_vec(),
+                view.data().to_vec(),
+            )
+        })
         .collect();
     (tensors, metadata)
 }
 
-fn write_file(
-    path: &Path,
-    tensors: &[RawTensor],
-    metadata: HashMap<String, String>,
-) {
+fn write_file(path: &Path, tensors: &[RawTensor], metadata: HashMap<String, String>) {
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
         .map(|(name, dtype, shape, data)| {
-            (name.clone(), TensorView::new(*dtype, shape.clone(), data).unwrap())
+            (
+                name.clone(),
+                TensorView::new(*dtype, shape.clone(), data).unwrap(),
+            )
         })
         .collect();
     safetensors::serialize_to_file(views, Some(metadata), path).unwrap();
@@ -86,7 +92,10 @@ fn weights_round_trip_with_the_same_version_and_outputs() {
         assert_eq!(tensors.len(), tensor_specs(&cfg).len());
         assert!(names.contains(&"gate.proj.weight"));
         assert!(names.contains(&"experts.7.fc2.bias"));
-        assert_eq!(names.contains(&"gate.router.bias"), gating == GatingKind::Softmax);
+        assert_eq!(
+            names.contains(&"gate.router.bias"),
+            gating == GatingKind::Softmax
+        );
         assert!(metadata.contains_key(CONFIG_KEY));
         assert_eq!(metadata[VERSION_KEY], model.version());
     }
@@ -109,12 +118,19 @@ fn a_file_for_another_config_is_refused_when_a_config_is_expected() {
 fn a_tensor_shape_that_disagrees_with_the_config_is_refused() {
     let (_, _dir, path) = saved(small_config(vec![12, 20]));
     let bad = edited(&path, |tensors, _| {
-        let fc1 = tensors.iter_mut().find(|t| t.0 == "experts.3.fc1.weight").unwrap();
+        let fc1 = tensors
+            .iter_mut()
+            .find(|t| t.0 == "experts.3.fc1.weight")
+            .unwrap();
         // Same byte count, transposed shape.
         fc1.2 = vec![fc1.2[1], fc1.2[0]];
     });
     match FuseMoe::load(&bad) {
-        Err(FusionError::ShapeMismatch { name, expected, got }) => {
+        Err(FusionError::ShapeMismatch {
+            name,
+            expected,
+            got,
+        }) => {
             assert_eq!(name, "experts.3.fc1.weight");
             assert_eq!(expected, vec![96, 32]);
             assert_eq!(got, vec![32, 96]);
@@ -144,7 +160,11 @@ fn metadata_that_disagrees_with_the_tensors_is_refused() {
         metadata.insert(CONFIG_KEY.into(), serde_json::to_string(&cfg).unwrap());
     });
     match FuseMoe::load(&more) {
-        Err(FusionError::ShapeMismatch { name, expected, got }) => {
+        Err(FusionError::ShapeMismatch {
+            name,
+            expected,
+            got,
+        }) => {
             assert_eq!(name, "gate.router.weight");
             assert_eq!((expected, got), (vec![9, 32], vec![8, 32]));
         }
@@ -174,11 +194,17 @@ fn metadata_that_disagrees_with_the_tensors_is_refused() {
     let none = edited(&path, |_, metadata| {
         metadata.remove(CONFIG_KEY);
     });
-    assert!(matches!(FuseMoe::load(&none), Err(FusionError::Metadata(_))));
+    assert!(matches!(
+        FuseMoe::load(&none),
+        Err(FusionError::Metadata(_))
+    ));
     let garbled = edited(&path, |_, metadata| {
         metadata.insert(CONFIG_KEY.into(), "{\"num_experts\": \"eight\"}".into());
     });
-    assert!(matches!(FuseMoe::load(&garbled), Err(FusionError::Metadata(_))));
+    assert!(matches!(
+        FuseMoe::load(&garbled),
+        Err(FusionError::Metadata(_))
+    ));
     // A config that parses but is invalid.
     let top_k = edited(&path, |_, metadata| {
         let cfg = FuseMoeConfig {
@@ -198,7 +224,10 @@ fn altered_or_non_finite_tensors_are_refused() {
     let (_, _dir, path) = saved(small_config(vec![12, 20]));
     // Flip one weight but keep the recorded version: the hash check catches it.
     let (mut tensors, metadata) = read_file(&path);
-    let gate = tensors.iter_mut().find(|t| t.0 == "gate.proj.weight").unwrap();
+    let gate = tensors
+        .iter_mut()
+        .find(|t| t.0 == "gate.proj.weight")
+        .unwrap();
     gate.3[0] ^= 1;
     let tampered = path.with_file_name("tampered.safetensors");
     write_file(&tampered, &tensors, metadata);
@@ -207,7 +236,10 @@ fn altered_or_non_finite_tensors_are_refused() {
         other => panic!("expected a version Metadata error, got {other:?}"),
     }
     let nan = edited(&path, |tensors, _| {
-        let bias = tensors.iter_mut().find(|t| t.0 == "experts.0.fc2.bias").unwrap();
+        let bias = tensors
+            .iter_mut()
+            .find(|t| t.0 == "experts.0.fc2.bias")
+            .unwrap();
         bias.3[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
     });
     match FuseMoe::load(&nan) {
@@ -217,7 +249,10 @@ fn altered_or_non_finite_tensors_are_refused() {
         other => panic!("expected NonFiniteWeight, got {other:?}"),
     }
     let wrong_type = edited(&path, |tensors, _| {
-        let bias = tensors.iter_mut().find(|t| t.0 == "gate.norm.bias").unwrap();
+        let bias = tensors
+            .iter_mut()
+            .find(|t| t.0 == "gate.norm.bias")
+            .unwrap();
         bias.1 = Dtype::I32;
     });
     assert!(matches!(
@@ -228,7 +263,11 @@ fn altered_or_non_finite_tensors_are_refused() {
         FuseMoe::load(&path.with_file_name("absent.safetensors")),
         Err(FusionError::Io { .. })
     ));
-    std::fs::write(path.with_file_name("junk.safetensors"), b"not a safetensors file").unwrap();
+    std::fs::write(
+        path.with_file_name("junk.safetensors"),
+        b"not a safetensors file",
+    )
+    .unwrap();
     assert!(matches!(
         FuseMoe::load(&path.with_file_name("junk.safetensors")),
         Err(FusionError::Safetensors(_))
@@ -251,7 +290,11 @@ fn bf16_files_load_as_their_widened_values() {
         }
     });
     let loaded = FuseMoe::load(&halved).unwrap();
-    assert_ne!(loaded.version(), model.version(), "rounded weights are other weights");
+    assert_ne!(
+        loaded.version(),
+        model.version(),
+        "rounded weights are other weights"
+    );
     let (a, b) = (values(12, 1), values(20, 2));
     let row = [Some(&a[..]), Some(&b[..])];
     let (x, y) = (loaded.fuse(&row).unwrap(), model.fuse(&row).unwrap());

@@ -254,8 +254,15 @@ mod tests {
 
     #[test]
     fn two_model_set_is_1152_wide_in_slot_order() {
-        let set = in_slot_order(vec![find("mpnet").unwrap(), find("minilm").unwrap(), find("mpnet").unwrap()]);
-        assert_eq!(set.iter().map(|s| s.name).collect::<Vec<_>>(), ["minilm", "mpnet"]);
+        let set = in_slot_order(vec![
+            find("mpnet").unwrap(),
+            find("minilm").unwrap(),
+            find("mpnet").unwrap(),
+        ]);
+        assert_eq!(
+            set.iter().map(|s| s.name).collect::<Vec<_>>(),
+            ["minilm", "mpnet"]
+        );
         assert_eq!(fusion_input_width(set), 1152);
     }
 

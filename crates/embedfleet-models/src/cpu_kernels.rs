@@ -24,7 +24,11 @@ pub fn linear(x: &[f32], rows: usize, k: usize, w: &[f32], bias: &[f32]) -> Vec<
         return out;
     }
     let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
     // SAFETY: the pointers cover exactly the described matrices: out is rows×n (row stride n),
     // x is rows×k (row stride k), w is k×n (row stride n).
     unsafe {
@@ -62,7 +66,8 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
             // SAFETY: the feature this function is compiled for was just detected.
             return unsafe { dot_avx512(a, b) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             // SAFETY: as above.
             return unsafe { dot_avx2(a, b) };
         }
@@ -90,7 +95,12 @@ fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     const LANES: usize = 32;
     let mut acc = [0f32; LANES];
     let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = a_chunks
+        .remainder()
+        .iter()
+        .zip(b_chunks.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     for (x, y) in a_chunks.zip(b_chunks) {
         for lane in 0..LANES {
             acc[lane] = x[lane].mul_add(y[lane], acc[lane]);
@@ -108,20 +118,24 @@ fn rows_per_task(width: usize) -> usize {
 pub fn add_layer_norm(x: &mut [f32], residual: &[f32], weight: &[f32], bias: &[f32], eps: f32) {
     let width = weight.len();
     let chunk = rows_per_task(width) * width;
-    x.par_chunks_mut(chunk).zip(residual.par_chunks(chunk)).for_each(|(x, residual)| {
-        for (row, residual) in x.chunks_exact_mut(width).zip(residual.chunks_exact(width)) {
-            row.iter_mut().zip(residual).for_each(|(v, r)| *v += r);
-            layer_norm_row(row, weight, bias, eps);
-        }
-    });
+    x.par_chunks_mut(chunk)
+        .zip(residual.par_chunks(chunk))
+        .for_each(|(x, residual)| {
+            for (row, residual) in x.chunks_exact_mut(width).zip(residual.chunks_exact(width)) {
+                row.iter_mut().zip(residual).for_each(|(v, r)| *v += r);
+                layer_norm_row(row, weight, bias, eps);
+            }
+        });
 }
 
 /// `x = LayerNorm(x)` row by row, in place.
 pub fn layer_norm(x: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
     let width = weight.len();
-    x.par_chunks_mut(rows_per_task(width) * width).for_each(|x| {
-        x.chunks_exact_mut(width).for_each(|row| layer_norm_row(row, weight, bias, eps));
-    });
+    x.par_chunks_mut(rows_per_task(width) * width)
+        .for_each(|x| {
+            x.chunks_exact_mut(width)
+                .for_each(|row| layer_norm_row(row, weight, bias, eps));
+        });
 }
 
 #[inline]
@@ -158,14 +172,21 @@ unsafe fn gelu_erf_avx2(x: &mut [f32]) {
 
 #[inline(always)]
 fn gelu_erf_portable(x: &mut [f32]) {
-    x.iter_mut().for_each(|v| *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2)));
+    x.iter_mut()
+        .for_each(|v| *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2)));
 }
 
 /// erf by Abramowitz & Stegun 7.1.26 (absolute error ≤ 1.5e-7), branch-free so it vectorises.
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
     const P: f32 = 0.327_591_1;
-    const A: [f32; 5] = [0.254_829_6, -0.284_496_74, 1.421_413_7, -1.453_152, 1.061_405_4];
+    const A: [f32; 5] = [
+        0.254_829_6,
+        -0.284_496_74,
+        1.421_413_7,
+        -1.453_152,
+        1.061_405_4,
+    ];
     let a = x.abs();
     let t = 1.0 / (1.0 + P * a);
     let poly = ((((A[4] * t + A[3]) * t + A[2]) * t + A[1]) * t + A[0]) * t;
@@ -185,7 +206,10 @@ pub fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
     let n = (x * LOG2E + ROUND) - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
     let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
     p * scale
 }
@@ -199,12 +223,19 @@ mod tests {
         for i in -8000..=8000 {
             let x = i as f32 / 100.0;
             let (got, want) = (exp(x), x.exp());
-            assert!(((got - want) / want).abs() < 1e-6, "exp({x}) = {got}, libm {want}");
+            assert!(
+                ((got - want) / want).abs() < 1e-6,
+                "exp({x}) = {got}, libm {want}"
+            );
         }
         for i in -600..=600 {
             let x = i as f32 / 100.0;
             let want = libm_erf(x as f64) as f32;
-            assert!((erf(x) - want).abs() < 3e-7, "erf({x}) = {}, reference {want}", erf(x));
+            assert!(
+                (erf(x) - want).abs() < 3e-7,
+                "erf({x}) = {}, reference {want}",
+                erf(x)
+            );
         }
     }
 
@@ -246,7 +277,10 @@ mod tests {
     #[test]
     fn gelu_matches_its_definition() {
         let mut x: Vec<f32> = (-300..300).map(|i| i as f32 / 50.0).collect();
-        let want: Vec<f32> = x.iter().map(|&v| 0.5 * v * (1.0 + libm_erf(v as f64 / 2f64.sqrt()) as f32)).collect();
+        let want: Vec<f32> = x
+            .iter()
+            .map(|&v| 0.5 * v * (1.0 + libm_erf(v as f64 / 2f64.sqrt()) as f32))
+            .collect();
         gelu_erf(&mut x);
         for (got, want) in x.iter().zip(&want) {
             assert!((got - want).abs() < 1e-6, "{got} vs {want}");

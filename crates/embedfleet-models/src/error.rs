@@ -30,8 +30,15 @@ pub enum ModelError {
     #[error("input {index} is empty")]
     EmptyInput { index: usize },
 
-    #[error("input {index} is {tokens} tokens, over `{model}`'s limit of {max} and truncation is off")]
-    InputTooLong { model: String, index: usize, tokens: usize, max: usize },
+    #[error(
+        "input {index} is {tokens} tokens, over `{model}`'s limit of {max} and truncation is off"
+    )]
+    InputTooLong {
+        model: String,
+        index: usize,
+        tokens: usize,
+        max: usize,
+    },
 
     #[error("`{model}` ({architecture}) has no implementation in this build yet")]
     ArchitectureUnavailable { model: String, architecture: String },
@@ -56,7 +63,9 @@ impl ModelError {
             Self::EmptyInput { .. } => ErrorKind::EmptyInput,
             Self::InputTooLong { .. } => ErrorKind::InputTooLong,
             // The model exists in the catalogue but this node cannot serve it: another node may.
-            Self::WeightsNotFound { .. } | Self::ArchitectureUnavailable { .. } => ErrorKind::NoWorker,
+            Self::WeightsNotFound { .. } | Self::ArchitectureUnavailable { .. } => {
+                ErrorKind::NoWorker
+            }
             Self::MissingFile { .. }
             | Self::CorruptWeights { .. }
             | Self::BadConfig { .. }
@@ -71,12 +80,18 @@ impl ModelError {
     pub fn is_permanent_for_input(&self) -> bool {
         matches!(
             self,
-            Self::UnsupportedModality { .. } | Self::EmptyInput { .. } | Self::InputTooLong { .. } | Self::Tokenize { .. }
+            Self::UnsupportedModality { .. }
+                | Self::EmptyInput { .. }
+                | Self::InputTooLong { .. }
+                | Self::Tokenize { .. }
         )
     }
 
     pub(crate) fn inference(model: &str) -> impl Fn(candle_core::Error) -> Self + '_ {
-        move |source| Self::Inference { model: model.to_string(), source }
+        move |source| Self::Inference {
+            model: model.to_string(),
+            source,
+        }
     }
 }
 

@@ -25,10 +25,10 @@ pub mod resolve;
 pub mod text;
 pub mod tokenize;
 
+pub use candle_core::Device;
 pub use catalogue::{ModelSpec, Pooling, CATALOGUE};
 pub use error::ModelError;
 pub use model::{EmbedOptions, EmbeddingModel, ModelEmbedding, ModelInput};
 pub use registry::ModelRegistry;
 pub use resolve::{ModelFiles, WeightResolver};
 pub use text::TextEmbedder;
-pub use candle_core::Device;

@@ -22,7 +22,11 @@ pub struct EmbedOptions {
 
 impl Default for EmbedOptions {
     fn default() -> Self {
-        Self { truncate: true, normalize: true, instruction: None }
+        Self {
+            truncate: true,
+            normalize: true,
+            instruction: None,
+        }
     }
 }
 
@@ -49,7 +53,11 @@ pub trait EmbeddingModel: Send + Sync {
 
     /// Embeds a batch; the output is in input order, one entry per input. The whole batch fails
     /// on the first bad input so a caller never mistakes a partial answer for a full one.
-    fn embed_batch(&self, inputs: &[ModelInput], options: &EmbedOptions) -> Result<Vec<ModelEmbedding>, ModelError>;
+    fn embed_batch(
+        &self,
+        inputs: &[ModelInput],
+        options: &EmbedOptions,
+    ) -> Result<Vec<ModelEmbedding>, ModelError>;
 }
 
 /// Scales a vector to unit length in place; a zero vector stays zero rather than becoming NaN.

@@ -44,7 +44,10 @@ impl PackedBatch {
     }
 
     pub fn max_len(&self) -> usize {
-        (0..self.sequences()).map(|s| self.len_of(s)).max().unwrap_or(0)
+        (0..self.sequences())
+            .map(|s| self.len_of(s))
+            .max()
+            .unwrap_or(0)
     }
 
     /// Position of every token within its own sequence, plus `start` (RoBERTa-style checkpoints
@@ -75,7 +78,10 @@ impl PackedBatch {
 
     /// Row index of each sequence's first token.
     pub fn first_rows(&self, device: &Device) -> Result<Tensor> {
-        let rows: Vec<u32> = self.offsets[..self.sequences()].iter().map(|&o| o as u32).collect();
+        let rows: Vec<u32> = self.offsets[..self.sequences()]
+            .iter()
+            .map(|&o| o as u32)
+            .collect();
         Tensor::from_vec(rows, self.sequences(), device)
     }
 
@@ -108,7 +114,12 @@ impl RelativeBias<'_> {
 ///
 /// `qkv` is `[tokens, 3 * hidden]`: each row holds the query, key and value projections of one
 /// token, heads side by side within each. Returns the context, `[tokens, hidden]`.
-pub fn packed_attention(qkv: &Tensor, batch: &PackedBatch, heads: usize, bias: Option<&RelativeBias>) -> Result<Tensor> {
+pub fn packed_attention(
+    qkv: &Tensor,
+    batch: &PackedBatch,
+    heads: usize,
+    bias: Option<&RelativeBias>,
+) -> Result<Tensor> {
     match qkv.device() {
         Device::Cpu if qkv.dtype() == DType::F32 => packed_attention_cpu(qkv, batch, heads, bias),
         _ => packed_attention_tensor_ops(qkv, batch, heads, bias),
@@ -117,7 +128,12 @@ pub fn packed_attention(qkv: &Tensor, batch: &PackedBatch, heads: usize, bias: O
 
 /// The CPU kernel: one pass per output row, all heads, reading keys and values straight out of
 /// the packed projection. No padding, no mask, no `[batch, heads, len, len]` tensor.
-fn packed_attention_cpu(qkv: &Tensor, batch: &PackedBatch, heads: usize, bias: Option<&RelativeBias>) -> Result<Tensor> {
+fn packed_attention_cpu(
+    qkv: &Tensor,
+    batch: &PackedBatch,
+    heads: usize,
+    bias: Option<&RelativeBias>,
+) -> Result<Tensor> {
     let (tokens, width) = qkv.dims2()?;
     let hidden = width / 3;
     let head_dim = hidden / heads;
@@ -129,49 +145,51 @@ fn packed_attention_cpu(qkv: &Tensor, batch: &PackedBatch, heads: usize, bias: O
     }
     let max_len = batch.max_len();
     let mut context = vec![0f32; tokens * hidden];
-    context
-        .par_chunks_mut(hidden)
-        .enumerate()
-        .for_each_init(
-            || vec![0f32; max_len],
-            |scores, (row, out)| {
-                let sequence = sequence_of_row[row];
-                let start = batch.offsets[sequence];
-                let len = batch.len_of(sequence);
-                let scores = &mut scores[..len];
-                for head in 0..heads {
-                    let q = &qkv[row * width + head * head_dim..][..head_dim];
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, score) in scores.iter_mut().enumerate() {
-                        let k = &qkv[(start + j) * width + hidden + head * head_dim..][..head_dim];
-                        let mut s = crate::cpu_kernels::dot(q, k) * scale;
-                        if let Some(bias) = bias {
-                            s += bias.get(head, row - start, j);
-                        }
-                        *score = s;
-                        max = max.max(s);
+    context.par_chunks_mut(hidden).enumerate().for_each_init(
+        || vec![0f32; max_len],
+        |scores, (row, out)| {
+            let sequence = sequence_of_row[row];
+            let start = batch.offsets[sequence];
+            let len = batch.len_of(sequence);
+            let scores = &mut scores[..len];
+            for head in 0..heads {
+                let q = &qkv[row * width + head * head_dim..][..head_dim];
+                let mut max = f32::NEG_INFINITY;
+                for (j, score) in scores.iter_mut().enumerate() {
+                    let k = &qkv[(start + j) * width + hidden + head * head_dim..][..head_dim];
+                    let mut s = crate::cpu_kernels::dot(q, k) * scale;
+                    if let Some(bias) = bias {
+                        s += bias.get(head, row - start, j);
                     }
-                    let mut sum = 0.0;
-                    for score in scores.iter_mut() {
-                        *score = crate::cpu_kernels::exp(*score - max);
-                        sum += *score;
-                    }
-                    let out = &mut out[head * head_dim..][..head_dim];
-                    out.fill(0.0);
-                    for (j, &p) in scores.iter().enumerate() {
-                        let v = &qkv[(start + j) * width + 2 * hidden + head * head_dim..][..head_dim];
-                        let p = p / sum;
-                        out.iter_mut().zip(v).for_each(|(o, v)| *o += p * v);
-                    }
+                    *score = s;
+                    max = max.max(s);
                 }
-            },
-        );
+                let mut sum = 0.0;
+                for score in scores.iter_mut() {
+                    *score = crate::cpu_kernels::exp(*score - max);
+                    sum += *score;
+                }
+                let out = &mut out[head * head_dim..][..head_dim];
+                out.fill(0.0);
+                for (j, &p) in scores.iter().enumerate() {
+                    let v = &qkv[(start + j) * width + 2 * hidden + head * head_dim..][..head_dim];
+                    let p = p / sum;
+                    out.iter_mut().zip(v).for_each(|(o, v)| *o += p * v);
+                }
+            }
+        },
+    );
     Tensor::from_vec(context, (tokens, hidden), &Device::Cpu)
 }
 
 /// The device-generic path (GPU, or non-f32 dtypes): the same computation in tensor ops, one
 /// sequence at a time.
-fn packed_attention_tensor_ops(qkv: &Tensor, batch: &PackedBatch, heads: usize, bias: Option<&RelativeBias>) -> Result<Tensor> {
+fn packed_attention_tensor_ops(
+    qkv: &Tensor,
+    batch: &PackedBatch,
+    heads: usize,
+    bias: Option<&RelativeBias>,
+) -> Result<Tensor> {
     let (_, width) = qkv.dims2()?;
     let hidden = width / 3;
     let head_dim = hidden / heads;
@@ -181,7 +199,10 @@ fn packed_attention_tensor_ops(qkv: &Tensor, batch: &PackedBatch, heads: usize, 
         let len = batch.len_of(s);
         let rows = qkv.narrow(0, batch.offsets[s], len)?;
         let split = |part: usize| -> Result<Tensor> {
-            rows.narrow(1, part * hidden, hidden)?.reshape((len, heads, head_dim))?.transpose(0, 1)?.contiguous()
+            rows.narrow(1, part * hidden, hidden)?
+                .reshape((len, heads, head_dim))?
+                .transpose(0, 1)?
+                .contiguous()
         };
         let (q, k, v) = (split(0)?, split(1)?, split(2)?);
         let mut scores = (q.matmul(&k.t()?)? * scale)?;
@@ -194,7 +215,8 @@ fn packed_attention_tensor_ops(qkv: &Tensor, batch: &PackedBatch, heads: usize, 
                     }
                 }
             }
-            let bias = Tensor::from_vec(values, (heads, len, len), qkv.device())?.to_dtype(scores.dtype())?;
+            let bias = Tensor::from_vec(values, (heads, len, len), qkv.device())?
+                .to_dtype(scores.dtype())?;
             scores = (scores + bias)?;
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
@@ -222,14 +244,24 @@ mod tests {
     fn cpu_kernel_matches_tensor_ops_with_and_without_bias() -> Result<()> {
         let batch = PackedBatch::new(&[vec![1; 5], vec![2; 1], vec![3; 9]]);
         let (heads, hidden) = (4, 32);
-        let qkv = Tensor::from_vec(random(batch.tokens() * 3 * hidden, 7), (batch.tokens(), 3 * hidden), &Device::Cpu)?;
+        let qkv = Tensor::from_vec(
+            random(batch.tokens() * 3 * hidden, 7),
+            (batch.tokens(), 3 * hidden),
+            &Device::Cpu,
+        )?;
         let values = random(8 * heads, 11);
         let max_offset = 8;
         let bucket_of_offset: Vec<usize> = (0..2 * max_offset + 1).map(|o| o % 8).collect();
-        let bias = RelativeBias { values: &values, heads, bucket_of_offset: &bucket_of_offset, max_offset };
+        let bias = RelativeBias {
+            values: &values,
+            heads,
+            bucket_of_offset: &bucket_of_offset,
+            max_offset,
+        };
         for bias in [None, Some(&bias)] {
             let fast = packed_attention_cpu(&qkv, &batch, heads, bias)?.to_vec2::<f32>()?;
-            let reference = packed_attention_tensor_ops(&qkv, &batch, heads, bias)?.to_vec2::<f32>()?;
+            let reference =
+                packed_attention_tensor_ops(&qkv, &batch, heads, bias)?.to_vec2::<f32>()?;
             for (a, b) in fast.iter().flatten().zip(reference.iter().flatten()) {
                 assert!((a - b).abs() < 1e-5, "{a} vs {b}");
             }
@@ -243,8 +275,17 @@ mod tests {
         let (heads, hidden) = (2, 8);
         let data = random(12 * 3 * hidden, 3);
         let both = Tensor::from_vec(data.clone(), (12, 3 * hidden), &Device::Cpu)?;
-        let alone = Tensor::from_vec(data[..4 * 3 * hidden].to_vec(), (4, 3 * hidden), &Device::Cpu)?;
-        let packed = packed_attention(&both, &PackedBatch::new(&[vec![0; 4], vec![0; 8]]), heads, None)?;
+        let alone = Tensor::from_vec(
+            data[..4 * 3 * hidden].to_vec(),
+            (4, 3 * hidden),
+            &Device::Cpu,
+        )?;
+        let packed = packed_attention(
+            &both,
+            &PackedBatch::new(&[vec![0; 4], vec![0; 8]]),
+            heads,
+            None,
+        )?;
         let single = packed_attention(&alone, &PackedBatch::new(&[vec![0; 4]]), heads, None)?;
         let packed = packed.narrow(0, 0, 4)?.to_vec2::<f32>()?;
         assert_eq!(packed, single.to_vec2::<f32>()?);

@@ -28,7 +28,12 @@ pub struct ModelRegistry {
 
 impl ModelRegistry {
     pub fn new(resolver: WeightResolver, device: Device) -> Self {
-        Self { resolver, device, slots: Mutex::default(), loads: AtomicUsize::new(0) }
+        Self {
+            resolver,
+            device,
+            slots: Mutex::default(),
+            loads: AtomicUsize::new(0),
+        }
     }
 
     /// The model, loading it if this is the first call. A failed load is not remembered, so a
@@ -42,7 +47,11 @@ impl ModelRegistry {
         slot.get_or_try_init(|| {
             let model = load(spec, &self.resolver, &self.device)?;
             self.loads.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(model = spec.name, revision = model.revision(), "model loaded");
+            tracing::info!(
+                model = spec.name,
+                revision = model.revision(),
+                "model loaded"
+            );
             Ok(model)
         })
         .cloned()
@@ -62,12 +71,19 @@ pub fn lookup(name: &str) -> Result<&'static ModelSpec, ModelError> {
     })
 }
 
-fn load(spec: &'static ModelSpec, resolver: &WeightResolver, device: &Device) -> Result<Arc<dyn EmbeddingModel>, ModelError> {
+fn load(
+    spec: &'static ModelSpec,
+    resolver: &WeightResolver,
+    device: &Device,
+) -> Result<Arc<dyn EmbeddingModel>, ModelError> {
     match spec.architecture {
         Architecture::Bert | Architecture::Roberta | Architecture::MpNet => {
             let files = resolver.resolve(spec)?;
             Ok(Arc::new(TextEmbedder::load(spec, &files, device)?))
         }
-        other => Err(ModelError::ArchitectureUnavailable { model: spec.name.to_string(), architecture: format!("{other:?}") }),
+        other => Err(ModelError::ArchitectureUnavailable {
+            model: spec.name.to_string(),
+            architecture: format!("{other:?}"),
+        }),
     }
 }

@@ -41,7 +41,10 @@ impl WeightResolver {
     pub fn from_env(models_dir: Option<PathBuf>) -> Self {
         let models_dir = models_dir.or_else(|| std::env::var_os(MODELS_DIR_ENV).map(PathBuf::from));
         let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0");
-        Self { models_dir, offline }
+        Self {
+            models_dir,
+            offline,
+        }
     }
 
     pub fn resolve(&self, spec: &ModelSpec) -> Result<ModelFiles, ModelError> {
@@ -61,9 +64,18 @@ impl WeightResolver {
         match REQUIRED.map(|file| cached.get(file)) {
             [Some(config), Some(tokenizer), Some(weights)] => {
                 let revision = snapshot_revision(&weights).unwrap_or_else(|| "main".into());
-                return Ok(ModelFiles { config, tokenizer, weights, revision });
+                return Ok(ModelFiles {
+                    config,
+                    tokenizer,
+                    weights,
+                    revision,
+                });
             }
-            _ => tried.push(format!("Hugging Face cache {} ({})", cache.path().display(), spec.hf_repo)),
+            _ => tried.push(format!(
+                "Hugging Face cache {} ({})",
+                cache.path().display(),
+                spec.hf_repo
+            )),
         }
 
         if self.offline {
@@ -74,7 +86,10 @@ impl WeightResolver {
                 Err(reason) => tried.push(format!("hub download of {} ({reason})", spec.hf_repo)),
             }
         }
-        Err(ModelError::WeightsNotFound { model: spec.name.to_string(), tried })
+        Err(ModelError::WeightsNotFound {
+            model: spec.name.to_string(),
+            tried,
+        })
     }
 }
 
@@ -82,17 +97,28 @@ fn local_files(dir: &Path) -> Result<ModelFiles, ModelError> {
     let [config, tokenizer, weights] = REQUIRED.map(|file| dir.join(file));
     for path in [&config, &tokenizer, &weights] {
         if !path.is_file() {
-            return Err(ModelError::MissingFile { path: path.clone(), reason: "missing from the model directory".into() });
+            return Err(ModelError::MissingFile {
+                path: path.clone(),
+                reason: "missing from the model directory".into(),
+            });
         }
     }
     let revision = format!("local-{}", hash_file(&weights)?);
-    Ok(ModelFiles { config, tokenizer, weights, revision })
+    Ok(ModelFiles {
+        config,
+        tokenizer,
+        weights,
+        revision,
+    })
 }
 
 /// xxh3-64 of the whole weights file: local checkpoints have no commit id, and a cheap full hash
 /// (GB/s) is the only revision that changes exactly when the weights do.
 fn hash_file(path: &Path) -> Result<String, ModelError> {
-    let unreadable = |e: std::io::Error| ModelError::MissingFile { path: path.to_path_buf(), reason: e.to_string() };
+    let unreadable = |e: std::io::Error| ModelError::MissingFile {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
     let file = std::fs::File::open(path).map_err(unreadable)?;
     // SAFETY: read-only map of a file we only read; a concurrent writer would give a wrong hash,
     // never unsoundness in our code, since the bytes are only hashed.
@@ -103,16 +129,29 @@ fn hash_file(path: &Path) -> Result<String, ModelError> {
 /// The hub cache keeps files under `snapshots/<commit>/`; that commit is the revision.
 fn snapshot_revision(file: &Path) -> Option<String> {
     let snapshot = file.parent()?;
-    (snapshot.parent()?.file_name()? == "snapshots").then(|| snapshot.file_name()?.to_str().map(String::from))?
+    (snapshot.parent()?.file_name()? == "snapshots")
+        .then(|| snapshot.file_name()?.to_str().map(String::from))?
 }
 
 fn download(spec: &ModelSpec) -> Result<ModelFiles, String> {
-    let api = hf_hub::api::sync::ApiBuilder::from_env().with_progress(true).build().map_err(|e| e.to_string())?;
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_progress(true)
+        .build()
+        .map_err(|e| e.to_string())?;
     let repo = api.model(spec.hf_repo.to_string());
     let [config, tokenizer, weights] = REQUIRED.map(|file| repo.get(file));
-    let (config, tokenizer, weights) = (config.map_err(|e| e.to_string())?, tokenizer.map_err(|e| e.to_string())?, weights.map_err(|e| e.to_string())?);
+    let (config, tokenizer, weights) = (
+        config.map_err(|e| e.to_string())?,
+        tokenizer.map_err(|e| e.to_string())?,
+        weights.map_err(|e| e.to_string())?,
+    );
     let revision = snapshot_revision(&weights).unwrap_or_else(|| "main".into());
-    Ok(ModelFiles { config, tokenizer, weights, revision })
+    Ok(ModelFiles {
+        config,
+        tokenizer,
+        weights,
+        revision,
+    })
 }
 
 #[cfg(test)]
@@ -123,11 +162,22 @@ mod tests {
     #[test]
     fn offline_miss_names_every_place_tried() {
         let root = tempfile::tempdir().unwrap();
-        let resolver = WeightResolver { models_dir: Some(root.path().to_path_buf()), offline: true };
-        let error = resolver.resolve(catalogue::find("bge-large").unwrap()).unwrap_err();
+        let resolver = WeightResolver {
+            models_dir: Some(root.path().to_path_buf()),
+            offline: true,
+        };
+        let error = resolver
+            .resolve(catalogue::find("bge-large").unwrap())
+            .unwrap_err();
         let message = error.to_string();
-        assert!(matches!(error, ModelError::WeightsNotFound { .. }), "{message}");
-        assert!(message.contains(&root.path().join("bge-large").display().to_string()), "{message}");
+        assert!(
+            matches!(error, ModelError::WeightsNotFound { .. }),
+            "{message}"
+        );
+        assert!(
+            message.contains(&root.path().join("bge-large").display().to_string()),
+            "{message}"
+        );
         assert!(message.contains("Hugging Face cache"), "{message}");
         assert!(message.contains("offline"), "{message}");
     }
@@ -137,9 +187,17 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir(root.path().join("minilm")).unwrap();
         std::fs::write(root.path().join("minilm/config.json"), "{}").unwrap();
-        let resolver = WeightResolver { models_dir: Some(root.path().to_path_buf()), offline: true };
-        let error = resolver.resolve(catalogue::find("minilm").unwrap()).unwrap_err();
-        assert!(matches!(&error, ModelError::MissingFile { path, .. } if path.ends_with("tokenizer.json")), "{error}");
+        let resolver = WeightResolver {
+            models_dir: Some(root.path().to_path_buf()),
+            offline: true,
+        };
+        let error = resolver
+            .resolve(catalogue::find("minilm").unwrap())
+            .unwrap_err();
+        assert!(
+            matches!(&error, ModelError::MissingFile { path, .. } if path.ends_with("tokenizer.json")),
+            "{error}"
+        );
     }
 
     #[test]
@@ -150,7 +208,10 @@ mod tests {
         for file in REQUIRED {
             std::fs::write(dir.join(file), file).unwrap();
         }
-        let resolver = WeightResolver { models_dir: Some(root.path().to_path_buf()), offline: true };
+        let resolver = WeightResolver {
+            models_dir: Some(root.path().to_path_buf()),
+            offline: true,
+        };
         let spec = catalogue::find("minilm").unwrap();
         let first = resolver.resolve(spec).unwrap().revision;
         std::fs::write(dir.join("model.safetensors"), "other weights").unwrap();

@@ -29,35 +29,61 @@ pub struct TextEmbedder {
 }
 
 impl TextEmbedder {
-    pub fn load(spec: &'static ModelSpec, files: &ModelFiles, device: &Device) -> Result<Self, ModelError> {
-        let bad_config = |reason: String| ModelError::BadConfig { path: files.config.clone(), reason };
+    pub fn load(
+        spec: &'static ModelSpec,
+        files: &ModelFiles,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let bad_config = |reason: String| ModelError::BadConfig {
+            path: files.config.clone(),
+            reason,
+        };
         let text = std::fs::read_to_string(&files.config).map_err(|e| bad_config(e.to_string()))?;
-        let config: TextEncoderConfig = serde_json::from_str(&text).map_err(|e| bad_config(e.to_string()))?;
+        let config: TextEncoderConfig =
+            serde_json::from_str(&text).map_err(|e| bad_config(e.to_string()))?;
         let architecture = config.architecture();
         let compatible = architecture == spec.architecture
             // A RoBERTa-family checkpoint may declare itself `bert` only if the catalogue says BERT.
             || (spec.architecture == Architecture::Roberta && architecture == Architecture::Roberta);
         if !compatible {
-            return Err(bad_config(format!("`{}` expects a {:?} checkpoint, config.json describes {:?}", spec.name, spec.architecture, architecture)));
+            return Err(bad_config(format!(
+                "`{}` expects a {:?} checkpoint, config.json describes {:?}",
+                spec.name, spec.architecture, architecture
+            )));
         }
         config.validate().map_err(bad_config)?;
 
-        let corrupt = |e: candle_core::Error| ModelError::CorruptWeights { path: files.weights.clone(), reason: e.to_string() };
+        let corrupt = |e: candle_core::Error| ModelError::CorruptWeights {
+            path: files.weights.clone(),
+            reason: e.to_string(),
+        };
         // SAFETY: the weights file is memory-mapped read-only; like every safetensors loader we
         // rely on nobody truncating it while the process runs (checkpoints are immutable).
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&files.weights], DType::F32, device) }.map_err(corrupt)?;
+        let vb =
+            unsafe { VarBuilder::from_mmaped_safetensors(&[&files.weights], DType::F32, device) }
+                .map_err(corrupt)?;
         let encoder = TextEncoder::load(vb, &config).map_err(corrupt)?;
 
         let hidden = match &config {
-            TextEncoderConfig::Bert(c) | TextEncoderConfig::Roberta(c) | TextEncoderConfig::XlmRoberta(c) => c.hidden_size,
+            TextEncoderConfig::Bert(c)
+            | TextEncoderConfig::Roberta(c)
+            | TextEncoderConfig::XlmRoberta(c) => c.hidden_size,
             TextEncoderConfig::Mpnet(c) => c.hidden_size,
         };
         if hidden != spec.dim {
-            return Err(bad_config(format!("hidden_size {hidden} does not match `{}`'s dim {}", spec.name, spec.dim)));
+            return Err(bad_config(format!(
+                "hidden_size {hidden} does not match `{}`'s dim {}",
+                spec.name, spec.dim
+            )));
         }
         let max_len = spec.max_seq_len.min(encoder.max_positions());
         let tokenizer = TextTokenizer::load(&files.tokenizer, spec.name, max_len)?;
-        Ok(Self { spec, revision: files.revision.clone(), tokenizer, encoder })
+        Ok(Self {
+            spec,
+            revision: files.revision.clone(),
+            tokenizer,
+            encoder,
+        })
     }
 
     /// The longest input in tokens; longer ones are cut, or rejected when `truncate` is off.
@@ -75,12 +101,19 @@ impl EmbeddingModel for TextEmbedder {
         &self.revision
     }
 
-    fn embed_batch(&self, inputs: &[ModelInput], options: &EmbedOptions) -> Result<Vec<ModelEmbedding>, ModelError> {
+    fn embed_batch(
+        &self,
+        inputs: &[ModelInput],
+        options: &EmbedOptions,
+    ) -> Result<Vec<ModelEmbedding>, ModelError> {
         let texts = inputs
             .iter()
             .map(|input| match input.text() {
                 Some(text) if self.spec.takes(input.modality()) => Ok(text),
-                _ => Err(ModelError::UnsupportedModality { model: self.spec.name.to_string(), modality: input.modality() }),
+                _ => Err(ModelError::UnsupportedModality {
+                    model: self.spec.name.to_string(),
+                    modality: input.modality(),
+                }),
             })
             .collect::<Result<Vec<_>, _>>()?;
         let ids = self.tokenizer.encode(&texts, options.truncate, 0)?;
@@ -92,11 +125,15 @@ impl EmbeddingModel for TextEmbedder {
 
         let mut vectors: Vec<Vec<f32>> = vec![Vec::new(); ids.len()];
         for pass in split_by_token_budget(&order, &ids, MAX_TOKENS_PER_FORWARD) {
-            let batch = PackedBatch::new(&pass.iter().map(|&i| ids[i].as_slice()).collect::<Vec<_>>());
+            let batch =
+                PackedBatch::new(&pass.iter().map(|&i| ids[i].as_slice()).collect::<Vec<_>>());
             let infer = ModelError::inference(self.spec.name);
             let hidden_states = self.encoder.forward(&batch).map_err(&infer)?;
             let pooled = pool(&hidden_states, &batch, self.spec.pooling).map_err(&infer)?;
-            let rows = pooled.to_dtype(DType::F32).and_then(|t| t.to_vec2::<f32>()).map_err(infer)?;
+            let rows = pooled
+                .to_dtype(DType::F32)
+                .and_then(|t| t.to_vec2::<f32>())
+                .map_err(infer)?;
             for (mut row, &index) in rows.into_iter().zip(pass) {
                 if options.normalize {
                     l2_normalize(&mut row);
@@ -104,13 +141,24 @@ impl EmbeddingModel for TextEmbedder {
                 vectors[index] = row;
             }
         }
-        Ok(vectors.into_iter().zip(&ids).map(|(vector, ids)| ModelEmbedding { vector, tokens: ids.len() }).collect())
+        Ok(vectors
+            .into_iter()
+            .zip(&ids)
+            .map(|(vector, ids)| ModelEmbedding {
+                vector,
+                tokens: ids.len(),
+            })
+            .collect())
     }
 }
 
 /// Consecutive runs of `order` whose token counts fit the budget (a single sequence longer than
 /// the budget still gets a pass of its own).
-fn split_by_token_budget<'a>(order: &'a [usize], ids: &'a [Vec<u32>], budget: usize) -> Vec<&'a [usize]> {
+fn split_by_token_budget<'a>(
+    order: &'a [usize],
+    ids: &'a [Vec<u32>],
+    budget: usize,
+) -> Vec<&'a [usize]> {
     let mut passes = Vec::new();
     let (mut start, mut tokens) = (0, 0);
     for (position, &index) in order.iter().enumerate() {

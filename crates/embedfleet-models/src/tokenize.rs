@@ -20,18 +20,32 @@ pub struct TextTokenizer {
 
 impl TextTokenizer {
     pub fn load(path: &Path, model: &'static str, max_len: usize) -> Result<Self, ModelError> {
-        let bad = |reason: String| ModelError::BadTokenizer { path: path.to_path_buf(), reason };
+        let bad = |reason: String| ModelError::BadTokenizer {
+            path: path.to_path_buf(),
+            reason,
+        };
         if !path.is_file() {
-            return Err(ModelError::MissingFile { path: path.to_path_buf(), reason: "no tokenizer.json".into() });
+            return Err(ModelError::MissingFile {
+                path: path.to_path_buf(),
+                reason: "no tokenizer.json".into(),
+            });
         }
         let mut full = Tokenizer::from_file(path).map_err(|e| bad(e.to_string()))?;
         full.with_padding(None);
         full.with_truncation(None).map_err(|e| bad(e.to_string()))?;
         let mut truncating = full.clone();
         truncating
-            .with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
+            .with_truncation(Some(TruncationParams {
+                max_length: max_len,
+                ..Default::default()
+            }))
             .map_err(|e| bad(e.to_string()))?;
-        Ok(Self { model, max_len, truncating, full })
+        Ok(Self {
+            model,
+            max_len,
+            truncating,
+            full,
+        })
     }
 
     pub fn max_len(&self) -> usize {
@@ -41,16 +55,31 @@ impl TextTokenizer {
     /// Token ids (special tokens included) for each text, in order.
     ///
     /// `first_index` is the batch position of `texts[0]`, so errors name the caller's index.
-    pub fn encode(&self, texts: &[&str], truncate: bool, first_index: usize) -> Result<Vec<Vec<u32>>, ModelError> {
+    pub fn encode(
+        &self,
+        texts: &[&str],
+        truncate: bool,
+        first_index: usize,
+    ) -> Result<Vec<Vec<u32>>, ModelError> {
         for (offset, text) in texts.iter().enumerate() {
             if text.trim().is_empty() {
-                return Err(ModelError::EmptyInput { index: first_index + offset });
+                return Err(ModelError::EmptyInput {
+                    index: first_index + offset,
+                });
             }
         }
-        let tokenizer = if truncate { &self.truncating } else { &self.full };
-        let encodings = tokenizer
-            .encode_batch(texts.to_vec(), true)
-            .map_err(|e| ModelError::Tokenize { model: self.model.to_string(), reason: e.to_string() })?;
+        let tokenizer = if truncate {
+            &self.truncating
+        } else {
+            &self.full
+        };
+        let encodings =
+            tokenizer
+                .encode_batch(texts.to_vec(), true)
+                .map_err(|e| ModelError::Tokenize {
+                    model: self.model.to_string(),
+                    reason: e.to_string(),
+                })?;
         let mut ids = Vec::with_capacity(encodings.len());
         for (offset, encoding) in encodings.into_iter().enumerate() {
             let tokens = encoding.get_ids();

@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier};
 use std::thread;
 
-use embedfleet_models::{catalogue, Device, EmbedOptions, EmbeddingModel, ModelError, ModelInput, ModelRegistry, WeightResolver};
+use embedfleet_models::{
+    catalogue, Device, EmbedOptions, EmbeddingModel, ModelError, ModelInput, ModelRegistry,
+    WeightResolver,
+};
 use embedfleet_proto::ErrorKind;
 
 const THREADS: usize = 8;
@@ -22,11 +25,20 @@ fn models_dir() -> PathBuf {
 
 /// A registry over `models_dir` that never touches the network.
 fn registry(models_dir: &Path) -> ModelRegistry {
-    ModelRegistry::new(WeightResolver { models_dir: Some(models_dir.to_path_buf()), offline: true }, Device::Cpu)
+    ModelRegistry::new(
+        WeightResolver {
+            models_dir: Some(models_dir.to_path_buf()),
+            offline: true,
+        },
+        Device::Cpu,
+    )
 }
 
 /// Calls `get(name)` from `THREADS` threads released together by a barrier.
-fn get_at_once(registry: &ModelRegistry, name: &str) -> Vec<Result<Arc<dyn EmbeddingModel>, ModelError>> {
+fn get_at_once(
+    registry: &ModelRegistry,
+    name: &str,
+) -> Vec<Result<Arc<dyn EmbeddingModel>, ModelError>> {
     let barrier = Barrier::new(THREADS);
     thread::scope(|scope| {
         let handles: Vec<_> = (0..THREADS)
@@ -37,7 +49,10 @@ fn get_at_once(registry: &ModelRegistry, name: &str) -> Vec<Result<Arc<dyn Embed
                 })
             })
             .collect();
-        handles.into_iter().map(|handle| handle.join().expect("a get panicked")).collect()
+        handles
+            .into_iter()
+            .map(|handle| handle.join().expect("a get panicked"))
+            .collect()
     })
 }
 
@@ -52,17 +67,33 @@ fn concurrent_first_use_loads_once_and_shares_one_model() {
         .collect();
     assert_eq!(models.len(), THREADS);
     for (thread, model) in models.iter().enumerate() {
-        assert!(Arc::ptr_eq(model, &models[0]), "thread {thread} got a different instance");
+        assert!(
+            Arc::ptr_eq(model, &models[0]),
+            "thread {thread} got a different instance"
+        );
     }
-    assert_eq!(registry.loads(), 1, "{THREADS} racing callers must cause exactly one load");
+    assert_eq!(
+        registry.loads(),
+        1,
+        "{THREADS} racing callers must cause exactly one load"
+    );
 
     // Later calls hand out the same instance without loading again, and it is a working model.
     let later = registry.get("minilm").unwrap();
     assert!(Arc::ptr_eq(&later, &models[0]));
     assert_eq!(registry.loads(), 1);
     assert_eq!(later.spec().name, "minilm");
-    assert!(later.revision().starts_with("local-"), "local weights are identified by hash: {}", later.revision());
-    let embedded = later.embed_batch(&[ModelInput::Text("a registry test".into())], &EmbedOptions::default()).unwrap();
+    assert!(
+        later.revision().starts_with("local-"),
+        "local weights are identified by hash: {}",
+        later.revision()
+    );
+    let embedded = later
+        .embed_batch(
+            &[ModelInput::Text("a registry test".into())],
+            &EmbedOptions::default(),
+        )
+        .unwrap();
     assert_eq!(embedded.len(), 1);
     assert_eq!(embedded[0].vector.len(), 384);
 }
@@ -70,8 +101,14 @@ fn concurrent_first_use_loads_once_and_shares_one_model() {
 #[test]
 fn unknown_name_is_a_404_listing_the_known_names() {
     let registry = registry(&models_dir());
-    let error = registry.get("no-such-model").err().expect("an unknown name must fail");
-    assert!(matches!(&error, ModelError::UnknownModel { name, .. } if name == "no-such-model"), "{error:?}");
+    let error = registry
+        .get("no-such-model")
+        .err()
+        .expect("an unknown name must fail");
+    assert!(
+        matches!(&error, ModelError::UnknownModel { name, .. } if name == "no-such-model"),
+        "{error:?}"
+    );
     assert_eq!(error.kind(), ErrorKind::UnknownModel);
     assert_eq!(error.kind().code(), 404);
     let message = error.to_string();
@@ -81,7 +118,10 @@ fn unknown_name_is_a_404_listing_the_known_names() {
     }
     // Names are matched exactly: no case folding, no trimming.
     for near_miss in ["MiniLM", " minilm", "minilm "] {
-        let error = registry.get(near_miss).err().expect("a near miss must fail");
+        let error = registry
+            .get(near_miss)
+            .err()
+            .expect("a near miss must fail");
         assert_eq!(error.kind(), ErrorKind::UnknownModel, "{near_miss:?}");
     }
     assert_eq!(registry.loads(), 0);
@@ -109,8 +149,14 @@ fn failed_load_is_not_cached() {
     assert_eq!(registry.loads(), 0);
 
     // The operator fixes the directory; the very next call loads.
-    std::fs::copy(real.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
-    let model = registry.get("minilm").unwrap_or_else(|e| panic!("get after fixing the directory: {e}"));
+    std::fs::copy(
+        real.join("model.safetensors"),
+        dir.join("model.safetensors"),
+    )
+    .unwrap();
+    let model = registry
+        .get("minilm")
+        .unwrap_or_else(|e| panic!("get after fixing the directory: {e}"));
     assert_eq!(model.spec().name, "minilm");
     assert_eq!(registry.loads(), 1);
     assert!(Arc::ptr_eq(&model, &registry.get("minilm").unwrap()));

@@ -65,14 +65,21 @@ struct BertEmbeddings {
 impl BertEmbeddings {
     fn load(vb: VarBuilder, cfg: &BertConfig, scheme: PositionScheme) -> Result<Self> {
         let token_type_row = if cfg.type_vocab_size > 0 {
-            let table = vb.get((cfg.type_vocab_size, cfg.hidden_size), "token_type_embeddings.weight")?;
+            let table = vb.get(
+                (cfg.type_vocab_size, cfg.hidden_size),
+                "token_type_embeddings.weight",
+            )?;
             Some(table.get(0)?)
         } else {
             None
         };
         Ok(Self {
             word_embeddings: embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("word_embeddings"))?,
-            position_embeddings: embedding(cfg.max_position_embeddings, cfg.hidden_size, vb.pp("position_embeddings"))?,
+            position_embeddings: embedding(
+                cfg.max_position_embeddings,
+                cfg.hidden_size,
+                vb.pp("position_embeddings"),
+            )?,
             token_type_row,
             layer_norm: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("LayerNorm"))?,
             first_position: match scheme {
@@ -85,7 +92,8 @@ impl BertEmbeddings {
     fn forward(&self, batch: &PackedBatch) -> Result<Tensor> {
         let device = self.word_embeddings.embeddings().device();
         let positions = Tensor::new(batch.positions(self.first_position), device)?;
-        let mut embeddings = (self.word_embeddings.forward(&batch.ids_tensor(device)?)? + self.position_embeddings.forward(&positions)?)?;
+        let mut embeddings = (self.word_embeddings.forward(&batch.ids_tensor(device)?)?
+            + self.position_embeddings.forward(&positions)?)?;
         if let Some(row) = &self.token_type_row {
             embeddings = embeddings.broadcast_add(row)?;
         }
@@ -98,7 +106,12 @@ fn load_layer(vb: VarBuilder, cfg: &BertConfig) -> Result<PostNormLayer> {
     let attention = vb.pp("attention");
     let self_attention = attention.pp("self");
     let weights = LayerWeights {
-        qkv: fused_qkv(self_attention.pp("query"), self_attention.pp("key"), self_attention.pp("value"), hidden)?,
+        qkv: fused_qkv(
+            self_attention.pp("query"),
+            self_attention.pp("key"),
+            self_attention.pp("value"),
+            hidden,
+        )?,
         attention_out: linear(hidden, hidden, attention.pp("output.dense"))?,
         attention_norm: layer_norm(hidden, cfg.layer_norm_eps, attention.pp("output.LayerNorm"))?,
         intermediate: linear(hidden, cfg.intermediate_size, vb.pp("intermediate.dense"))?,
@@ -121,7 +134,9 @@ impl BertModel {
         check_heads(cfg.hidden_size, cfg.num_attention_heads)?;
         match cfg.position_embedding_type.as_deref() {
             None | Some("absolute") => Ok(()),
-            Some(other) => Err(format!("position_embedding_type `{other}` is not supported (only absolute)")),
+            Some(other) => Err(format!(
+                "position_embedding_type `{other}` is not supported (only absolute)"
+            )),
         }
     }
 
@@ -129,7 +144,9 @@ impl BertModel {
         // Checkpoints saved from a task head nest the encoder under `bert.` / `roberta.`.
         let vb = ["bert", "roberta"]
             .into_iter()
-            .find(|prefix| vb.contains_tensor(&format!("{prefix}.embeddings.word_embeddings.weight")))
+            .find(|prefix| {
+                vb.contains_tensor(&format!("{prefix}.embeddings.word_embeddings.weight"))
+            })
             .map_or(vb.clone(), |prefix| vb.pp(prefix));
         let layers = (0..cfg.num_hidden_layers)
             .map(|index| load_layer(vb.pp(format!("encoder.layer.{index}")), cfg))

@@ -34,12 +34,28 @@ impl HiddenAct {
 
 /// Query, key and value projections concatenated into one `[3 * hidden, hidden]` matrix, so the
 /// three products become one larger one (better cache and thread use on small hidden sizes).
-pub fn fused_qkv(query: VarBuilder, key: VarBuilder, value: VarBuilder, hidden: usize) -> Result<Linear> {
+pub fn fused_qkv(
+    query: VarBuilder,
+    key: VarBuilder,
+    value: VarBuilder,
+    hidden: usize,
+) -> Result<Linear> {
     let weight = Tensor::cat(
-        &[query.get((hidden, hidden), "weight")?, key.get((hidden, hidden), "weight")?, value.get((hidden, hidden), "weight")?],
+        &[
+            query.get((hidden, hidden), "weight")?,
+            key.get((hidden, hidden), "weight")?,
+            value.get((hidden, hidden), "weight")?,
+        ],
         0,
     )?;
-    let bias = Tensor::cat(&[query.get(hidden, "bias")?, key.get(hidden, "bias")?, value.get(hidden, "bias")?], 0)?;
+    let bias = Tensor::cat(
+        &[
+            query.get(hidden, "bias")?,
+            key.get(hidden, "bias")?,
+            value.get(hidden, "bias")?,
+        ],
+        0,
+    )?;
     Ok(Linear::new(weight, Some(bias)))
 }
 
@@ -64,7 +80,7 @@ pub struct PostNormLayer {
 /// half precision) on candle tensor ops. One computation, two executors; the parity test in
 /// this file keeps them equal.
 enum LayerImpl {
-    Cpu(CpuLayer),
+    Cpu(Box<CpuLayer>),
     Tensor(LayerWeights),
 }
 
@@ -98,11 +114,26 @@ impl CpuLinear {
             Some(bias) => bias.to_vec1::<f32>()?,
             None => vec![0.0; linear.weight().dim(0)?],
         };
-        Ok(Self { weight_t: linear.weight().t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?, bias, in_dim })
+        Ok(Self {
+            weight_t: linear
+                .weight()
+                .t()?
+                .contiguous()?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+            bias,
+            in_dim,
+        })
     }
 
     fn forward(&self, x: &[f32]) -> Vec<f32> {
-        cpu_kernels::linear(x, x.len() / self.in_dim, self.in_dim, &self.weight_t, &self.bias)
+        cpu_kernels::linear(
+            x,
+            x.len() / self.in_dim,
+            self.in_dim,
+            &self.weight_t,
+            &self.bias,
+        )
     }
 }
 
@@ -113,7 +144,11 @@ impl CpuNorm {
             Some(bias) => bias.to_vec1::<f32>()?,
             None => vec![0.0; weight.len()],
         };
-        Ok(Self { weight, bias, eps: norm.eps() as f32 })
+        Ok(Self {
+            weight,
+            bias,
+            eps: norm.eps() as f32,
+        })
     }
 }
 
@@ -121,7 +156,7 @@ impl PostNormLayer {
     pub fn new(weights: LayerWeights, heads: usize, act: HiddenAct) -> Result<Self> {
         let weight = weights.qkv.weight();
         let weights = if weight.device().is_cpu() && weight.dtype() == DType::F32 {
-            LayerImpl::Cpu(CpuLayer {
+            LayerImpl::Cpu(Box::new(CpuLayer {
                 hidden: weights.attention_out.weight().dim(0)?,
                 qkv: CpuLinear::new(&weights.qkv)?,
                 attention_out: CpuLinear::new(&weights.attention_out)?,
@@ -129,15 +164,24 @@ impl PostNormLayer {
                 intermediate: CpuLinear::new(&weights.intermediate)?,
                 output: CpuLinear::new(&weights.output)?,
                 output_norm: CpuNorm::new(&weights.output_norm)?,
-            })
+            }))
         } else {
             LayerImpl::Tensor(weights)
         };
-        Ok(Self { weights, heads, act })
+        Ok(Self {
+            weights,
+            heads,
+            act,
+        })
     }
 
     /// `hidden_states` is `[tokens, hidden]` for the whole packed batch.
-    pub fn forward(&self, hidden_states: &Tensor, batch: &PackedBatch, bias: Option<&RelativeBias>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        hidden_states: &Tensor,
+        batch: &PackedBatch,
+        bias: Option<&RelativeBias>,
+    ) -> Result<Tensor> {
         match &self.weights {
             LayerImpl::Cpu(layer) => {
                 let x = hidden_states.flatten_all()?.to_vec1::<f32>()?;
@@ -147,19 +191,35 @@ impl PostNormLayer {
             LayerImpl::Tensor(w) => {
                 let qkv = w.qkv.forward(hidden_states)?;
                 let context = packed_attention(&qkv, batch, self.heads, bias)?;
-                let attention = w.attention_norm.forward(&(w.attention_out.forward(&context)? + hidden_states)?)?;
+                let attention = w
+                    .attention_norm
+                    .forward(&(w.attention_out.forward(&context)? + hidden_states)?)?;
                 let intermediate = self.act.apply(&w.intermediate.forward(&attention)?)?;
-                w.output_norm.forward(&(w.output.forward(&intermediate)? + attention)?)
+                w.output_norm
+                    .forward(&(w.output.forward(&intermediate)? + attention)?)
             }
         }
     }
 }
 
 impl CpuLayer {
-    fn forward(&self, x: Vec<f32>, batch: &PackedBatch, heads: usize, act: HiddenAct, bias: Option<&RelativeBias>) -> Result<Vec<f32>> {
+    fn forward(
+        &self,
+        x: Vec<f32>,
+        batch: &PackedBatch,
+        heads: usize,
+        act: HiddenAct,
+        bias: Option<&RelativeBias>,
+    ) -> Result<Vec<f32>> {
         let tokens = x.len() / self.hidden;
-        let qkv = Tensor::from_vec(self.qkv.forward(&x), (tokens, 3 * self.hidden), &candle_core::Device::Cpu)?;
-        let context = packed_attention(&qkv, batch, heads, bias)?.flatten_all()?.to_vec1::<f32>()?;
+        let qkv = Tensor::from_vec(
+            self.qkv.forward(&x),
+            (tokens, 3 * self.hidden),
+            &candle_core::Device::Cpu,
+        )?;
+        let context = packed_attention(&qkv, batch, heads, bias)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let mut attention = self.attention_out.forward(&context);
         let norm = &self.attention_norm;
         cpu_kernels::add_layer_norm(&mut attention, &x, &norm.weight, &norm.bias, norm.eps);
@@ -167,7 +227,11 @@ impl CpuLayer {
         match act {
             HiddenAct::Gelu => cpu_kernels::gelu_erf(&mut intermediate),
             HiddenAct::GeluApproximate | HiddenAct::Relu => {
-                let t = act.apply(&Tensor::from_vec(intermediate, (tokens, self.intermediate.bias.len()), &candle_core::Device::Cpu)?)?;
+                let t = act.apply(&Tensor::from_vec(
+                    intermediate,
+                    (tokens, self.intermediate.bias.len()),
+                    &candle_core::Device::Cpu,
+                )?)?;
                 intermediate = t.flatten_all()?.to_vec1::<f32>()?;
             }
         }
@@ -182,15 +246,21 @@ impl CpuLayer {
 impl PostNormLayer {
     /// The tensor-op executor even on CPU, to check the CPU kernels against it.
     fn with_tensor_ops(weights: LayerWeights, heads: usize, act: HiddenAct) -> Self {
-        Self { weights: LayerImpl::Tensor(weights), heads, act }
+        Self {
+            weights: LayerImpl::Tensor(weights),
+            heads,
+            act,
+        }
     }
 }
 
 /// Checks a head count against the hidden size at load, so a bad config fails there and not
 /// inside a reshape on the first request.
 pub fn check_heads(hidden: usize, heads: usize) -> std::result::Result<(), String> {
-    if heads == 0 || hidden % heads != 0 {
-        return Err(format!("hidden_size {hidden} is not a multiple of num_attention_heads {heads}"));
+    if heads == 0 || !hidden.is_multiple_of(heads) {
+        return Err(format!(
+            "hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
+        ));
     }
     Ok(())
 }
@@ -209,7 +279,11 @@ mod tests {
             Ok(Linear::new(w, Some(b)))
         };
         let norm = || -> Result<LayerNorm> {
-            Ok(LayerNorm::new((Tensor::randn(0f32, 0.1, hidden, &device)? + 1.0)?, Tensor::randn(0f32, 0.1, hidden, &device)?, 1e-5))
+            Ok(LayerNorm::new(
+                (Tensor::randn(0f32, 0.1, hidden, &device)? + 1.0)?,
+                Tensor::randn(0f32, 0.1, hidden, &device)?,
+                1e-5,
+            ))
         };
         Ok(LayerWeights {
             qkv: linear(3 * hidden, hidden, seed)?,
@@ -239,7 +313,8 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (batch.tokens(), hidden), &Device::Cpu)?;
         for act in [HiddenAct::Gelu, HiddenAct::GeluApproximate, HiddenAct::Relu] {
             let w = weights(hidden, intermediate, 1)?;
-            let reference = PostNormLayer::with_tensor_ops(clone_weights(&w), heads, act).forward(&x, &batch, None)?;
+            let reference = PostNormLayer::with_tensor_ops(clone_weights(&w), heads, act)
+                .forward(&x, &batch, None)?;
             let cpu = PostNormLayer::new(w, heads, act)?;
             assert!(matches!(cpu.weights, LayerImpl::Cpu(_)));
             let fast = cpu.forward(&x, &batch, None)?;

@@ -35,7 +35,9 @@ impl TextEncoderConfig {
     /// Rejects options the implementation does not support, naming them.
     pub fn validate(&self) -> std::result::Result<(), String> {
         match self {
-            Self::Bert(cfg) | Self::Roberta(cfg) | Self::XlmRoberta(cfg) => bert::BertModel::validate(cfg),
+            Self::Bert(cfg) | Self::Roberta(cfg) | Self::XlmRoberta(cfg) => {
+                bert::BertModel::validate(cfg)
+            }
             Self::Mpnet(cfg) => mpnet::MpNetModel::validate(cfg),
         }
     }
@@ -50,10 +52,12 @@ pub enum TextEncoder {
 impl TextEncoder {
     pub fn load(vb: candle_nn::VarBuilder, config: &TextEncoderConfig) -> Result<Self> {
         Ok(match config {
-            TextEncoderConfig::Bert(cfg) => Self::Bert(bert::BertModel::load(vb, cfg, bert::PositionScheme::Bert)?),
-            TextEncoderConfig::Roberta(cfg) | TextEncoderConfig::XlmRoberta(cfg) => {
-                Self::Bert(bert::BertModel::load(vb, cfg, bert::PositionScheme::Roberta)?)
+            TextEncoderConfig::Bert(cfg) => {
+                Self::Bert(bert::BertModel::load(vb, cfg, bert::PositionScheme::Bert)?)
             }
+            TextEncoderConfig::Roberta(cfg) | TextEncoderConfig::XlmRoberta(cfg) => Self::Bert(
+                bert::BertModel::load(vb, cfg, bert::PositionScheme::Roberta)?,
+            ),
             TextEncoderConfig::Mpnet(cfg) => Self::MpNet(mpnet::MpNetModel::load(vb, cfg)?),
         })
     }

@@ -59,7 +59,8 @@ fn relative_position_bucket(relative_position: i64, num_buckets: usize) -> usize
     bucket += if n < max_exact {
         n
     } else {
-        let log_ratio = (n as f32 / max_exact as f32).ln() / (MAX_DISTANCE as f32 / max_exact as f32).ln();
+        let log_ratio =
+            (n as f32 / max_exact as f32).ln() / (MAX_DISTANCE as f32 / max_exact as f32).ln();
         let large = max_exact + (log_ratio * (half - max_exact) as f32) as i64;
         large.min(half - 1)
     };
@@ -77,7 +78,8 @@ impl MpNetEmbeddings {
     fn forward(&self, batch: &PackedBatch) -> Result<Tensor> {
         let device = self.word_embeddings.embeddings().device();
         let positions = Tensor::new(batch.positions(self.first_position), device)?;
-        let embeddings = (self.word_embeddings.forward(&batch.ids_tensor(device)?)? + self.position_embeddings.forward(&positions)?)?;
+        let embeddings = (self.word_embeddings.forward(&batch.ids_tensor(device)?)?
+            + self.position_embeddings.forward(&positions)?)?;
         self.layer_norm.forward(&embeddings)
     }
 }
@@ -112,18 +114,37 @@ impl MpNetModel {
     pub fn validate(cfg: &MpNetConfig) -> std::result::Result<(), String> {
         check_heads(cfg.hidden_size, cfg.num_attention_heads)?;
         if cfg.relative_attention_num_buckets < 4 {
-            return Err(format!("relative_attention_num_buckets {} is too small", cfg.relative_attention_num_buckets));
+            return Err(format!(
+                "relative_attention_num_buckets {} is too small",
+                cfg.relative_attention_num_buckets
+            ));
         }
         Ok(())
     }
 
     pub fn load(vb: VarBuilder, cfg: &MpNetConfig) -> Result<Self> {
-        let vb = if vb.contains_tensor("mpnet.embeddings.word_embeddings.weight") { vb.pp("mpnet") } else { vb };
+        let vb = if vb.contains_tensor("mpnet.embeddings.word_embeddings.weight") {
+            vb.pp("mpnet")
+        } else {
+            vb
+        };
         let first_position = cfg.pad_token_id + 1;
         let embeddings = MpNetEmbeddings {
-            word_embeddings: embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embeddings.word_embeddings"))?,
-            position_embeddings: embedding(cfg.max_position_embeddings, cfg.hidden_size, vb.pp("embeddings.position_embeddings"))?,
-            layer_norm: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("embeddings.LayerNorm"))?,
+            word_embeddings: embedding(
+                cfg.vocab_size,
+                cfg.hidden_size,
+                vb.pp("embeddings.word_embeddings"),
+            )?,
+            position_embeddings: embedding(
+                cfg.max_position_embeddings,
+                cfg.hidden_size,
+                vb.pp("embeddings.position_embeddings"),
+            )?,
+            layer_norm: layer_norm(
+                cfg.hidden_size,
+                cfg.layer_norm_eps,
+                vb.pp("embeddings.LayerNorm"),
+            )?,
             first_position,
         };
         let layers = (0..cfg.num_hidden_layers)
@@ -131,19 +152,30 @@ impl MpNetModel {
             .collect::<Result<Vec<_>>>()?;
         let buckets = cfg.relative_attention_num_buckets;
         let bias_table = vb
-            .get((buckets, cfg.num_attention_heads), "encoder.relative_attention_bias.weight")?
+            .get(
+                (buckets, cfg.num_attention_heads),
+                "encoder.relative_attention_bias.weight",
+            )?
             .flatten_all()?
             .to_vec1::<f32>()?;
         let max_offset = cfg.max_position_embeddings;
         let bucket_of_offset = (0..=2 * max_offset)
             .map(|index| relative_position_bucket(index as i64 - max_offset as i64, buckets))
             .collect();
-        Ok(Self { embeddings, layers, heads: cfg.num_attention_heads, bias_table, bucket_of_offset, max_offset })
+        Ok(Self {
+            embeddings,
+            layers,
+            heads: cfg.num_attention_heads,
+            bias_table,
+            bucket_of_offset,
+            max_offset,
+        })
     }
 
     /// The longest sequence the position table can hold.
     pub fn max_positions(&self) -> usize {
-        self.max_offset.saturating_sub(self.embeddings.first_position as usize)
+        self.max_offset
+            .saturating_sub(self.embeddings.first_position as usize)
     }
 
     pub fn forward(&self, batch: &PackedBatch) -> Result<Tensor> {
@@ -168,9 +200,14 @@ mod tests {
     #[test]
     fn buckets_match_upstream_values() {
         // Values from transformers' MPNetEncoder.relative_position_bucket(torch.tensor([...])).
-        let offsets = [-200, -128, -64, -20, -8, -7, -1, 0, 1, 7, 8, 20, 64, 128, 200];
+        let offsets = [
+            -200, -128, -64, -20, -8, -7, -1, 0, 1, 7, 8, 20, 64, 128, 200,
+        ];
         let expected = [15, 15, 14, 10, 8, 7, 1, 0, 17, 23, 24, 26, 30, 31, 31];
-        let got: Vec<usize> = offsets.iter().map(|&o| relative_position_bucket(o, 32)).collect();
+        let got: Vec<usize> = offsets
+            .iter()
+            .map(|&o| relative_position_bucket(o, 32))
+            .collect();
         assert_eq!(got, expected);
     }
 }
