@@ -12,3 +12,5 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/fetch-models.sh
 cargo test --release --workspace "$@"
 cargo bench --workspace --no-run
+# The CUDA path must keep compiling on machines without CUDA (cudarc loads it at run time).
+cargo build --release -p embedfleet-fusion --features cuda

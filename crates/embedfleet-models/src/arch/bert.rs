@@ -9,10 +9,12 @@
 //! `encoder.layer.N.attention.self.query`, ...).
 
 use candle_core::{Result, Tensor};
-use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Module, VarBuilder};
+use candle_nn::{layer_norm, linear, VarBuilder};
 use serde::Deserialize;
 
-use super::layers::{check_heads, fused_qkv, HiddenAct, LayerWeights, PostNormLayer};
+use super::layers::{
+    check_heads, fused_qkv, EmbeddingSizes, HiddenAct, LayerWeights, PostNormLayer, TokenEmbeddings,
+};
 use crate::packed::PackedBatch;
 
 fn default_layer_norm_eps() -> f64 {
@@ -52,55 +54,6 @@ pub enum PositionScheme {
     Roberta,
 }
 
-struct BertEmbeddings {
-    word_embeddings: Embedding,
-    position_embeddings: Embedding,
-    /// Row 0 of `token_type_embeddings`: single-segment inputs all use type 0, so the lookup is
-    /// a broadcast add of one row.
-    token_type_row: Option<Tensor>,
-    layer_norm: LayerNorm,
-    first_position: u32,
-}
-
-impl BertEmbeddings {
-    fn load(vb: VarBuilder, cfg: &BertConfig, scheme: PositionScheme) -> Result<Self> {
-        let token_type_row = if cfg.type_vocab_size > 0 {
-            let table = vb.get(
-                (cfg.type_vocab_size, cfg.hidden_size),
-                "token_type_embeddings.weight",
-            )?;
-            Some(table.get(0)?)
-        } else {
-            None
-        };
-        Ok(Self {
-            word_embeddings: embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("word_embeddings"))?,
-            position_embeddings: embedding(
-                cfg.max_position_embeddings,
-                cfg.hidden_size,
-                vb.pp("position_embeddings"),
-            )?,
-            token_type_row,
-            layer_norm: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("LayerNorm"))?,
-            first_position: match scheme {
-                PositionScheme::Bert => 0,
-                PositionScheme::Roberta => cfg.pad_token_id + 1,
-            },
-        })
-    }
-
-    fn forward(&self, batch: &PackedBatch) -> Result<Tensor> {
-        let device = self.word_embeddings.embeddings().device();
-        let positions = Tensor::new(batch.positions(self.first_position), device)?;
-        let mut embeddings = (self.word_embeddings.forward(&batch.ids_tensor(device)?)?
-            + self.position_embeddings.forward(&positions)?)?;
-        if let Some(row) = &self.token_type_row {
-            embeddings = embeddings.broadcast_add(row)?;
-        }
-        self.layer_norm.forward(&embeddings)
-    }
-}
-
 fn load_layer(vb: VarBuilder, cfg: &BertConfig) -> Result<PostNormLayer> {
     let hidden = cfg.hidden_size;
     let attention = vb.pp("attention");
@@ -123,7 +76,7 @@ fn load_layer(vb: VarBuilder, cfg: &BertConfig) -> Result<PostNormLayer> {
 
 /// The BERT encoder stack; returns the last hidden states, `[tokens, hidden]`.
 pub struct BertModel {
-    embeddings: BertEmbeddings,
+    embeddings: TokenEmbeddings,
     layers: Vec<PostNormLayer>,
     max_positions: usize,
 }
@@ -153,12 +106,22 @@ impl BertModel {
             .collect::<Result<Vec<_>>>()?;
         let first_position = match scheme {
             PositionScheme::Bert => 0,
-            PositionScheme::Roberta => cfg.pad_token_id as usize + 1,
+            PositionScheme::Roberta => cfg.pad_token_id + 1,
+        };
+        let sizes = EmbeddingSizes {
+            vocab: cfg.vocab_size,
+            hidden: cfg.hidden_size,
+            max_positions: cfg.max_position_embeddings,
+            token_types: Some(cfg.type_vocab_size),
+            layer_norm_eps: cfg.layer_norm_eps,
+            first_position,
         };
         Ok(Self {
-            embeddings: BertEmbeddings::load(vb.pp("embeddings"), cfg, scheme)?,
+            embeddings: TokenEmbeddings::load(vb.pp("embeddings"), &sizes)?,
             layers,
-            max_positions: cfg.max_position_embeddings.saturating_sub(first_position),
+            max_positions: cfg
+                .max_position_embeddings
+                .saturating_sub(first_position as usize),
         })
     }
 

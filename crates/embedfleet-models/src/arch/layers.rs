@@ -5,7 +5,7 @@
 //! lives once.
 
 use candle_core::{DType, Result, Tensor};
-use candle_nn::{LayerNorm, Linear, Module, VarBuilder};
+use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, Linear, Module, VarBuilder};
 
 use crate::cpu_kernels;
 use crate::packed::{packed_attention, PackedBatch, RelativeBias};
@@ -57,6 +57,71 @@ pub fn fused_qkv(
         0,
     )?;
     Ok(Linear::new(weight, Some(bias)))
+}
+
+/// Token + absolute position embeddings (+ one token-type row), then LayerNorm: the input block
+/// BERT, RoBERTa and MPNet share. Tensor names follow the checkpoints (`word_embeddings`,
+/// `position_embeddings`, `token_type_embeddings`, `LayerNorm`).
+pub struct TokenEmbeddings {
+    word_embeddings: Embedding,
+    position_embeddings: Embedding,
+    /// Row 0 of `token_type_embeddings`: single-segment inputs all use type 0, so the lookup is
+    /// a broadcast add of one row. MPNet has no token types.
+    token_type_row: Option<Tensor>,
+    layer_norm: LayerNorm,
+    /// Position of a sequence's first token: 0 for BERT, `pad_token_id + 1` for RoBERTa and
+    /// MPNet, whose position tables reserve the rows up to the padding index.
+    first_position: u32,
+}
+
+/// The sizes [`TokenEmbeddings::load`] reads from a config.
+pub struct EmbeddingSizes {
+    pub vocab: usize,
+    pub hidden: usize,
+    pub max_positions: usize,
+    /// `None` for checkpoints without token types.
+    pub token_types: Option<usize>,
+    pub layer_norm_eps: f64,
+    pub first_position: u32,
+}
+
+impl TokenEmbeddings {
+    pub fn load(vb: VarBuilder, sizes: &EmbeddingSizes) -> Result<Self> {
+        let token_type_row = match sizes.token_types {
+            Some(types) if types > 0 => Some(
+                vb.get((types, sizes.hidden), "token_type_embeddings.weight")?
+                    .get(0)?,
+            ),
+            _ => None,
+        };
+        Ok(Self {
+            word_embeddings: embedding(sizes.vocab, sizes.hidden, vb.pp("word_embeddings"))?,
+            position_embeddings: embedding(
+                sizes.max_positions,
+                sizes.hidden,
+                vb.pp("position_embeddings"),
+            )?,
+            token_type_row,
+            layer_norm: layer_norm(sizes.hidden, sizes.layer_norm_eps, vb.pp("LayerNorm"))?,
+            first_position: sizes.first_position,
+        })
+    }
+
+    /// Position of a sequence's first token in the position table.
+    pub fn first_position(&self) -> u32 {
+        self.first_position
+    }
+
+    pub fn forward(&self, batch: &PackedBatch) -> Result<Tensor> {
+        let device = self.word_embeddings.embeddings().device();
+        let positions = Tensor::new(batch.positions(self.first_position), device)?;
+        let mut embeddings = (self.word_embeddings.forward(&batch.ids_tensor(device)?)?
+            + self.position_embeddings.forward(&positions)?)?;
+        if let Some(row) = &self.token_type_row {
+            embeddings = embeddings.broadcast_add(row)?;
+        }
+        self.layer_norm.forward(&embeddings)
+    }
 }
 
 /// The tensors of one layer as the checkpoint stores them (QKV already fused).

@@ -8,10 +8,12 @@
 //! attention scores.
 
 use candle_core::{Result, Tensor};
-use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Module, VarBuilder};
+use candle_nn::{layer_norm, linear, VarBuilder};
 use serde::Deserialize;
 
-use super::layers::{check_heads, fused_qkv, HiddenAct, LayerWeights, PostNormLayer};
+use super::layers::{
+    check_heads, fused_qkv, EmbeddingSizes, HiddenAct, LayerWeights, PostNormLayer, TokenEmbeddings,
+};
 use crate::packed::{PackedBatch, RelativeBias};
 
 fn default_buckets() -> usize {
@@ -67,23 +69,6 @@ fn relative_position_bucket(relative_position: i64, num_buckets: usize) -> usize
     bucket as usize
 }
 
-struct MpNetEmbeddings {
-    word_embeddings: Embedding,
-    position_embeddings: Embedding,
-    layer_norm: LayerNorm,
-    first_position: u32,
-}
-
-impl MpNetEmbeddings {
-    fn forward(&self, batch: &PackedBatch) -> Result<Tensor> {
-        let device = self.word_embeddings.embeddings().device();
-        let positions = Tensor::new(batch.positions(self.first_position), device)?;
-        let embeddings = (self.word_embeddings.forward(&batch.ids_tensor(device)?)?
-            + self.position_embeddings.forward(&positions)?)?;
-        self.layer_norm.forward(&embeddings)
-    }
-}
-
 fn load_layer(vb: VarBuilder, cfg: &MpNetConfig) -> Result<PostNormLayer> {
     let hidden = cfg.hidden_size;
     let attn = vb.pp("attention.attn");
@@ -100,7 +85,7 @@ fn load_layer(vb: VarBuilder, cfg: &MpNetConfig) -> Result<PostNormLayer> {
 
 /// The MPNet encoder stack; returns the last hidden states, `[tokens, hidden]`.
 pub struct MpNetModel {
-    embeddings: MpNetEmbeddings,
+    embeddings: TokenEmbeddings,
     layers: Vec<PostNormLayer>,
     heads: usize,
     /// `relative_attention_bias.weight` flattened: `[buckets, heads]`, row-major.
@@ -129,24 +114,15 @@ impl MpNetModel {
             vb
         };
         let first_position = cfg.pad_token_id + 1;
-        let embeddings = MpNetEmbeddings {
-            word_embeddings: embedding(
-                cfg.vocab_size,
-                cfg.hidden_size,
-                vb.pp("embeddings.word_embeddings"),
-            )?,
-            position_embeddings: embedding(
-                cfg.max_position_embeddings,
-                cfg.hidden_size,
-                vb.pp("embeddings.position_embeddings"),
-            )?,
-            layer_norm: layer_norm(
-                cfg.hidden_size,
-                cfg.layer_norm_eps,
-                vb.pp("embeddings.LayerNorm"),
-            )?,
+        let sizes = EmbeddingSizes {
+            vocab: cfg.vocab_size,
+            hidden: cfg.hidden_size,
+            max_positions: cfg.max_position_embeddings,
+            token_types: None,
+            layer_norm_eps: cfg.layer_norm_eps,
             first_position,
         };
+        let embeddings = TokenEmbeddings::load(vb.pp("embeddings"), &sizes)?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|index| load_layer(vb.pp(format!("encoder.layer.{index}")), cfg))
             .collect::<Result<Vec<_>>>()?;
@@ -175,7 +151,7 @@ impl MpNetModel {
     /// The longest sequence the position table can hold.
     pub fn max_positions(&self) -> usize {
         self.max_offset
-            .saturating_sub(self.embeddings.first_position as usize)
+            .saturating_sub(self.embeddings.first_position() as usize)
     }
 
     pub fn forward(&self, batch: &PackedBatch) -> Result<Tensor> {
