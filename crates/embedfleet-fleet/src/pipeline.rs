@@ -147,9 +147,17 @@ impl Pipeline {
             let mut slot = vec![None; inputs.len()];
             if !taken.is_empty() {
                 let model = self.registry.get(spec.name)?;
-                let batch: Vec<ModelInput> = taken.iter().map(|&i| inputs[i].clone()).collect();
+                // The usual case, every input of one modality, borrows the caller's slice; only
+                // a mixed batch copies out the inputs this model takes.
+                let subset: Vec<ModelInput>;
+                let batch = if taken.len() == inputs.len() {
+                    inputs
+                } else {
+                    subset = taken.iter().map(|&i| inputs[i].clone()).collect();
+                    &subset
+                };
                 let embedded = model
-                    .embed_batch(&batch, &request.options)
+                    .embed_batch(batch, &request.options)
                     .map_err(|error| renumber(error, &taken, first_index))?;
                 for (&i, embedding) in taken.iter().zip(embedded) {
                     prompt_tokens += embedding.tokens as u64;
