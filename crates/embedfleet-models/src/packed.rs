@@ -135,10 +135,24 @@ fn packed_attention_cpu(
     bias: Option<&RelativeBias>,
 ) -> Result<Tensor> {
     let (tokens, width) = qkv.dims2()?;
-    let hidden = width / 3;
+    let values = qkv.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let context = packed_attention_f32(&values, width / 3, batch, heads, bias);
+    Tensor::from_vec(context, (tokens, width / 3), &Device::Cpu)
+}
+
+/// The CPU kernel on plain slices: `qkv` is `[tokens, 3 * hidden]` row-major, the result
+/// `[tokens, hidden]`. The CPU encoder layer calls this directly, with no tensor round trip.
+pub fn packed_attention_f32(
+    qkv: &[f32],
+    hidden: usize,
+    batch: &PackedBatch,
+    heads: usize,
+    bias: Option<&RelativeBias>,
+) -> Vec<f32> {
+    let tokens = batch.tokens();
+    let width = 3 * hidden;
     let head_dim = hidden / heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
-    let qkv = qkv.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
     let mut sequence_of_row = Vec::with_capacity(tokens);
     for s in 0..batch.sequences() {
         sequence_of_row.extend(std::iter::repeat_n(s, batch.len_of(s)));
@@ -179,7 +193,7 @@ fn packed_attention_cpu(
             }
         },
     );
-    Tensor::from_vec(context, (tokens, hidden), &Device::Cpu)
+    context
 }
 
 /// The device-generic path (GPU, or non-f32 dtypes): the same computation in tensor ops, one

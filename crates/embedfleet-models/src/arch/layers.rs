@@ -8,7 +8,7 @@ use candle_core::{DType, Result, Tensor};
 use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, Linear, Module, VarBuilder};
 
 use crate::cpu_kernels;
-use crate::packed::{packed_attention, PackedBatch, RelativeBias};
+use crate::packed::{packed_attention, packed_attention_f32, PackedBatch, RelativeBias};
 
 /// Activations the supported checkpoints use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -277,14 +277,8 @@ impl CpuLayer {
         bias: Option<&RelativeBias>,
     ) -> Result<Vec<f32>> {
         let tokens = x.len() / self.hidden;
-        let qkv = Tensor::from_vec(
-            self.qkv.forward(&x),
-            (tokens, 3 * self.hidden),
-            &candle_core::Device::Cpu,
-        )?;
-        let context = packed_attention(&qkv, batch, heads, bias)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let qkv = self.qkv.forward(&x);
+        let context = packed_attention_f32(&qkv, self.hidden, batch, heads, bias);
         let mut attention = self.attention_out.forward(&context);
         let norm = &self.attention_norm;
         cpu_kernels::add_layer_norm(&mut attention, &x, &norm.weight, &norm.bias, norm.eps);
