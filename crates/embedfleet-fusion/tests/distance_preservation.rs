@@ -4,28 +4,9 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use common::{pairwise_cosines, spearman, values};
 use embedfleet_fusion::{assemble::normalized_concatenation, FuseMoe, FuseMoeConfig};
-use serde::Deserialize;
-
-#[derive(Deserialize)]
-struct Fixture {
-    inputs: Vec<String>,
-    models: std::collections::HashMap<String, FixtureModel>,
-}
-
-#[derive(Deserialize)]
-struct FixtureModel {
-    dim: usize,
-    embeddings: Vec<Vec<f32>>,
-}
-
-fn fixture_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../embedfleet-models/tests/fixtures/reference_embeddings.json")
-}
+use embedfleet_testkit::reference_fixture;
 
 /// Fused and reference cosines over every pair of fixture sentences, for a two-slot layer.
 fn spearman_on_fixture(cfg: FuseMoeConfig, seed: u64) -> f64 {
@@ -34,14 +15,7 @@ fn spearman_on_fixture(cfg: FuseMoeConfig, seed: u64) -> f64 {
 
 /// The same with minilm and mpnet in the given slots of `cfg` and every other slot absent.
 fn spearman_on_fixture_slots(cfg: FuseMoeConfig, seed: u64, slots: (usize, usize)) -> f64 {
-    let path = fixture_path();
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e} (the real-model fixture is required)",
-            path.display()
-        )
-    });
-    let fixture: Fixture = serde_json::from_str(&text).unwrap();
+    let fixture = reference_fixture();
     let minilm = &fixture.models["minilm"];
     let mpnet = &fixture.models["mpnet"];
     assert_eq!((minilm.dim, mpnet.dim), (384, 768));

@@ -8,25 +8,7 @@ use embedfleet_models::Device;
 use embedfleet_models::{
     catalogue, EmbedOptions, EmbeddingModel, ModelInput, TextEmbedder, WeightResolver,
 };
-use serde::Deserialize;
-
-#[derive(Deserialize)]
-struct Fixture {
-    inputs: Vec<String>,
-    models: std::collections::HashMap<String, FixtureModel>,
-}
-
-#[derive(Deserialize)]
-struct FixtureModel {
-    token_counts: Vec<usize>,
-    embeddings: Vec<Vec<f32>>,
-}
-
-fn fixture() -> Fixture {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference_embeddings.json");
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
+use embedfleet_testkit::reference_fixture as fixture;
 
 fn models_dir() -> PathBuf {
     std::env::var_os("EMBEDFLEET_MODELS_DIR")

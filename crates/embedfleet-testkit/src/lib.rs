@@ -35,8 +35,10 @@ pub mod nats;
 pub mod port;
 pub mod process;
 pub mod redis;
+pub mod reference;
 
 pub use error::TestkitError;
 pub use nats::NatsServer;
 pub use process::ServerProcess;
 pub use redis::RedisServer;
+pub use reference::{reference_fixture, ReferenceFixture, ReferenceModel};
