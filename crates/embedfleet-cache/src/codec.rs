@@ -13,6 +13,7 @@
 //! stored: it follows from the length, and the key already pins the model that fixes it.
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use crate::CacheError;
 
@@ -106,10 +107,19 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<f32>, CacheError> {
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect(),
-        ElementType::F16 => payload
-            .chunks_exact(2)
-            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
+        ElementType::F16 => {
+            // Gathered into f16s first (the payload sits after a 1-byte header, so it is not
+            // 2-byte aligned), then widened by half's slice conversion, which uses F16C/SIMD
+            // where the CPU has it. Widened element by element, f16 reads measured 3.5x slower
+            // than f32 reads in benches/cache.rs.
+            let halves: Vec<f16> = payload
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            let mut vector = vec![0.0f32; halves.len()];
+            halves.convert_to_f32_slice(&mut vector);
+            vector
+        }
     };
     Ok(vector)
 }

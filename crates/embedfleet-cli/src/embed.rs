@@ -1,6 +1,7 @@
-//! `embedfleet embed`: the in-process pipeline, no server. Inputs come from the arguments, or one
-//! per stdin line; each becomes one JSON object on stdout, shaped like one `data` element of the
-//! wire reply.
+//! `embedfleet embed`: the in-process pipeline, no server, or with `--nats-url` a running fleet
+//! (`embedfleet serve`) through `embedfleet-client`. Inputs come from the arguments, or one per
+//! stdin line; each becomes one JSON object on stdout, shaped like one `data` element of the wire
+//! reply, the same in both modes.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -9,16 +10,23 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use embedfleet_client::{ClientError, EmbedClient};
 use embedfleet_fleet::{Pipeline, PipelineRequest};
 use embedfleet_models::{Device, EmbedOptions, ModelInput, ModelRegistry, WeightResolver};
+use embedfleet_proto::{EmbedRequest, EmbeddingData};
+
+/// The models `embed` runs in this process when `--models` is not given. With `--nats-url` the
+/// fleet's own default set applies instead.
+const DEFAULT_MODELS: [&str; 2] = ["minilm", "mpnet"];
 
 #[derive(Args)]
 pub struct EmbedArgs {
     /// Texts to embed; with none, one input per stdin line.
     texts: Vec<String>,
-    /// Models to run, comma-separated (`embedfleet models` lists them).
-    #[arg(long, value_delimiter = ',', default_value = "minilm,mpnet")]
-    models: Vec<String>,
+    /// Models to run, comma-separated (`embedfleet models` lists them) [default: minilm,mpnet;
+    /// with --nats-url, the fleet's default set].
+    #[arg(long, value_delimiter = ',')]
+    models: Option<Vec<String>>,
     /// Also print each model's own vector.
     #[arg(long)]
     partials: bool,
@@ -40,15 +48,28 @@ pub struct EmbedArgs {
     /// Task instruction, for instruction-tuned models.
     #[arg(long)]
     instruction: Option<String>,
-    /// Inputs embedded per pass when reading stdin; bounds memory on any input size.
+    /// Inputs embedded per pass when reading stdin; bounds memory on any input size. With
+    /// --nats-url, inputs per request (arguments too); the fleet takes at most 256 by default.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=4096))]
     batch_size: u16,
+    /// Send the inputs to the embedfleet service on this NATS server (`embedfleet serve`)
+    /// instead of embedding in this process; --model-dir and --fusion-weights are then the
+    /// fleet's business and ignored here.
+    #[arg(long, value_name = "URL")]
+    nats_url: Option<String>,
 }
 
 pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
+    if let Some(url) = args.nats_url.clone() {
+        return run_remote(&args, &url);
+    }
+    let models: Vec<String> = match &args.models {
+        Some(models) => models.clone(),
+        None => DEFAULT_MODELS.map(String::from).to_vec(),
+    };
     let resolver = WeightResolver::from_env(args.model_dir.clone());
     let registry = Arc::new(ModelRegistry::new(resolver, Device::Cpu));
-    let pipeline = Pipeline::new(registry, &args.models, args.fusion_weights.as_deref())?;
+    let pipeline = Pipeline::new(registry, &models, args.fusion_weights.as_deref())?;
     pipeline.warm_up()?;
     let request = PipelineRequest {
         options: EmbedOptions {
@@ -67,19 +88,31 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         emit(&pipeline, &inputs, &request, 0, &mut out)?;
         return Ok(out.flush()?);
     }
+    for_each_stdin_chunk(usize::from(args.batch_size), |texts, first_index| {
+        let inputs: Vec<ModelInput> = texts.into_iter().map(ModelInput::Text).collect();
+        emit(&pipeline, &inputs, &request, first_index, &mut out)?;
+        Ok(out.flush()?)
+    })
+}
 
+/// Reads stdin in chunks of up to `batch_size` lines and hands each to `embed` with the index
+/// of its first input, showing progress on a terminal. Fails when stdin has no line at all.
+fn for_each_stdin_chunk(
+    batch_size: usize,
+    mut embed: impl FnMut(Vec<String>, usize) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let progress = std::io::stderr().is_terminal();
     let started = Instant::now();
     let mut lines = std::io::stdin().lock().split(b'\n');
     let mut done = 0usize;
     loop {
-        let chunk = read_chunk(&mut lines, usize::from(args.batch_size), done)?;
+        let chunk = read_chunk(&mut lines, batch_size, done)?;
         if chunk.is_empty() {
             break;
         }
-        emit(&pipeline, &chunk, &request, done, &mut out)?;
-        done += chunk.len();
-        out.flush()?;
+        let len = chunk.len();
+        embed(chunk, done)?;
+        done += len;
         if progress {
             eprint!(
                 "\rembedded {done} inputs ({:.1}/s)",
@@ -101,7 +134,7 @@ fn read_chunk(
     lines: &mut impl Iterator<Item = std::io::Result<Vec<u8>>>,
     max: usize,
     first_line: usize,
-) -> anyhow::Result<Vec<ModelInput>> {
+) -> anyhow::Result<Vec<String>> {
     let mut chunk = Vec::with_capacity(max);
     for line in lines.by_ref().take(max) {
         let number = first_line + chunk.len() + 1;
@@ -111,7 +144,7 @@ fn read_chunk(
         }
         let text = String::from_utf8(bytes)
             .map_err(|e| anyhow::anyhow!("stdin line {number} is not valid UTF-8 ({e})"))?;
-        chunk.push(ModelInput::Text(text));
+        chunk.push(text);
     }
     Ok(chunk)
 }
@@ -129,4 +162,97 @@ fn emit(
         out.write_all(b"\n")?;
     }
     Ok(())
+}
+
+/// `--nats-url`: the same inputs and flags, sent to the fleet as one embed.v1 request per
+/// `--batch-size` inputs, one at a time so that output order is input order.
+fn run_remote(args: &EmbedArgs, url: &str) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let client = runtime
+        .block_on(EmbedClient::connect(url))
+        .map_err(|e| remote_error(e, url))?;
+    let batch_size = usize::from(args.batch_size);
+
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut embed = |texts: Vec<String>, first_index: usize| -> anyhow::Result<()> {
+        let expected = texts.len();
+        let reply = runtime
+            .block_on(client.embed(&remote_request(args, texts)))
+            .map_err(|e| remote_error(e, url))?;
+        emit_reply(reply.data, expected, first_index, &mut out)?;
+        Ok(out.flush()?)
+    };
+    if !args.texts.is_empty() {
+        for (n, chunk) in args.texts.chunks(batch_size).enumerate() {
+            embed(chunk.to_vec(), n * batch_size)?;
+        }
+        return Ok(());
+    }
+    for_each_stdin_chunk(batch_size, embed)
+}
+
+/// The embed.v1 request for `texts` under the command's flags. Without `--models` it names
+/// none, so the fleet runs its own default set.
+fn remote_request(args: &EmbedArgs, texts: Vec<String>) -> EmbedRequest {
+    let mut request = EmbedRequest::texts(texts)
+        .with_fuse(!args.no_fuse)
+        .with_partials(args.partials)
+        .with_normalize(!args.no_normalize)
+        .with_truncate(!args.no_truncate);
+    if let Some(models) = &args.models {
+        request = request.with_models(models.iter().cloned());
+    }
+    if let Some(instruction) = &args.instruction {
+        request = request.with_instruction(instruction.clone());
+    }
+    request
+}
+
+/// Prints a reply's elements in input order, numbered from `first_index` like the in-process
+/// path numbers them across stdin chunks.
+fn emit_reply(
+    mut data: Vec<EmbeddingData>,
+    expected: usize,
+    first_index: usize,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    data.sort_by_key(|element| element.index);
+    let in_order = data
+        .iter()
+        .enumerate()
+        .all(|(i, element)| element.index == i);
+    if data.len() != expected || !in_order {
+        bail!(
+            "the fleet's reply does not match the request: {} elements for {expected} inputs",
+            data.len()
+        );
+    }
+    for mut element in data {
+        element.index += first_index;
+        serde_json::to_writer(&mut *out, &element)?;
+        out.write_all(b"\n")?;
+    }
+    Ok(())
+}
+
+/// One line that says what to do, for the failures a user can act on.
+fn remote_error(error: ClientError, url: &str) -> anyhow::Error {
+    match error {
+        ClientError::NoResponders => anyhow::anyhow!(
+            "no embedfleet service answers on {url}: start one with `embedfleet serve`"
+        ),
+        ClientError::Connect { source, .. } => anyhow::anyhow!(
+            "cannot connect to NATS at {url} ({source}): check the URL (`embedfleet serve` \
+             prints the one it listens on)"
+        ),
+        ClientError::Timeout(waited) => anyhow::anyhow!(
+            "the embedfleet service on {url} did not answer within {}s",
+            waited.as_secs()
+        ),
+        other => anyhow::Error::new(other),
+    }
 }

@@ -1,14 +1,22 @@
 //! `embedfleet`: embeddings from an ensemble of models, in-process or as a NATS fleet.
 //!
 //! # Layout
-//! - `embed.rs`: `embedfleet embed`, the in-process pipeline on arguments or stdin lines.
+//! - `embed.rs`: `embedfleet embed`, on arguments or stdin lines: the in-process pipeline, or a
+//!   fleet through embedfleet-client with `--nats-url`.
 //! - `models.rs`: `embedfleet models`, the catalogue.
+//! - `serve.rs`, `coordinator.rs`, `worker.rs`: the fleet roles, one per file; `fleet_args.rs`
+//!   holds what they share (flags, runtime, signals). `bench.rs`: `embedfleet bench fleet`.
 //!
 //! Every failure ends in one line on stderr (`error: ...`) and a non-zero exit; nothing panics
 //! on bad input.
 
+mod bench;
+mod coordinator;
 mod embed;
+mod fleet_args;
 mod models;
+mod serve;
+mod worker;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -28,10 +36,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Embed text in this process (no server): one JSON object per input on stdout.
+    /// Embed text, in this process or through a fleet (--nats-url): one JSON object per input.
     Embed(embed::EmbedArgs),
     /// List the model catalogue.
     Models(models::ModelsArgs),
+    /// Run the whole fleet in this process: coordinator, fusion and workers for --models.
+    Serve(serve::ServeArgs),
+    /// Run the embed.v1 coordinator alone (no models) against --nats-url.
+    Coordinator(coordinator::CoordinatorRoleArgs),
+    /// Run a model worker for --models against --nats-url.
+    Worker(worker::WorkerRoleArgs),
+    /// Load-test a running fleet (`bench fleet`): throughput and latency, cold and warm.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +79,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Embed(args) => embed::run(args),
         Command::Models(args) => models::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Coordinator(args) => coordinator::run(args),
+        Command::Worker(args) => worker::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,9 +1,24 @@
-//! The fleet: how models, fusion and (soon) NATS wire together.
+//! The fleet: how models, fusion, the cache and NATS wire together.
 //!
 //! # Layout
 //! - [`pipeline`]: library mode. Every component in one process, no NATS: what `embedfleet
 //!   embed` runs and what the per-component benches measure. The NATS roles reuse its steps.
+//! - [`coordinator`]: the `embedfleet` NATS service (`embed.v1`): validate, cache, fan out one
+//!   job per model, gather, fuse, reply.
+//! - [`worker`]: a model worker: pulls one model's jobs from JetStream, batches, embeds,
+//!   publishes partials, acks.
+//! - [`fusion`]: the fusion stage, FuseMoE per active model set (in the coordinator process).
+//! - [`job`]: what the roles say to each other; [`queues`]: the JetStream stream and consumers;
+//!   [`config`]: the roles' settings; [`embedded_nats`]: the child nats-server of `serve`.
 
+pub mod config;
+pub mod coordinator;
+pub mod embedded_nats;
+pub mod fusion;
+pub mod job;
 pub mod pipeline;
+pub mod queues;
+pub mod worker;
 
+pub use config::{BatchConfig, CoordinatorConfig, QueueConfig};
 pub use pipeline::{Pipeline, PipelineError, PipelineOutput, PipelineRequest, DEFAULT_FUSION_SEED};

@@ -213,7 +213,12 @@ fn decode_media(what: &str, b64: &str, limits: &RequestLimits) -> Result<Vec<u8>
 }
 
 /// A validated input, media decoded: what workers embed and content keys hash.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+///
+/// Serialisable so that fleet roles can pass it on (model jobs); media travel as raw bytes
+/// (`serde_bytes`: a MessagePack bin, not an array of integers). Clients never send this form:
+/// the wire contract is [`InputItem`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Input {
     /// Non-blank text.
     Text(String),
@@ -227,6 +232,7 @@ pub enum Input {
     /// Decoded image bytes.
     Image {
         /// The encoded image file (png, jpeg, ...), not pixels.
+        #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
         /// Lower-cased format hint.
         format: Option<String>,
@@ -234,6 +240,7 @@ pub enum Input {
     /// Decoded audio bytes.
     Audio {
         /// The audio payload.
+        #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
         /// Sample rate in Hz, when given.
         sample_rate: Option<u32>,

@@ -10,9 +10,13 @@
 //! - [`redis`]: [`RedisServer`], `redis-server` with persistence off.
 //! - [`process`]: [`ServerProcess`], what both share: spawn, wait for the port, stop, restart,
 //!   kill on drop.
+//! - [`role`]: [`RoleProcess`], an `embedfleet` role (or any command) as a child process, ready
+//!   when it prints its ` ready: ` line, with its output drained into a log.
 //! - [`port`]: picking a free port and waiting for one to accept or refuse connections.
 //! - [`binary`]: finding a server binary, with an install hint when it is missing.
 //! - [`error`]: the one error type, [`TestkitError`].
+//! - [`fixed_model`]: [`FixedVectorModel`], a deterministic weight-free model for the tests of
+//!   the roles around the models.
 //!
 //! # Example
 //!
@@ -31,14 +35,18 @@
 
 pub mod binary;
 pub mod error;
+pub mod fixed_model;
 pub mod nats;
 pub mod port;
 pub mod process;
 pub mod redis;
 pub mod reference;
+pub mod role;
 
 pub use error::TestkitError;
+pub use fixed_model::FixedVectorModel;
 pub use nats::NatsServer;
 pub use process::ServerProcess;
 pub use redis::RedisServer;
 pub use reference::{reference_fixture, ReferenceFixture, ReferenceModel};
+pub use role::{RoleError, RoleProcess};

@@ -1,5 +1,10 @@
 //! `nats-server` with JetStream, listening on a free loopback port, its JetStream store in the
 //! server's temporary directory so that a [`NatsServer::restart`] keeps streams and consumers.
+//!
+//! The server reads a small config file for what has no command-line flag: `max_payload`, raised
+//! from the 1 MiB default to the fleet's 8 MiB request limit
+//! (`embedfleet_proto::RequestLimits::max_payload_bytes`), so tests can send what production
+//! accepts.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -17,6 +22,11 @@ pub const NATS_SERVER: ServerBinary = ServerBinary {
 
 /// Subdirectory of the server's directory that holds the JetStream store.
 const STORE_DIR: &str = "jetstream";
+/// The config file in the server's directory.
+const CONFIG_FILE: &str = "nats.conf";
+/// Largest message the server accepts: 8 MiB (nats' `MB` is 1024 * 1024), the fleet's request
+/// limit. Flags given next to `-c` (port, address, JetStream, store) override the file.
+pub const MAX_PAYLOAD: usize = 8 * 1024 * 1024;
 
 /// A child `nats-server -js`, killed on drop.
 #[derive(Debug)]
@@ -25,11 +35,12 @@ pub struct NatsServer {
 }
 
 impl NatsServer {
-    /// Starts `nats-server -js -a 127.0.0.1 -p <free port> -sd <tempdir>/jetstream` and waits
+    /// Starts `nats-server -c <tempdir>/nats.conf -js -a 127.0.0.1 -p <free port> -sd
+    /// <tempdir>/jetstream` (the config sets `max_payload` to [`MAX_PAYLOAD`]) and waits
     /// (bounded) until it accepts connections. The error names the binary and how to install it
     /// when it is missing.
     pub fn start() -> Result<Self, TestkitError> {
-        let process = ServerProcess::start(&NATS_SERVER, nats_args)?;
+        let process = ServerProcess::start_prepared(&NATS_SERVER, nats_args, write_config)?;
         Ok(NatsServer { process })
     }
 
@@ -65,8 +76,17 @@ impl NatsServer {
     }
 }
 
+fn write_config(dir: &Path) -> std::io::Result<()> {
+    std::fs::write(
+        dir.join(CONFIG_FILE),
+        format!("max_payload: {}MB\n", MAX_PAYLOAD >> 20),
+    )
+}
+
 fn nats_args(port: u16, dir: &Path) -> Vec<OsString> {
     vec![
+        "-c".into(),
+        dir.join(CONFIG_FILE).into_os_string(),
         "-js".into(),
         "-a".into(),
         "127.0.0.1".into(),

@@ -33,6 +33,9 @@ const LOG_FILE: &str = "server.log";
 
 /// Builds a server's command-line arguments from its port and its directory.
 pub type ArgsFn = fn(port: u16, dir: &Path) -> Vec<OsString>;
+/// Writes what the server reads from its directory (a config file) before its first start; the
+/// directory outlives restarts, so this runs once per directory.
+pub type PrepareFn = fn(dir: &Path) -> std::io::Result<()>;
 
 /// A running (or stopped, ready to restart) server child process. Killed on drop.
 #[derive(Debug)]
@@ -51,6 +54,16 @@ impl ServerProcess {
     /// When the server fails to bind because another process took the port first, it tries
     /// again on a new port, up to five times.
     pub fn start(binary: &ServerBinary, args: ArgsFn) -> Result<Self, TestkitError> {
+        Self::start_prepared(binary, args, |_| Ok(()))
+    }
+
+    /// [`Self::start`], with `prepare` filling the server's fresh directory before the first
+    /// spawn (e.g. a config file that `args` names).
+    pub fn start_prepared(
+        binary: &ServerBinary,
+        args: ArgsFn,
+        prepare: PrepareFn,
+    ) -> Result<Self, TestkitError> {
         let binary = binary.locate()?;
         let mut last_log = String::new();
         for _ in 0..START_ATTEMPTS {
@@ -60,6 +73,11 @@ impl ServerProcess {
                 .map_err(TestkitError::io(
                     "creating the server's temporary directory",
                 ))?;
+            prepare(dir.path()).map_err(TestkitError::io(format!(
+                "preparing {} for `{}`",
+                dir.path().display(),
+                binary.display()
+            )))?;
             let mut server = ServerProcess {
                 binary: binary.clone(),
                 args,

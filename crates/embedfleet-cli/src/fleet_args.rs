@@ -1,0 +1,241 @@
+//! Flags and plumbing the fleet roles (`serve`, `coordinator`, `worker`) share: NATS, cache,
+//! queue and batching settings, the runtime, and shutdown on SIGTERM/SIGINT.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+
+use embedfleet_cache::{CacheConfig, VectorCache};
+use embedfleet_fleet::fusion::FusionStage;
+use embedfleet_fleet::{BatchConfig, CoordinatorConfig, QueueConfig};
+use embedfleet_models::{catalogue, ModelSpec};
+
+/// Where NATS is.
+#[derive(Args, Debug, Clone)]
+pub struct NatsArgs {
+    /// NATS server with JetStream, e.g. nats://10.0.0.5:4222.
+    #[arg(
+        long,
+        env = "EMBEDFLEET_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub nats_url: String,
+}
+
+/// The job queues (JetStream) as the roles declare them.
+#[derive(Args, Debug, Clone)]
+pub struct QueueArgs {
+    /// How long a worker may hold a job unacknowledged before it is redelivered to another.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..))]
+    pub ack_wait_ms: u64,
+    /// Deliveries of a job before it is given up on and its request answered with the error.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(i64).range(1..=100))]
+    pub max_deliver: i64,
+}
+
+impl QueueArgs {
+    pub fn config(&self) -> QueueConfig {
+        QueueConfig {
+            ack_wait: Duration::from_millis(self.ack_wait_ms),
+            max_deliver: self.max_deliver,
+            ..QueueConfig::default()
+        }
+    }
+}
+
+/// The coordinator's admission, deadline and fusion settings.
+#[derive(Args, Debug, Clone)]
+pub struct CoordinatorArgs {
+    /// Requests handled at once; more are refused with 429 (overloaded) rather than queued.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_in_flight: u64,
+    /// End-to-end deadline of a request; past it the reply is 503.
+    #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..))]
+    pub request_timeout_ms: u64,
+    /// Trained FuseMoE weights (safetensors) for the default model set; without it, the seeded
+    /// weights every node shares.
+    #[arg(long, env = "EMBEDFLEET_FUSION_WEIGHTS")]
+    pub fusion_weights: Option<PathBuf>,
+}
+
+impl CoordinatorArgs {
+    pub fn config(&self, default_models: &[String]) -> CoordinatorConfig {
+        CoordinatorConfig {
+            max_in_flight: self.max_in_flight as usize,
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+            default_models: default_models.to_vec(),
+            ..CoordinatorConfig::default()
+        }
+    }
+
+    /// The fusion stage, with the default set's layer built now (seconds for large sets) so
+    /// the first request does not pay for it.
+    pub fn fusion_stage(
+        &self,
+        default_models: &[&'static ModelSpec],
+    ) -> anyhow::Result<FusionStage> {
+        let stage = match &self.fusion_weights {
+            Some(path) => FusionStage::from_file(path, default_models)
+                .with_context(|| format!("fusion weights {}", path.display()))?,
+            None => FusionStage::seeded(),
+        };
+        stage
+            .layer(default_models)
+            .map_err(|e| anyhow::anyhow!("fusion layer: {e}"))?;
+        Ok(stage)
+    }
+}
+
+/// The two-tier vector cache.
+#[derive(Args, Debug, Clone)]
+pub struct CacheArgs {
+    /// Redis shared by the fleet, e.g. redis://10.0.0.6:6379. Without it, results are cached in
+    /// this process only.
+    #[arg(long, env = "EMBEDFLEET_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Bound of the in-process cache, in MiB (0 disables it).
+    #[arg(long, default_value_t = 128)]
+    pub cache_mb: usize,
+    /// Expiry of Redis entries, in seconds (default: none, Redis' maxmemory policy evicts).
+    #[arg(long)]
+    pub cache_ttl_secs: Option<u64>,
+    /// Store vectors as f16: half the memory, about 1e-3 absolute error.
+    #[arg(long)]
+    pub cache_f16: bool,
+}
+
+impl CacheArgs {
+    pub async fn connect(&self) -> anyhow::Result<Arc<VectorCache>> {
+        if self.redis_url.is_none() {
+            eprintln!(
+                "embedfleet: no --redis-url: caching in this process only ({} MiB)",
+                self.cache_mb
+            );
+        }
+        let config = CacheConfig {
+            lru_bytes: self.cache_mb << 20,
+            redis_url: self.redis_url.clone(),
+            ttl_secs: self.cache_ttl_secs,
+            f16: self.cache_f16,
+            ..CacheConfig::default()
+        };
+        Ok(Arc::new(
+            VectorCache::connect(config).await.context("cache")?,
+        ))
+    }
+}
+
+/// How a worker hosts its models.
+#[derive(Args, Debug, Clone)]
+pub struct WorkerArgs {
+    /// Directory with one checkpoint directory per model (`<dir>/minilm/config.json`, ...).
+    #[arg(long, env = "EMBEDFLEET_MODELS_DIR")]
+    pub model_dir: Option<PathBuf>,
+    /// Most inputs in one forward batch.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub max_batch: u64,
+    /// Estimated tokens in one forward batch.
+    #[arg(long, default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(512..))]
+    pub token_budget: u64,
+    /// How long the first job of a batch waits for company.
+    #[arg(long, default_value_t = 2)]
+    pub max_wait_ms: u64,
+}
+
+impl WorkerArgs {
+    pub fn batch_config(&self) -> BatchConfig {
+        BatchConfig {
+            max_inputs: self.max_batch as usize,
+            token_budget: self.token_budget as usize,
+            max_wait: Duration::from_millis(self.max_wait_ms),
+        }
+    }
+}
+
+/// Catalogue entries for `names`, in slot order; an unknown name is an error that lists them.
+pub fn model_specs(names: &[String]) -> anyhow::Result<Vec<&'static ModelSpec>> {
+    let specs = names
+        .iter()
+        .map(|name| embedfleet_models::registry::lookup(name))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(catalogue::in_slot_order(specs))
+}
+
+/// The roles' runtime: a worker thread per core for the async side; models and fusion run on
+/// tokio's blocking pool.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("embedfleet")
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Connects to NATS, failing fast (with the URL) when it is unreachable at start; after that
+/// the client reconnects on its own, forever.
+pub async fn connect(url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_secs(5))
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Disconnected => {
+                    tracing::warn!("NATS disconnected; reconnecting")
+                }
+                async_nats::Event::Connected => tracing::info!("NATS connected"),
+                other => tracing::debug!(%other, "NATS event"),
+            }
+        })
+        .connect(url)
+        .await
+        .with_context(|| format!("cannot reach NATS at {url}"))
+}
+
+/// A token cancelled on the first SIGTERM or SIGINT. A second signal exits at once, for an
+/// operator who does not want to wait for the drain.
+pub fn shutdown_on_signals() -> anyhow::Result<CancellationToken> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let token = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let mut seen = 0;
+        loop {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+            seen += 1;
+            if seen == 1 {
+                eprintln!("embedfleet: shutting down: finishing work in flight (signal again to exit now)");
+                cancel.cancel();
+            } else {
+                std::process::exit(130);
+            }
+        }
+    });
+    Ok(token)
+}
+
+/// The one line that says a role is up; scripts and tests wait for ` ready: `.
+pub fn announce_ready(role: &str, nats_url: &str, detail: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "embedfleet {role} ready: nats={nats_url} {detail}");
+    let _ = out.flush();
+}
+
+/// Drains a connection (flushes what is buffered, then closes), bounded: with the server gone a
+/// drain would wait forever, and shutdown must end.
+pub async fn drain(client: async_nats::Client) {
+    match tokio::time::timeout(Duration::from_secs(5), client.drain()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "draining the NATS connection"),
+        Err(_) => tracing::warn!("draining the NATS connection timed out"),
+    }
+}

@@ -1,0 +1,98 @@
+//! `embedfleet serve`: the whole fleet in one process — coordinator, fusion and a worker for
+//! the given models — on a given NATS, or on a child nats-server it starts itself.
+
+use clap::Args;
+
+use embedfleet_fleet::coordinator::Coordinator;
+use embedfleet_fleet::embedded_nats::EmbeddedNats;
+use embedfleet_fleet::worker::{run_worker, WorkerConfig};
+
+use crate::fleet_args::{self, CacheArgs, CoordinatorArgs, QueueArgs, WorkerArgs};
+use crate::worker::{declare_queues, load_models};
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Models to host and to run for requests that name none, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "minilm,mpnet")]
+    models: Vec<String>,
+    /// NATS server with JetStream. Without it, serve starts its own `nats-server -js` on a free
+    /// loopback port with a temporary store, and prints its URL.
+    #[arg(long, env = "EMBEDFLEET_NATS_URL")]
+    nats_url: Option<String>,
+    #[command(flatten)]
+    coordinator: CoordinatorArgs,
+    #[command(flatten)]
+    cache: CacheArgs,
+    #[command(flatten)]
+    worker: WorkerArgs,
+    #[command(flatten)]
+    queues: QueueArgs,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let specs = fleet_args::model_specs(&args.models)?;
+    let models = load_models(&args.models, &args.worker)?;
+    let fusion = args.coordinator.fusion_stage(&specs)?;
+    // Started before the runtime and dropped after it, so the server outlives every client.
+    let embedded = match &args.nats_url {
+        Some(_) => None,
+        None => Some(EmbeddedNats::start()?),
+    };
+    let url = match (&args.nats_url, &embedded) {
+        (Some(url), _) => url.clone(),
+        (None, Some(server)) => server.url().to_string(),
+        (None, None) => unreachable!("a server was started when no URL was given"),
+    };
+    if embedded.is_some() {
+        eprintln!("embedfleet: started nats-server -js at {url} (temporary store)");
+    }
+
+    let result = fleet_args::runtime()?.block_on(async {
+        let shutdown = fleet_args::shutdown_on_signals()?;
+        // Separate connections: a burst of replies on one never delays the other's acks.
+        let coordinator_client = fleet_args::connect(&url, "embedfleet-serve-coordinator").await?;
+        let worker_client = fleet_args::connect(&url, "embedfleet-serve-worker").await?;
+        let cache = args.cache.connect().await?;
+        let queues = args.queues.config();
+        let coordinator = Coordinator::new(
+            coordinator_client.clone(),
+            args.coordinator.config(&args.models),
+            queues.clone(),
+            cache,
+            fusion,
+        );
+        for model in &models {
+            coordinator.prime_revision(model.spec().name, model.revision());
+        }
+        declare_queues(&worker_client, &models, &queues).await?;
+
+        // The workers stop only after the coordinator has answered everything it admitted,
+        // since those answers need them.
+        let stop_workers = tokio_util::sync::CancellationToken::new();
+        let worker = tokio::spawn(run_worker(
+            worker_client.clone(),
+            models,
+            WorkerConfig {
+                queues,
+                batch: args.worker.batch_config(),
+            },
+            stop_workers.clone(),
+        ));
+        let detail = format!("models={}", args.models.join(","));
+        let served = coordinator
+            .run(shutdown, || {
+                fleet_args::announce_ready("serve", &url, &detail)
+            })
+            .await;
+        stop_workers.cancel();
+        let report = worker.await?;
+        fleet_args::drain(coordinator_client).await;
+        fleet_args::drain(worker_client).await;
+        served?;
+        let report = report?;
+        tracing::info!(?report, "workers stopped");
+        anyhow::Ok(())
+    });
+    drop(embedded);
+    result
+}

@@ -1,0 +1,141 @@
+//! What the roles say to each other: a [`ModelJob`] (coordinator → JetStream → model worker) and
+//! a [`PartialResult`] (model worker → the job's partial subject → coordinator).
+//!
+//! Both travel as MessagePack with named fields. They are internal to a fleet, but a rolling
+//! upgrade runs old and new processes side by side, so fields are only ever added, with serde
+//! defaults, never renamed or repurposed; an incompatible change gets new subjects (`v2`).
+
+use serde::{Deserialize, Serialize};
+
+use embedfleet_proto::{ErrorKind, Input, ProtoError};
+
+/// Prefix of the subjects partials come back on: `embedfleet.v1.partial.<coordinator>.<job>`.
+/// A coordinator subscribes once to its own `embedfleet.v1.partial.<coordinator>.>` and routes by
+/// job id, rather than one subscription per job.
+pub const PARTIAL_SUBJECT_PREFIX: &str = "embedfleet.v1.partial";
+
+/// The subject a coordinator instance subscribes to for all of its jobs' partials.
+pub fn partial_wildcard(coordinator_id: &str) -> String {
+    format!("{PARTIAL_SUBJECT_PREFIX}.{coordinator_id}.>")
+}
+
+/// The partial subject of one job.
+pub fn partial_subject(coordinator_id: &str, job_id: u64) -> String {
+    format!("{PARTIAL_SUBJECT_PREFIX}.{coordinator_id}.{job_id}")
+}
+
+/// One model's share of one request: the inputs the cache could not answer for this model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelJob {
+    /// Unique within the coordinator that published it; echoed in the partial.
+    pub job_id: u64,
+    /// Catalogue name; also the last token of the subject the job was published on.
+    pub model: String,
+    /// The inputs, in the order the partial answers them.
+    pub inputs: Vec<Input>,
+    /// Effective instruction (blank already mapped to `None`).
+    #[serde(default)]
+    pub instruction: Option<String>,
+    /// Cut over-long text (true) or fail the job with `input_too_long` (false).
+    pub truncate: bool,
+    /// Where the worker publishes the [`PartialResult`].
+    pub reply_to: String,
+    /// Unix time in milliseconds after which nobody waits for the answer. A worker acks such a
+    /// job without running it, so a backlog left by a dead fleet never costs compute.
+    pub deadline_unix_ms: u64,
+}
+
+/// A worker's answer to a [`ModelJob`].
+///
+/// Vectors are the model's raw pooled output, never normalised: the coordinator normalises per
+/// request, so one cached partial serves both `normalize: true` and `false`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartialResult {
+    pub job_id: u64,
+    pub model: String,
+    /// The weights that produced the vectors (part of every cache key).
+    pub revision: String,
+    pub outcome: PartialOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PartialOutcome {
+    /// One entry per job input, in job order.
+    Vectors(Vec<PartialVector>),
+    /// The job failed for good (bad input, or retries exhausted); the request gets this error.
+    Failed(JobFailure),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartialVector {
+    pub vector: Vec<f32>,
+    /// Tokens the model read (feeds `usage`).
+    pub tokens: u32,
+}
+
+/// A wire error carried from a worker back to the request it belongs to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobFailure {
+    /// [`ErrorKind::code`]-style kind name (`input_too_long`, `internal`, ...).
+    pub kind: ErrorKind,
+    pub message: String,
+    /// Index of the failing input within the job, when one input is to blame.
+    #[serde(default)]
+    pub input: Option<usize>,
+}
+
+impl JobFailure {
+    pub fn into_proto(self) -> ProtoError {
+        ProtoError::new(self.kind, self.message)
+    }
+}
+
+/// Encodes a role-to-role message. MessagePack with field names (`to_vec_named`), so fields can
+/// be added without breaking older readers.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    rmp_serde::to_vec_named(value).expect("fleet messages always serialise")
+}
+
+/// Decodes a role-to-role message.
+pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, rmp_serde::decode::Error> {
+    rmp_serde::from_slice(bytes)
+}
+
+/// Milliseconds since the Unix epoch, the unit of [`ModelJob::deadline_unix_ms`].
+pub fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_and_partial_round_trip() {
+        let job = ModelJob {
+            job_id: 7,
+            model: "minilm".into(),
+            inputs: vec![Input::Text("hello".into())],
+            instruction: None,
+            truncate: true,
+            reply_to: partial_subject("c1", 7),
+            deadline_unix_ms: 1,
+        };
+        assert_eq!(decode::<ModelJob>(&encode(&job)).unwrap(), job);
+        let partial = PartialResult {
+            job_id: 7,
+            model: "minilm".into(),
+            revision: "abc".into(),
+            outcome: PartialOutcome::Failed(JobFailure {
+                kind: ErrorKind::InputTooLong,
+                message: "too long".into(),
+                input: Some(0),
+            }),
+        };
+        assert_eq!(decode::<PartialResult>(&encode(&partial)).unwrap(), partial);
+        assert!(partial_subject("c1", 7).starts_with(partial_wildcard("c1").trim_end_matches('>')));
+    }
+}

@@ -1,0 +1,512 @@
+//! The coordinator against a real nats-server (and redis-server), with workers hosting the
+//! testkit's fixed-vector models, so every expected vector can be computed here: replies in
+//! both encodings, fusion equal to the fusion stage run by hand, the cache (fused and partial
+//! reuse across model sets), error replies with their codes, 429 under a flood, 503 with no
+//! worker.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use embedfleet_cache::{CacheConfig, VectorCache};
+use embedfleet_fleet::coordinator::Coordinator;
+use embedfleet_fleet::fusion::FusionStage;
+use embedfleet_fleet::worker::{run_worker, WorkerConfig};
+use embedfleet_fleet::{BatchConfig, CoordinatorConfig, QueueConfig};
+use embedfleet_models::{catalogue, model::l2_normalize, EmbeddingModel};
+use embedfleet_proto::{
+    EmbedReply, EmbedRequest, Encoding, ErrorBody, Input, CONTENT_TYPE, CONTENT_TYPE_MSGPACK,
+    EMBED_ENDPOINT, SERVICE_ERROR_CODE,
+};
+use embedfleet_testkit::{FixedVectorModel, NatsServer, RedisServer};
+
+struct Fleet {
+    _nats: NatsServer,
+    client: async_nats::Client,
+    coordinator: Arc<Coordinator>,
+    models: Vec<Arc<FixedVectorModel>>,
+    shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn queues() -> QueueConfig {
+    QueueConfig {
+        ack_wait: Duration::from_secs(2),
+        ..QueueConfig::default()
+    }
+}
+
+impl Fleet {
+    /// A coordinator and one worker hosting `worker_models` (fixed-vector), default set
+    /// minilm+mpnet.
+    async fn start(
+        worker_models: &[&str],
+        config: CoordinatorConfig,
+        redis_url: Option<String>,
+        delay: Duration,
+    ) -> Fleet {
+        let nats = NatsServer::start().expect("nats-server");
+        let client = async_nats::connect(nats.url()).await.expect("connect");
+        let cache = VectorCache::connect(CacheConfig {
+            redis_url,
+            ..CacheConfig::default()
+        })
+        .await
+        .expect("cache");
+        // Built up front, as `serve` does: a seeded layer takes a while to build, which would
+        // otherwise come out of the first request's deadline.
+        let fusion = FusionStage::seeded();
+        fusion
+            .layer(&default_set(&config))
+            .expect("default fusion layer");
+        let coordinator =
+            Coordinator::new(client.clone(), config, queues(), Arc::new(cache), fusion);
+        let shutdown = CancellationToken::new();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let mut tasks = Vec::new();
+        let run = coordinator.clone().run(shutdown.clone(), move || {
+            let _ = ready_tx.send(());
+        });
+        tasks.push(tokio::spawn(async move {
+            run.await.expect("coordinator");
+        }));
+        ready_rx.await.expect("coordinator ready");
+
+        let models: Vec<Arc<FixedVectorModel>> = worker_models
+            .iter()
+            .map(|name| Arc::new(FixedVectorModel::new(name).unwrap().with_delay(delay)))
+            .collect();
+        if !models.is_empty() {
+            let worker_client = async_nats::connect(nats.url()).await.expect("connect");
+            let hosted: Vec<Arc<dyn EmbeddingModel>> = models
+                .iter()
+                .map(|m| m.clone() as Arc<dyn EmbeddingModel>)
+                .collect();
+            let config = WorkerConfig {
+                queues: queues(),
+                batch: BatchConfig::default(),
+            };
+            let stop = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                run_worker(worker_client, hosted, config, stop)
+                    .await
+                    .expect("worker");
+            }));
+        }
+        Fleet {
+            _nats: nats,
+            client,
+            coordinator,
+            models,
+            shutdown,
+            tasks,
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        for task in self.tasks {
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("roles stop after shutdown")
+                .expect("role task");
+        }
+    }
+
+    /// Sends raw bytes; returns (error code header, body).
+    async fn raw(&self, payload: Vec<u8>, msgpack: bool) -> (Option<u16>, Bytes) {
+        let mut headers = HeaderMap::new();
+        if msgpack {
+            headers.insert(CONTENT_TYPE, CONTENT_TYPE_MSGPACK);
+        }
+        let reply = tokio::time::timeout(
+            Duration::from_secs(30),
+            self.client
+                .request_with_headers(EMBED_ENDPOINT, headers, payload.into()),
+        )
+        .await
+        .expect("a reply within 30 s")
+        .expect("request");
+        let code = reply
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(SERVICE_ERROR_CODE))
+            .map(|v| v.as_str().parse().expect("numeric code"));
+        (code, reply.payload)
+    }
+
+    async fn embed(&self, request: &EmbedRequest) -> EmbedReply {
+        let (code, body) = self.raw(serde_json::to_vec(request).unwrap(), false).await;
+        assert_eq!(
+            code,
+            None,
+            "error reply: {}",
+            String::from_utf8_lossy(&body)
+        );
+        serde_json::from_slice(&body).expect("reply decodes")
+    }
+
+    async fn error(&self, payload: Vec<u8>, msgpack: bool) -> ErrorBody {
+        let (code, body) = self.raw(payload, msgpack).await;
+        let encoding = if msgpack {
+            Encoding::MsgPack
+        } else {
+            Encoding::Json
+        };
+        let error: ErrorBody = encoding.decode(&body).expect("error body decodes");
+        assert_eq!(code, Some(error.error.code), "header and body agree");
+        error
+    }
+
+    fn model(&self, name: &str) -> &FixedVectorModel {
+        self.models
+            .iter()
+            .find(|m| m.spec().name == name)
+            .expect("hosted model")
+    }
+}
+
+fn default_set(config: &CoordinatorConfig) -> Vec<&'static embedfleet_models::ModelSpec> {
+    catalogue::in_slot_order(
+        config
+            .default_models
+            .iter()
+            .map(|name| catalogue::find(name).expect("catalogue model"))
+            .collect(),
+    )
+}
+
+fn normalized(mut v: Vec<f32>) -> Vec<f32> {
+    l2_normalize(&mut v);
+    v
+}
+
+fn close(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fused_reply_matches_the_fusion_stage_in_json_and_msgpack() {
+    let fleet = Fleet::start(
+        &["minilm", "mpnet"],
+        CoordinatorConfig::default(),
+        None,
+        Duration::ZERO,
+    )
+    .await;
+    let texts = ["the first input", "a second, longer input text"];
+    let request = EmbedRequest::texts(texts).with_partials(true);
+    let reply = fleet.embed(&request).await;
+    assert_eq!(reply.model, embedfleet_proto::FUSED_MODEL_NAME);
+    assert_eq!(reply.data.len(), 2);
+
+    let specs = catalogue::in_slot_order(vec![
+        catalogue::find("minilm").unwrap(),
+        catalogue::find("mpnet").unwrap(),
+    ]);
+    let layer = FusionStage::seeded().layer(&specs).unwrap();
+    for (i, text) in texts.iter().enumerate() {
+        let input = Input::Text(text.to_string());
+        let expected: Vec<Vec<f32>> = specs
+            .iter()
+            .map(|s| normalized(fleet.model(s.name).vector_for(&input, None)))
+            .collect();
+        let fused = layer
+            .fuse(
+                &expected
+                    .iter()
+                    .map(|v| Some(v.as_slice()))
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
+        let data = &reply.data[i];
+        assert_eq!(data.index, i);
+        let embedding = data.embedding.as_ref().expect("fused vector");
+        assert_eq!(embedding.len(), 1536);
+        assert!(
+            close(embedding, &fused.embedding),
+            "fused vector of input {i}"
+        );
+        let partials = data.partials.as_ref().expect("partials asked for");
+        assert!(close(&partials["minilm"], &expected[0]));
+        assert!(close(&partials["mpnet"], &expected[1]));
+        assert!(data.experts.is_some());
+    }
+    assert!(reply.usage.prompt_tokens > 0);
+
+    // The same request in MessagePack gets a MessagePack reply with the same vectors.
+    let payload = rmp_serde::to_vec_named(&request).unwrap();
+    let (code, body) = fleet.raw(payload, true).await;
+    assert_eq!(code, None);
+    let packed: EmbedReply = Encoding::MsgPack.decode(&body).unwrap();
+    assert!(close(
+        packed.data[1].embedding.as_ref().unwrap(),
+        reply.data[1].embedding.as_ref().unwrap()
+    ));
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_answers_repeats_and_partials_serve_other_model_sets() {
+    let redis = RedisServer::start().expect("redis-server");
+    let fleet = Fleet::start(
+        &["minilm", "mpnet"],
+        CoordinatorConfig::default(),
+        Some(redis.url()),
+        Duration::ZERO,
+    )
+    .await;
+    let request = EmbedRequest::texts(["cache me", "and me"]);
+    let first = fleet.embed(&request).await;
+    assert!(first.data.iter().all(|d| !d.cached));
+    let jobs_after_first = fleet.coordinator.stats().jobs_published;
+    assert_eq!(jobs_after_first, 2, "one job per model");
+
+    // Cache writes follow the reply; wait until the fused entries are readable.
+    let mut second = fleet.embed(&request).await;
+    for _ in 0..50 {
+        if second.data.iter().all(|d| d.cached) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        second = fleet.embed(&request).await;
+    }
+    assert!(
+        second.data.iter().all(|d| d.cached),
+        "repeat served from cache"
+    );
+    for (a, b) in first.data.iter().zip(&second.data) {
+        assert!(close(
+            a.embedding.as_ref().unwrap(),
+            b.embedding.as_ref().unwrap()
+        ));
+    }
+    let jobs = fleet.coordinator.stats().jobs_published;
+
+    // A different set over the same text: minilm's partial comes from the cache, no new job.
+    let subset = EmbedRequest::texts(["cache me"])
+        .with_models(["minilm"])
+        .with_partials(true);
+    let reply = fleet.embed(&subset).await;
+    assert_eq!(
+        fleet.coordinator.stats().jobs_published,
+        jobs,
+        "no job for a cached partial"
+    );
+    let expected = normalized(
+        fleet
+            .model("minilm")
+            .vector_for(&Input::Text("cache me".into()), None),
+    );
+    assert!(close(
+        &reply.data[0].partials.as_ref().unwrap()["minilm"],
+        &expected
+    ));
+    assert!(fleet.coordinator.stats().partial_hits >= 1);
+
+    // normalize: false is served from the same (raw) partial, at the model's own scale.
+    let raw = fleet
+        .embed(
+            &EmbedRequest::texts(["cache me"])
+                .with_models(["minilm"])
+                .with_fuse(false)
+                .with_normalize(false),
+        )
+        .await;
+    let raw_vector = &raw.data[0].partials.as_ref().unwrap()["minilm"];
+    assert!(close(
+        raw_vector,
+        &fleet
+            .model("minilm")
+            .vector_for(&Input::Text("cache me".into()), None)
+    ));
+    assert_eq!(fleet.coordinator.stats().jobs_published, jobs);
+    assert!(fleet.coordinator.stats().cache.redis_configured);
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_typed_errors_and_the_service_stays_up() {
+    let fleet = Fleet::start(
+        &["minilm", "mpnet"],
+        CoordinatorConfig::default(),
+        None,
+        Duration::ZERO,
+    )
+    .await;
+    let cases: Vec<(&str, Vec<u8>, bool, u16, &str)> = vec![
+        ("not json", b"{nope".to_vec(), false, 400, "invalid_payload"),
+        (
+            "not msgpack",
+            vec![0xc1, 0xff, 0x00],
+            true,
+            400,
+            "invalid_payload",
+        ),
+        (
+            "neither input",
+            br#"{"fuse":true}"#.to_vec(),
+            false,
+            400,
+            "bad_request",
+        ),
+        (
+            "both inputs",
+            br#"{"input":"a","inputs":[{"text":"b"}]}"#.to_vec(),
+            false,
+            400,
+            "bad_request",
+        ),
+        (
+            "empty text",
+            br#"{"input":"   "}"#.to_vec(),
+            false,
+            400,
+            "empty_input",
+        ),
+        (
+            "unknown model",
+            br#"{"input":"a","models":["nope"]}"#.to_vec(),
+            false,
+            404,
+            "unknown_model",
+        ),
+        (
+            "image to a text model",
+            br#"{"inputs":[{"image_b64":"iVBORw0KGgo="}],"models":["minilm"]}"#.to_vec(),
+            false,
+            422,
+            "unsupported_modality",
+        ),
+        (
+            "invalid base64",
+            br#"{"inputs":[{"image_b64":"***"}],"models":["minilm"]}"#.to_vec(),
+            false,
+            400,
+            "invalid_base64",
+        ),
+        (
+            "too many inputs",
+            serde_json::to_vec(&EmbedRequest::texts(vec!["x"; 257])).unwrap(),
+            false,
+            413,
+            "too_large",
+        ),
+        (
+            "past max length without truncation",
+            serde_json::to_vec(
+                &EmbedRequest::texts([vec!["word"; 2_000].join(" ")])
+                    .with_models(["minilm"])
+                    .with_truncate(false),
+            )
+            .unwrap(),
+            false,
+            413,
+            "input_too_long",
+        ),
+    ];
+    for (what, payload, msgpack, code, kind) in cases {
+        let error = fleet.error(payload, msgpack).await;
+        assert_eq!(error.error.code, code, "{what}: {error:?}");
+        assert_eq!(
+            serde_json::to_value(error.error.kind).unwrap(),
+            serde_json::json!(kind),
+            "{what}"
+        );
+    }
+    // Still serving.
+    let reply = fleet.embed(&EmbedRequest::texts(["still here"])).await;
+    assert_eq!(reply.data[0].embedding.as_ref().unwrap().len(), 1536);
+    let stats = fleet.coordinator.stats();
+    assert!(stats.client_errors >= 10, "{stats:?}");
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_past_max_in_flight_gets_429_and_the_rest_succeed() {
+    let config = CoordinatorConfig {
+        max_in_flight: 2,
+        ..CoordinatorConfig::default()
+    };
+    let fleet = Arc::new(
+        Fleet::start(
+            &["minilm", "mpnet"],
+            config,
+            None,
+            Duration::from_millis(150),
+        )
+        .await,
+    );
+    let mut calls = Vec::new();
+    for i in 0..24 {
+        let fleet = fleet.clone();
+        calls.push(tokio::spawn(async move {
+            let request = EmbedRequest::texts([format!("flood {i}")]);
+            fleet
+                .raw(serde_json::to_vec(&request).unwrap(), false)
+                .await
+                .0
+        }));
+    }
+    let mut overloaded = 0;
+    let mut ok = 0;
+    for call in calls {
+        match call.await.unwrap() {
+            None => ok += 1,
+            Some(429) => overloaded += 1,
+            Some(other) => panic!("unexpected code {other}"),
+        }
+    }
+    assert!(overloaded > 0, "some requests refused");
+    assert!(ok >= 2, "admitted requests answered");
+    assert_eq!(fleet.coordinator.stats().overloaded, overloaded);
+    let reply = fleet.embed(&EmbedRequest::texts(["after the flood"])).await;
+    assert_eq!(reply.data.len(), 1);
+    Arc::try_unwrap(fleet)
+        .ok()
+        .expect("sole owner")
+        .stop()
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_worker_for_a_model_is_a_503_within_the_deadline() {
+    let config = CoordinatorConfig {
+        request_timeout: Duration::from_millis(3_000),
+        ..CoordinatorConfig::default()
+    };
+    // A worker for minilm only; the default set also needs mpnet.
+    let fleet = Fleet::start(&["minilm"], config, None, Duration::ZERO).await;
+    let started = std::time::Instant::now();
+    let error = fleet
+        .error(
+            serde_json::to_vec(&EmbedRequest::texts(["anyone?"])).unwrap(),
+            false,
+        )
+        .await;
+    assert_eq!(error.error.code, 503, "{error:?}");
+    // no_worker names the model nobody serves; on a loaded machine the queue itself may be
+    // what ran out of time (timeout), which is the same 503 for the client.
+    let kind = serde_json::to_value(error.error.kind).unwrap();
+    assert!(
+        (kind == "no_worker" && error.error.message.contains("mpnet")) || kind == "timeout",
+        "{error:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered near the deadline"
+    );
+    // minilm alone still works (unfused: the point is the job, not a new fusion layer).
+    let reply = fleet
+        .embed(
+            &EmbedRequest::texts(["anyone?"])
+                .with_models(["minilm"])
+                .with_fuse(false),
+        )
+        .await;
+    assert_eq!(reply.data.len(), 1);
+    fleet.stop().await;
+}
