@@ -145,6 +145,9 @@ pub struct WorkerArgs {
     /// How long the first job of a batch waits for company.
     #[arg(long, default_value_t = 2)]
     pub max_wait_ms: u64,
+    /// Batches of one model that run at once: the next is gathered while one is in the model.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub batches_in_flight: u64,
 }
 
 impl WorkerArgs {
@@ -153,6 +156,7 @@ impl WorkerArgs {
             max_inputs: self.max_batch as usize,
             token_budget: self.token_budget as usize,
             max_wait: Duration::from_millis(self.max_wait_ms),
+            batches_in_flight: self.batches_in_flight as usize,
         }
     }
 }

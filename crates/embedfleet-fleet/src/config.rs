@@ -53,6 +53,10 @@ pub struct BatchConfig {
     pub token_budget: usize,
     /// How long the first job of a batch waits for company. Zero runs whatever is queued at once.
     pub max_wait: Duration,
+    /// Batches of one model that run at once in a worker. Two lets the next batch be gathered
+    /// and tokenised while the last one is in the model, and lets small CPU batches, which do
+    /// not spread over every core on their own, run side by side.
+    pub batches_in_flight: usize,
 }
 
 impl Default for BatchConfig {
@@ -61,6 +65,7 @@ impl Default for BatchConfig {
             max_inputs: 64,
             token_budget: 16_384,
             max_wait: Duration::from_millis(2),
+            batches_in_flight: 2,
         }
     }
 }

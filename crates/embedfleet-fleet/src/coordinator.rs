@@ -831,9 +831,12 @@ enum Source {
     Fresh,
 }
 
+/// One model's vector for one input, and where it came from.
+type Cell = Option<(Vec<f32>, Source)>;
+
 /// partials[slot][input] for one request.
 struct PartialTable {
-    cells: Vec<Vec<Option<(Vec<f32>, Source)>>>,
+    cells: Vec<Vec<Cell>>,
     tokens: u64,
 }
 

@@ -72,5 +72,5 @@ pub async fn ensure_model_consumer(
     let name = model_consumer_name(model);
     // create_consumer is idempotent for an identical config and updates a changed one.
     stream.create_consumer(config).await?;
-    Ok(stream.get_consumer(&name).await?)
+    stream.get_consumer(&name).await
 }

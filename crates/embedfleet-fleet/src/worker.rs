@@ -18,14 +18,19 @@
 //!    wait for company that is not there) — with pull requests for no more than the batch has
 //!    room for, until `max_inputs` inputs or the token budget is reached. Jobs with other
 //!    options (truncate, instruction) or that do not fit wait in a small carry-over queue for the
-//!    next batch; every message this worker holds counts against `max_inputs`, so the worker
-//!    never has more than that many jobs delivered and unanswered. A job bigger than the whole
-//!    budget runs as a batch of its own.
-//! 3. **Run** the batch on a blocking thread, sending in-progress acks for every held message
-//!    each `ack_wait / 3` so that a long batch is not redelivered elsewhere.
-//! 4. **Answer**: publish each job's partial on its `reply_to`, then ack it, on the same
-//!    connection, so the ack can never overtake the partial (at-least-once: a worker killed in
-//!    between leaves the job to be redelivered; duplicate partials are harmless).
+//!    next batch; the batch being formed and the carry-over together never hold more than
+//!    `max_inputs` messages. A job bigger than the whole budget runs as a batch of its own
+//!    (`batch`).
+//! 3. **Run** the batch on a task of its own (the model call on a blocking thread), sending
+//!    in-progress acks for its messages each `ack_wait / 3` so that a long batch is not
+//!    redelivered elsewhere. Up to `batches_in_flight` batches run at once; the loop goes back to
+//!    step 1 as soon as a slot is free, so the next batch forms while the last is in the model,
+//!    and it pulls nothing while every slot is taken (the carry-over gets in-progress acks
+//!    meanwhile). A worker therefore holds at most `batches_in_flight + 1` batches' worth of
+//!    messages per model.
+//! 4. **Answer** (`runner`): publish each job's partial on its `reply_to`, then ack it, on the
+//!    same connection, so the ack can never overtake the partial (at-least-once: a worker killed
+//!    in between leaves the job to be redelivered; duplicate partials are harmless).
 //!
 //! How each outcome settles a job:
 //!
@@ -40,30 +45,33 @@
 //!
 //! NATS errors never end the role: async-nats reconnects by itself, and a failed pull makes the
 //! loop declare the stream and consumer again, with back-off. Cancelling `shutdown` stops the
-//! pulling; the running batch finishes and is answered, jobs held for later batches are nakked
-//! without delay for another worker, and the client is flushed before `run` returns. An idle
+//! pulling; jobs held for later batches are nakked without delay for another worker, the
+//! running batches finish and are answered, and the client is flushed before `run` returns. An idle
 //! loop notices shutdown when its pull request ends: within about a second, or up to six while
 //! the server is unreachable (async-nats then ends the request on its own timer).
 
+mod batch;
+mod runner;
+
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind, Message};
-use async_nats::PublishErrorKind;
 use futures::StreamExt;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use embedfleet_models::{EmbedOptions, EmbeddingModel, ModelEmbedding, ModelError};
-use embedfleet_proto::{ErrorKind, Input};
+use embedfleet_models::{EmbeddingModel, ModelError};
 
 use crate::config::{BatchConfig, QueueConfig};
-use crate::job::{self, JobFailure, ModelJob, PartialOutcome, PartialResult, PartialVector};
+use crate::job::{self, ModelJob};
 use crate::queues::{ensure_job_stream, ensure_model_consumer};
+pub use batch::estimate_tokens;
+use batch::{Batch, Pending};
+use runner::{job_failure, progress_ticks, settle, Answer, BatchRunner};
 
 /// How long an idle pull request waits for a job. Short, because shutdown waits for the pull in
 /// flight (dropping it could strand a job delivered to it until `ack_wait` runs out).
@@ -73,15 +81,8 @@ const MIN_GATHER_PULL: Duration = Duration::from_millis(1);
 /// Back-off between attempts to bind the consumer after a NATS error.
 const REBIND_BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const REBIND_BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// Redelivery delay after a transient failure: this much per delivery so far, up to the maximum.
-const NAK_DELAY_STEP: Duration = Duration::from_millis(250);
-const NAK_DELAY_MAX: Duration = Duration::from_secs(1);
-/// Floor of the in-progress ack period, for tiny test `ack_wait`s.
-const MIN_PROGRESS_PERIOD: Duration = Duration::from_millis(10);
 /// How long shutdown waits for the last partials and acks to reach the server.
 const SHUTDOWN_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
-/// Tokens a text input costs on top of its content (`[CLS]`/`[SEP]` and the like).
-const SPECIAL_TOKENS: usize = 2;
 
 /// The worker's settings.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -206,7 +207,6 @@ impl ModelWorker {
 
     /// Serves every model until `shutdown` is cancelled, then returns the final counts.
     pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerReport, WorkerError> {
-        let js = jetstream::new(self.client.clone());
         let config = Arc::new(self.config);
         // A child token, so that a panicking loop can stop its siblings without touching the
         // caller's token.
@@ -215,14 +215,12 @@ impl ModelWorker {
         let mut names = HashMap::new();
         for model in self.models {
             let name = model.spec().name;
-            let job_loop = ModelLoop {
+            let job_loop = ModelLoop::new(
                 model,
-                client: self.client.clone(),
-                js: js.clone(),
-                config: config.clone(),
-                stats: self.stats.clone(),
-                carry: VecDeque::new(),
-            };
+                self.client.clone(),
+                config.clone(),
+                self.stats.clone(),
+            );
             let handle = loops.spawn(job_loop.run(stop.clone()));
             names.insert(handle.id(), name);
         }
@@ -256,178 +254,47 @@ impl ModelWorker {
     }
 }
 
-/// A delivered, decoded job waiting for or in a batch.
-struct Pending {
-    message: Message,
-    job: ModelJob,
-    /// [`estimate_tokens`] summed over the job's inputs.
-    tokens: usize,
-}
-
-impl Pending {
-    /// Jobs batch together only when the model would run them with the same options.
-    fn same_options(&self, other: &Pending) -> bool {
-        self.job.truncate == other.job.truncate && self.job.instruction == other.job.instruction
-    }
-
-    /// Deliveries so far, this one included (1 when the ack subject cannot be parsed).
-    fn delivered(&self) -> i64 {
-        self.message.info().map(|info| info.delivered).unwrap_or(1)
-    }
-
-    /// Jobs the consumer still had queued when this one was delivered (1 when unknown, so an
-    /// unparsable ack subject errs towards gathering).
-    fn queued_behind(&self) -> u64 {
-        self.message.info().map_or(1, |info| info.pending)
-    }
-
-    fn expired(&self) -> bool {
-        self.job.deadline_unix_ms <= job::unix_ms_now()
-    }
-}
-
-/// A forward batch being formed.
-#[derive(Default)]
-struct Batch {
-    jobs: Vec<Pending>,
-    inputs: usize,
-    tokens: usize,
-    /// A compatible job did not fit: stop gathering.
-    full: bool,
-}
-
-impl Batch {
-    /// Takes `pending` if it may join; hands it back otherwise.
-    fn offer(&mut self, pending: Pending, limits: &BatchConfig) -> Option<Pending> {
-        if let Some(first) = self.jobs.first() {
-            if !first.same_options(&pending) {
-                return Some(pending);
-            }
-        }
-        let empty = self.jobs.is_empty();
-        let (inputs, tokens) = (pending.job.inputs.len(), pending.tokens);
-        if !fits(self.inputs, self.tokens, inputs, tokens, empty, limits) {
-            self.full = true;
-            return Some(pending);
-        }
-        self.inputs += inputs;
-        self.tokens += tokens;
-        self.jobs.push(pending);
-        None
-    }
-}
-
-/// Whether a job of `inputs`/`tokens` may join a batch holding `batch_inputs`/`batch_tokens`.
-/// The first job of a batch always may, however big: it then runs alone rather than never.
-fn fits(
-    batch_inputs: usize,
-    batch_tokens: usize,
-    inputs: usize,
-    tokens: usize,
-    batch_empty: bool,
-    limits: &BatchConfig,
-) -> bool {
-    batch_empty
-        || (batch_inputs + inputs <= limits.max_inputs
-            && batch_tokens + tokens <= limits.token_budget)
-}
-
-/// Estimated tokens of one input, for the batch budget only: the model counts exact tokens and
-/// splits its own forward passes. Text and code take about 3 bytes per token in the WordPiece and
-/// BPE vocabularies here, plus the special tokens; when truncating, no input costs more than the
-/// model's `max_seq_len`, since that is all it reads. A media input costs a full sequence.
-pub fn estimate_tokens(input: &Input, max_seq_len: usize, truncate: bool) -> usize {
-    let estimate = match input.text() {
-        Some(text) => text.len() / 3 + SPECIAL_TOKENS,
-        None => max_seq_len,
-    };
-    if truncate {
-        estimate.min(max_seq_len)
-    } else {
-        estimate
-    }
-}
-
-/// The job (position in `jobs`) and input within it that batch input `index` belongs to.
-fn locate(input_counts: impl IntoIterator<Item = usize>, index: usize) -> Option<(usize, usize)> {
-    let mut start = 0;
-    for (job, count) in input_counts.into_iter().enumerate() {
-        if index < start + count {
-            return Some((job, index - start));
-        }
-        start += count;
-    }
-    None
-}
-
-/// The batch index a permanent error blames, when it names one.
-fn blamed_input(error: &ModelError) -> Option<usize> {
-    match error {
-        ModelError::EmptyInput { index } | ModelError::InputTooLong { index, .. } => Some(*index),
-        _ => None,
-    }
-}
-
-/// `error`'s message with the batch index replaced by the index within the job, which is what
-/// the request's author can act on.
-fn message_for_job(error: &ModelError, input: usize) -> String {
-    match error {
-        ModelError::EmptyInput { .. } => ModelError::EmptyInput { index: input }.to_string(),
-        ModelError::InputTooLong {
-            model, tokens, max, ..
-        } => ModelError::InputTooLong {
-            model: model.clone(),
-            index: input,
-            tokens: *tokens,
-            max: *max,
-        }
-        .to_string(),
-        other => other.to_string(),
-    }
-}
-
-/// Redelivery delay after the `delivered`-th delivery failed.
-fn nak_delay(delivered: i64) -> Duration {
-    let step = u32::try_from(delivered.max(1)).unwrap_or(u32::MAX);
-    NAK_DELAY_STEP.saturating_mul(step).min(NAK_DELAY_MAX)
-}
-
-/// Why a model call gave no vectors.
-enum EmbedFailure {
-    Model(ModelError),
-    /// The call panicked or broke the trait's contract: treated as transient, so a model that
-    /// always does it ends as poison after `max_deliver` tries.
-    Broken(String),
-}
-
-/// What a job is answered with, which also decides how its message is settled and counted.
-enum Answer {
-    Vectors(Vec<PartialVector>),
-    /// Permanent: acked.
-    Failed(JobFailure),
-    /// Given up after the last delivery: terminated.
-    Poison(JobFailure),
-}
-
 /// One hosted model's job loop; see the module docs.
 struct ModelLoop {
-    model: Arc<dyn EmbeddingModel>,
-    client: async_nats::Client,
+    runner: BatchRunner,
     js: jetstream::Context,
-    config: Arc<WorkerConfig>,
-    stats: Arc<WorkerStats>,
     /// Jobs delivered to this worker but left out of the last batch (other options, or no
     /// room), oldest first. Bounded: gathering never holds more than `max_inputs` messages.
     carry: VecDeque<Pending>,
+    /// The batches running now, at most `batches_in_flight`.
+    running: JoinSet<()>,
 }
 
 impl ModelLoop {
+    fn new(
+        model: Arc<dyn EmbeddingModel>,
+        client: async_nats::Client,
+        config: Arc<WorkerConfig>,
+        stats: Arc<WorkerStats>,
+    ) -> Self {
+        ModelLoop {
+            js: jetstream::new(client.clone()),
+            runner: BatchRunner {
+                model,
+                client,
+                config,
+                stats,
+            },
+            carry: VecDeque::new(),
+            running: JoinSet::new(),
+        }
+    }
+
     fn name(&self) -> &'static str {
-        self.model.spec().name
+        self.runner.model.spec().name
+    }
+
+    fn config(&self) -> &WorkerConfig {
+        &self.runner.config
     }
 
     fn max_inputs(&self) -> usize {
-        self.config.batch.max_inputs.max(1)
+        self.config().batch.max_inputs.max(1)
     }
 
     async fn run(mut self, shutdown: CancellationToken) {
@@ -446,7 +313,12 @@ impl ModelLoop {
                 }
             }
         }
+        // Jobs held for later go back first, so another worker can start on them while the
+        // running batches finish here.
         self.release_carry().await;
+        while let Some(joined) = self.running.join_next().await {
+            resume_panic(joined);
+        }
         tracing::info!(model = self.name(), "job loop stopped");
     }
 
@@ -462,8 +334,8 @@ impl ModelLoop {
                 return None;
             }
             let bound = async {
-                let stream = ensure_job_stream(&self.js, &self.config.queues).await?;
-                ensure_model_consumer(&stream, self.name(), &self.config.queues).await
+                let stream = ensure_job_stream(&self.js, &self.config().queues).await?;
+                ensure_model_consumer(&stream, self.name(), &self.config().queues).await
             };
             match bound.await {
                 Ok(consumer) => return Some(consumer),
@@ -477,7 +349,9 @@ impl ModelLoop {
         }
     }
 
-    /// Waits, gathers, runs and answers batches until shutdown (`Ok`) or a pull error (`Err`).
+    /// Waits, gathers and starts batches until shutdown (`Ok`) or a pull error (`Err`). Up to
+    /// `batches_in_flight` run at once, each on its own task, so the next batch is gathered (and
+    /// its inputs tokenised) while the last one is in the model.
     async fn serve(
         &mut self,
         consumer: &PullConsumer,
@@ -485,7 +359,8 @@ impl ModelLoop {
         backoff: &mut Backoff,
     ) -> Result<(), async_nats::Error> {
         loop {
-            if shutdown.is_cancelled() {
+            // A free slot first: a job is pulled only when it can start at once.
+            if !self.wait_for_slot(shutdown).await {
                 return Ok(());
             }
             if self.carry.is_empty() {
@@ -499,14 +374,41 @@ impl ModelLoop {
                 continue;
             }
             let batch = self.gather(consumer).await;
-            self.run_batch(batch).await;
+            if !batch.is_empty() {
+                let runner = self.runner.clone();
+                self.running.spawn(async move { runner.run(batch).await });
+            }
         }
+    }
+
+    /// Waits until fewer than `batches_in_flight` batches run, sending the carry-over its
+    /// in-progress acks meanwhile. False when shutdown came first.
+    async fn wait_for_slot(&mut self, shutdown: &CancellationToken) -> bool {
+        while let Some(joined) = self.running.try_join_next() {
+            resume_panic(joined);
+        }
+        let slots = self.config().batch.batches_in_flight.max(1);
+        let mut ticks = progress_ticks(&self.config().queues);
+        while self.running.len() >= slots {
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                Some(joined) = self.running.join_next() => resume_panic(joined),
+                _ = ticks.tick() => {
+                    for pending in &self.carry {
+                        if let Err(error) = pending.message.ack_with(AckKind::Progress).await {
+                            tracing::debug!(model = self.name(), %error, "in-progress ack failed");
+                        }
+                    }
+                }
+            }
+        }
+        !shutdown.is_cancelled()
     }
 
     /// Forms the next batch: compatible jobs from the carry-over first, then whatever arrives
     /// within `max_wait`, within the input and token limits.
     async fn gather(&mut self, consumer: &PullConsumer) -> Vec<Pending> {
-        let limits = self.config.batch.clone();
+        let limits = self.config().batch.clone();
         let mut batch = Batch::default();
         let mut left = VecDeque::with_capacity(self.carry.len());
         while let Some(pending) = self.carry.pop_front() {
@@ -582,12 +484,12 @@ impl ModelLoop {
             Err(error) => {
                 tracing::warn!(model = self.name(), subject = %message.subject, %error,
                     "undecodable job; terminating it (no reply subject to answer on)");
-                bump(&self.stats.undecodable);
+                bump(&self.runner.stats.undecodable);
                 settle(&message, AckKind::Term).await;
                 return None;
             }
         };
-        let spec = self.model.spec();
+        let spec = self.runner.model.spec();
         let tokens = job
             .inputs
             .iter()
@@ -613,7 +515,7 @@ impl ModelLoop {
                 modality: pending.job.inputs[index].modality(),
             };
             let failure = job_failure(&error, Some(index));
-            self.reply(&pending, Answer::Failed(failure)).await;
+            self.runner.reply(&pending, Answer::Failed(failure)).await;
             return None;
         }
         Some(pending)
@@ -625,229 +527,8 @@ impl ModelLoop {
             job_id = pending.job.job_id,
             "deadline passed; skipping job"
         );
-        bump(&self.stats.expired_skipped);
+        bump(&self.runner.stats.expired_skipped);
         settle(&pending.message, AckKind::Ack).await;
-    }
-
-    /// Runs a batch and answers every job in it. A permanent error blamed on one input answers
-    /// that job and re-runs the others without it; one that names no input isolates the jobs.
-    async fn run_batch(&self, batch: Vec<Pending>) {
-        if batch.is_empty() {
-            return;
-        }
-        bump(&self.stats.batches);
-        let mut groups = VecDeque::from([batch]);
-        while let Some(mut jobs) = groups.pop_front() {
-            match self.embed(&jobs).await {
-                Ok(embeddings) => self.answer_vectors(jobs, embeddings).await,
-                Err(EmbedFailure::Model(error)) if error.is_permanent_for_input() => {
-                    let counts = jobs.iter().map(|p| p.job.inputs.len());
-                    match blamed_input(&error).and_then(|index| locate(counts, index)) {
-                        Some((culprit, input)) => {
-                            let bad = jobs.remove(culprit);
-                            self.reply(&bad, Answer::Failed(job_failure(&error, Some(input))))
-                                .await;
-                            if !jobs.is_empty() {
-                                groups.push_front(jobs);
-                            }
-                        }
-                        None if jobs.len() == 1 => {
-                            self.reply(&jobs[0], Answer::Failed(job_failure(&error, None)))
-                                .await;
-                        }
-                        // No index to blame: run each job alone to find the bad one.
-                        None => groups.extend(jobs.into_iter().map(|job| vec![job])),
-                    }
-                }
-                Err(failure) => {
-                    let reason = match failure {
-                        EmbedFailure::Model(error) => error.to_string(),
-                        EmbedFailure::Broken(reason) => reason,
-                    };
-                    for pending in &jobs {
-                        self.retry_or_give_up(pending, &reason).await;
-                    }
-                }
-            }
-        }
-    }
-
-    /// One `embed_batch` call over all the jobs' inputs, on a blocking thread, with in-progress
-    /// acks while it runs. Raw vectors (`normalize: false`): the coordinator normalises.
-    async fn embed(&self, jobs: &[Pending]) -> Result<Vec<ModelEmbedding>, EmbedFailure> {
-        let Some(first) = jobs.first() else {
-            return Ok(Vec::new());
-        };
-        // A copy, because the blocking thread needs owned inputs while the jobs stay here to be
-        // answered; text is small next to a forward pass.
-        let inputs: Vec<Input> = jobs
-            .iter()
-            .flat_map(|p| p.job.inputs.iter().cloned())
-            .collect();
-        if inputs.is_empty() {
-            return Ok(Vec::new());
-        }
-        let expected = inputs.len();
-        let options = EmbedOptions {
-            truncate: first.job.truncate,
-            normalize: false,
-            instruction: first.job.instruction.clone(),
-        };
-        let model = self.model.clone();
-        let call = tokio::task::spawn_blocking(move || model.embed_batch(&inputs, &options));
-        match self.keep_alive(jobs, call).await {
-            Ok(Ok(embeddings)) if embeddings.len() == expected => Ok(embeddings),
-            Ok(Ok(embeddings)) => Err(EmbedFailure::Broken(format!(
-                "model returned {} vectors for {expected} inputs",
-                embeddings.len()
-            ))),
-            Ok(Err(error)) => Err(EmbedFailure::Model(error)),
-            Err(join) => Err(EmbedFailure::Broken(format!("model call panicked: {join}"))),
-        }
-    }
-
-    /// Awaits `work`, sending an in-progress ack for each held message (the batch and the
-    /// carry-over) every `ack_wait / 3`, so JetStream does not redeliver them meanwhile.
-    async fn keep_alive<F: Future>(&self, jobs: &[Pending], work: F) -> F::Output {
-        let period = (self.config.queues.ack_wait / 3).max(MIN_PROGRESS_PERIOD);
-        let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tokio::pin!(work);
-        loop {
-            tokio::select! {
-                output = &mut work => return output,
-                _ = ticks.tick() => {
-                    for pending in jobs.iter().chain(&self.carry) {
-                        if let Err(error) = pending.message.ack_with(AckKind::Progress).await {
-                            tracing::debug!(model = self.name(), %error, "in-progress ack failed");
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Hands each job its slice of the batch's vectors.
-    async fn answer_vectors(&self, jobs: Vec<Pending>, embeddings: Vec<ModelEmbedding>) {
-        let mut embeddings = embeddings.into_iter();
-        for pending in &jobs {
-            let vectors = embeddings
-                .by_ref()
-                .take(pending.job.inputs.len())
-                .map(|e| PartialVector {
-                    vector: e.vector,
-                    tokens: u32::try_from(e.tokens).unwrap_or(u32::MAX),
-                })
-                .collect();
-            self.reply(pending, Answer::Vectors(vectors)).await;
-        }
-    }
-
-    /// After a transient failure: nak for redelivery, or on the last delivery answer with
-    /// `internal` and terminate, so a poison job cannot loop.
-    async fn retry_or_give_up(&self, pending: &Pending, reason: &str) {
-        let delivered = pending.delivered();
-        let max_deliver = self.config.queues.max_deliver;
-        if max_deliver > 0 && delivered >= max_deliver {
-            tracing::error!(
-                model = self.name(),
-                job_id = pending.job.job_id,
-                delivered,
-                reason,
-                "job failed on its last delivery; terminating it"
-            );
-            let failure = JobFailure {
-                kind: ErrorKind::Internal,
-                message: format!(
-                    "`{}` failed on all {delivered} deliveries: {reason}",
-                    self.name()
-                ),
-                input: None,
-            };
-            self.reply(pending, Answer::Poison(failure)).await;
-        } else {
-            tracing::warn!(
-                model = self.name(),
-                job_id = pending.job.job_id,
-                delivered,
-                reason,
-                "batch failed; job will be redelivered"
-            );
-            bump(&self.stats.retries);
-            settle(&pending.message, AckKind::Nak(Some(nak_delay(delivered)))).await;
-        }
-    }
-
-    /// Publishes the job's partial on its `reply_to`, then settles the message. A partial over
-    /// the server's max payload becomes a `Failed` one (the request could never get it); a
-    /// publish that did not go out leaves the job to be redelivered.
-    async fn reply(&self, pending: &Pending, answer: Answer) {
-        let mut answer = answer;
-        loop {
-            let (outcome, counter, settle_with) = match answer {
-                Answer::Vectors(vectors) => (
-                    PartialOutcome::Vectors(vectors),
-                    &self.stats.jobs_done,
-                    AckKind::Ack,
-                ),
-                Answer::Failed(failure) => (
-                    PartialOutcome::Failed(failure),
-                    &self.stats.jobs_failed,
-                    AckKind::Ack,
-                ),
-                Answer::Poison(failure) => (
-                    PartialOutcome::Failed(failure),
-                    &self.stats.poison_terminated,
-                    AckKind::Term,
-                ),
-            };
-            let partial = PartialResult {
-                job_id: pending.job.job_id,
-                model: self.name().to_string(),
-                revision: self.model.revision().to_string(),
-                outcome,
-            };
-            let payload = job::encode(&partial);
-            let size = payload.len();
-            let published = self
-                .client
-                .publish(pending.job.reply_to.clone(), payload.into())
-                .await;
-            let error = match published {
-                Ok(()) => {
-                    bump(counter);
-                    settle(&pending.message, settle_with).await;
-                    return;
-                }
-                Err(error) => error,
-            };
-            match error.kind() {
-                PublishErrorKind::MaxPayloadExceeded
-                    if matches!(partial.outcome, PartialOutcome::Vectors(_)) =>
-                {
-                    answer = Answer::Failed(JobFailure {
-                        kind: ErrorKind::Internal,
-                        message: format!(
-                            "the partial of job {} is {size} bytes, over the NATS max payload",
-                            pending.job.job_id
-                        ),
-                        input: None,
-                    });
-                }
-                PublishErrorKind::MaxPayloadExceeded | PublishErrorKind::InvalidSubject => {
-                    tracing::warn!(model = self.name(), job_id = pending.job.job_id,
-                        reply_to = %pending.job.reply_to, %error, "cannot answer job; terminating it");
-                    bump(&self.stats.jobs_failed);
-                    settle(&pending.message, AckKind::Term).await;
-                    return;
-                }
-                PublishErrorKind::Send => {
-                    tracing::warn!(model = self.name(), job_id = pending.job.job_id, %error,
-                        "publishing the partial failed; the job will be redelivered");
-                    return;
-                }
-            }
-        }
     }
 
     /// At shutdown: jobs held for a later batch go back at once, for another worker.
@@ -858,19 +539,12 @@ impl ModelLoop {
     }
 }
 
-/// The wire failure of a permanent model error, with the input index within the job.
-fn job_failure(error: &ModelError, input: Option<usize>) -> JobFailure {
-    JobFailure {
-        kind: error.kind(),
-        message: input.map_or_else(|| error.to_string(), |i| message_for_job(error, i)),
-        input,
-    }
-}
-
-/// Acks, naks or terminates; a failure only costs a redelivery later, so it is logged, not fatal.
-async fn settle(message: &Message, kind: AckKind) {
-    if let Err(error) = message.ack_with(kind).await {
-        tracing::warn!(subject = %message.subject, ?kind, %error, "settling a job failed; it will be redelivered");
+/// Re-raises a batch task's panic in the model's loop, where the worker reports it.
+fn resume_panic(joined: Result<(), tokio::task::JoinError>) {
+    if let Err(error) = joined {
+        if error.is_panic() {
+            std::panic::resume_unwind(error.into_panic());
+        }
     }
 }
 
@@ -933,71 +607,5 @@ impl Backoff {
             _ = shutdown.cancelled() => false,
             _ = tokio::time::sleep(delay) => true,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn token_estimate_is_capped_only_when_truncating() {
-        let long = Input::Text("x".repeat(3000));
-        assert_eq!(estimate_tokens(&long, 256, true), 256);
-        assert_eq!(estimate_tokens(&long, 256, false), 1002);
-        assert_eq!(estimate_tokens(&Input::Text("abcdef".into()), 256, true), 4);
-        let image = Input::Image {
-            bytes: vec![0; 10],
-            format: None,
-        };
-        assert_eq!(estimate_tokens(&image, 77, true), 77);
-    }
-
-    #[test]
-    fn batch_indices_map_onto_jobs() {
-        let counts = [2, 0, 3];
-        assert_eq!(locate(counts, 0), Some((0, 0)));
-        assert_eq!(locate(counts, 1), Some((0, 1)));
-        assert_eq!(locate(counts, 2), Some((2, 0)));
-        assert_eq!(locate(counts, 4), Some((2, 2)));
-        assert_eq!(locate(counts, 5), None);
-    }
-
-    #[test]
-    fn a_job_over_the_budget_still_runs_alone() {
-        let limits = BatchConfig {
-            max_inputs: 4,
-            token_budget: 100,
-            max_wait: Duration::ZERO,
-        };
-        assert!(fits(0, 0, 10, 1000, true, &limits));
-        assert!(!fits(1, 10, 1, 91, false, &limits));
-        assert!(fits(1, 10, 1, 90, false, &limits));
-        assert!(!fits(3, 10, 2, 10, false, &limits));
-    }
-
-    #[test]
-    fn failures_name_the_input_within_the_job() {
-        let error = ModelError::InputTooLong {
-            model: "minilm".into(),
-            index: 7,
-            tokens: 300,
-            max: 256,
-        };
-        let failure = job_failure(&error, Some(1));
-        assert_eq!(failure.kind, ErrorKind::InputTooLong);
-        assert_eq!(failure.input, Some(1));
-        assert!(
-            failure.message.starts_with("input 1 is 300 tokens"),
-            "{}",
-            failure.message
-        );
-    }
-
-    #[test]
-    fn nak_delay_grows_and_is_capped() {
-        assert_eq!(nak_delay(1), Duration::from_millis(250));
-        assert_eq!(nak_delay(2), Duration::from_millis(500));
-        assert_eq!(nak_delay(100), NAK_DELAY_MAX);
     }
 }

@@ -42,6 +42,7 @@ fn config() -> WorkerConfig {
             max_inputs: 64,
             token_budget: 16_384,
             max_wait: Duration::from_millis(300),
+            ..BatchConfig::default()
         },
     }
 }
@@ -305,6 +306,44 @@ async fn queued_jobs_share_one_batch() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_in_flight_run_side_by_side_and_no_more() {
+    let bus = bus().await;
+    let mut sub = partials_subscription(&bus.client).await;
+    declare(&bus.js, "minilm").await;
+    let mut config = config();
+    config.batch.max_inputs = 1;
+    config.batch.batches_in_flight = 2;
+    // Far longer than the test needs to look, so "not yet answered" below is not a race.
+    let slow = Arc::new(
+        FixedVectorModel::new("minilm")
+            .unwrap()
+            .with_delay(Duration::from_secs(5)),
+    );
+    let jobs: Vec<ModelJob> = (1..=3)
+        .map(|id| job(id, "minilm", texts(&[&format!("job {id}")])))
+        .collect();
+    for job in &jobs {
+        publish(&bus.js, job).await;
+    }
+
+    let worker = start_worker(&bus.server, vec![slow.clone()], config).await;
+    wait_for("two batches to start", || slow.calls() == 2).await;
+    // One batch at a time would have answered the first before starting the second.
+    let early = tokio::time::timeout(Duration::from_millis(200), sub.next()).await;
+    assert!(early.is_err(), "a partial arrived before 5 s: {early:?}");
+    assert_eq!(slow.calls(), 2, "the third job waits for a free slot");
+
+    let got = partials(&mut sub, jobs.len()).await;
+    for job in &jobs {
+        assert_fixed_vectors(&got[&job.job_id], &slow, job);
+    }
+    wait_until_stream_empty(&bus.js).await;
+    let report = worker.stop().await;
+    assert_eq!((report.jobs_done, report.batches), (3, 3));
+    assert_eq!(slow.largest_batch(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_budget_splits_batches_and_a_big_job_runs_alone() {
     let bus = bus().await;
     let mut sub = partials_subscription(&bus.client).await;
@@ -538,9 +577,22 @@ async fn the_worker_rides_out_a_server_restart() {
 
     let after = job(2, "minilm", texts(&["after the restart"]));
     publish(&bus.js, &after).await;
-    assert_fixed_vectors(&partials(&mut sub, 1).await[&2], &model, &after);
+    // At least once: an ack of job 1 still buffered when the server went down is lost with it,
+    // so job 1 may be redelivered and answered again. Job 2 must be answered either way.
+    let answer = loop {
+        let mut got = partials(&mut sub, 1).await;
+        if let Some(answer) = got.remove(&2) {
+            break answer;
+        }
+        assert!(got.contains_key(&1), "a partial of an unknown job: {got:?}");
+    };
+    assert_fixed_vectors(&answer, &model, &after);
     wait_until_stream_empty(&bus.js).await;
-    assert_eq!(worker.stop().await.jobs_done, 2);
+    let done = worker.stop().await.jobs_done;
+    assert!(
+        (2..=3).contains(&done),
+        "{done} jobs done: job 1 ran at most twice"
+    );
 }
 
 fn models_dir() -> PathBuf {
