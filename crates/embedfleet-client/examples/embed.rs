@@ -1,4 +1,5 @@
-//! Embeds texts with a running fleet and prints each fused vector's size and first values.
+//! Embeds texts with a running fleet and prints each fused vector's size and first values. The
+//! request and its reply travel as MessagePack, the client's default.
 //!
 //! ```sh
 //! embedfleet serve                      # prints: ... ready: nats=nats://127.0.0.1:PORT ...
@@ -31,7 +32,8 @@ async fn main() -> ExitCode {
 }
 
 async fn run(url: &str, texts: &[String]) -> Result<(), ClientError> {
-    // One connection; the client is cheap to clone across tasks.
+    // One connection; the client is cheap to clone across tasks. It speaks MessagePack unless
+    // given `.with_encoding(Encoding::Json)`.
     let client = EmbedClient::connect(url).await?;
     // One request with every text; the reply keeps their order.
     let texts: Vec<&str> = texts.iter().map(String::as_str).collect();

@@ -1,106 +1,239 @@
-//! The client against a real `nats-server`, with a stand-in for the service on `embed.v1` that
-//! answers the way a NATS micro service does (headers on errors, the request's encoding back).
+//! The client against the real service, all in this process: a testkit `nats-server`, the fleet's
+//! coordinator, and a worker hosting the testkit's fixed-vector minilm and mpnet (the default
+//! model set). Fixed vectors make every expected fused vector computable here.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::HeaderMap;
+use embedfleet_cache::{CacheConfig, VectorCache};
 use embedfleet_client::{ClientError, EmbedClient};
+use embedfleet_fleet::coordinator::Coordinator;
+use embedfleet_fleet::fusion::FusionStage;
+use embedfleet_fleet::worker::{run_worker, WorkerConfig};
+use embedfleet_fleet::{BatchConfig, CoordinatorConfig, QueueConfig};
+use embedfleet_fusion::FuseMoe;
+use embedfleet_models::{catalogue, model::l2_normalize, EmbeddingModel, ModelSpec};
 use embedfleet_proto::{
-    EmbedReply, EmbedRequest, EmbeddingData, Encoding, ErrorBody, ErrorKind, ProtoError,
-    RequestLimits, Usage, CONTENT_TYPE, EMBED_ENDPOINT, FUSED_MODEL_NAME, SERVICE_ERROR,
-    SERVICE_ERROR_CODE,
+    EmbedRequest, Encoding, ErrorKind, Input, RequestLimits, CONTENT_TYPE, CONTENT_TYPE_MSGPACK,
+    EMBED_ENDPOINT, FUSED_MODEL_NAME,
 };
-use embedfleet_testkit::NatsServer;
+use embedfleet_testkit::{FixedVectorModel, NatsServer};
 use futures::StreamExt;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
-/// Answers `embed.v1` like the service would: a fused vector `[i, len(text)]` per text input,
-/// `unknown_model` for a request naming the model `nope`, and silence for the model `slow`.
-async fn stand_in_service(nats: async_nats::Client) {
-    let mut requests = nats.subscribe(EMBED_ENDPOINT).await.expect("subscribe");
-    tokio::spawn(async move {
-        while let Some(message) = requests.next().await {
-            let content_type = message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(CONTENT_TYPE))
-                .map(|v| v.as_str().to_string());
-            let encoding = Encoding::from_content_type(content_type.as_deref());
-            let reply_to = message.reply.clone().expect("a request");
-            let mut headers = HeaderMap::new();
-            headers.insert(CONTENT_TYPE, encoding.content_type());
-            let request: EmbedRequest = encoding.decode(&message.payload).expect("decodes");
-            let models = request.models.clone().unwrap_or_default();
-            if models.iter().any(|m| m == "slow") {
-                continue;
-            }
-            let payload = if models.iter().any(|m| m == "nope") {
-                let error = ProtoError::unknown_model("nope");
-                headers.insert(SERVICE_ERROR, error.to_string().as_str());
-                headers.insert(SERVICE_ERROR_CODE, error.code().to_string().as_str());
-                encoding.encode(&ErrorBody::from(&error)).expect("encode")
-            } else {
-                let texts = request.input.as_ref().expect("input").as_slice().to_vec();
-                let data = texts
-                    .iter()
-                    .enumerate()
-                    .map(|(i, t)| EmbeddingData::fused(i, vec![i as f32, t.len() as f32]))
-                    .collect();
-                let reply = EmbedReply::new(FUSED_MODEL_NAME, data, Usage::new(7));
-                encoding.encode(&reply).expect("encode")
-            };
-            nats.publish_with_headers(reply_to, headers, payload.into())
-                .await
-                .expect("reply");
-        }
-    });
+/// In the catalogue, but hosted by no worker of [`start_fleet`].
+const UNSERVED_MODEL: &str = "bge-large";
+
+/// The service on a NATS server, running until dropped.
+struct Fleet {
+    coordinator: Arc<Coordinator>,
+    /// The coordinator's fusion layer for the default set, to compute expected vectors with.
+    layer: Arc<FuseMoe>,
+    _stop: DropGuard,
 }
 
-#[tokio::test]
-async fn embeds_and_reports_every_failure_typed() {
-    let server = NatsServer::start().expect("nats-server (apt-get install nats-server)");
-    let client = EmbedClient::connect(&server.url())
-        .await
-        .expect("connect")
-        .with_timeout(Duration::from_millis(500));
+/// The default model set, minilm + mpnet, in slot order.
+fn default_set() -> Vec<&'static ModelSpec> {
+    catalogue::in_slot_order(
+        CoordinatorConfig::default()
+            .default_models
+            .iter()
+            .map(|name| catalogue::find(name).expect("catalogue model"))
+            .collect(),
+    )
+}
 
-    // Nobody serves embed.v1 yet.
-    let err = client
-        .embed_texts(&["hello"])
+/// Starts a coordinator with `config` and one worker hosting the default set's fixed-vector
+/// models on the NATS server at `url`; returns once the coordinator serves `embed.v1`.
+async fn start_fleet(url: &str, config: CoordinatorConfig) -> Fleet {
+    let connect = || async { async_nats::connect(url).await.expect("connect") };
+    let cache = VectorCache::connect(CacheConfig::default())
         .await
-        .expect_err("no service");
+        .expect("cache");
+    let fusion = FusionStage::seeded();
+    // Built up front, as `serve` does, so that no request's deadline pays for it.
+    let layer = fusion.layer(&default_set()).expect("fusion layer");
+    let coordinator = Coordinator::new(
+        connect().await,
+        config,
+        QueueConfig::default(),
+        Arc::new(cache),
+        fusion,
+    );
+    let shutdown = CancellationToken::new();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let run = coordinator.clone().run(shutdown.clone(), move || {
+        let _ = ready_tx.send(());
+    });
+    tokio::spawn(async move { run.await.expect("coordinator") });
+    ready_rx.await.expect("coordinator ready");
+
+    let models: Vec<Arc<dyn EmbeddingModel>> = default_set()
+        .iter()
+        .map(|spec| Arc::new(FixedVectorModel::new(spec.name).unwrap()) as Arc<dyn EmbeddingModel>)
+        .collect();
+    let worker_config = WorkerConfig {
+        queues: QueueConfig::default(),
+        batch: BatchConfig::default(),
+    };
+    let worker = run_worker(connect().await, models, worker_config, shutdown.clone());
+    tokio::spawn(async move { worker.await.expect("worker") });
+    Fleet {
+        coordinator,
+        layer,
+        _stop: shutdown.drop_guard(),
+    }
+}
+
+impl Fleet {
+    /// The fused vector the fleet must give `text` with the default options: the fixed models'
+    /// normalised vectors through the same layer.
+    fn expected(&self, text: &str) -> Vec<f32> {
+        let input = Input::Text(text.to_string());
+        let partials: Vec<Vec<f32>> = default_set()
+            .iter()
+            .map(|spec| {
+                let mut vector = FixedVectorModel::new(spec.name)
+                    .unwrap()
+                    .vector_for(&input, None);
+                l2_normalize(&mut vector);
+                vector
+            })
+            .collect();
+        let slots: Vec<Option<&[f32]>> = partials.iter().map(|v| Some(v.as_slice())).collect();
+        self.layer.fuse(&slots).expect("fuse").embedding
+    }
+}
+
+fn assert_close(a: &[f32], b: &[f32], tolerance: f32, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    let worst = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    assert!(worst < tolerance, "{what}: differs by {worst}");
+}
+
+fn norm(v: &[f32]) -> f32 {
+    v.iter().map(|x| x * x).sum::<f32>().sqrt()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fused_vectors_in_both_encodings_once_the_fleet_serves() {
+    let server = NatsServer::start().expect("nats-server (apt-get install nats-server)");
+    let client = EmbedClient::connect(&server.url()).await.expect("connect");
+
+    let err = client.embed_texts(&["hello"]).await.expect_err("no fleet");
     assert!(matches!(err, ClientError::NoResponders), "{err:?}");
 
-    stand_in_service(client.nats().clone()).await;
-    client.nats().flush().await.expect("flush");
+    let fleet = start_fleet(&server.url(), CoordinatorConfig::default()).await;
+    let texts = ["the first input", "a second, longer input text", "third"];
+    let expected: Vec<Vec<f32>> = texts.iter().map(|t| fleet.expected(t)).collect();
 
+    // The default client speaks MessagePack: a plain subscriber sees each request as sent.
+    let mut tap = client
+        .nats()
+        .subscribe(EMBED_ENDPOINT)
+        .await
+        .expect("subscribe");
+    client.nats().flush().await.expect("flush");
+    let vectors = client.embed_texts(&texts).await.expect("embed");
+    let sent = tokio::time::timeout(Duration::from_secs(5), tap.next())
+        .await
+        .expect("tapped")
+        .expect("a request");
+    let content_type = sent.headers.as_ref().and_then(|h| h.get(CONTENT_TYPE));
+    assert_eq!(content_type.map(|v| v.as_str()), Some(CONTENT_TYPE_MSGPACK));
+    drop(tap);
+    assert_eq!(vectors.len(), texts.len());
+    for (i, vector) in vectors.iter().enumerate() {
+        assert_close(
+            vector,
+            &expected[i],
+            1e-5,
+            &format!("embed_texts input {i}"),
+        );
+    }
+
+    // `truncate: false` skips the cache lookups, so the fleet computes both replies afresh.
+    let request = EmbedRequest::texts(texts).with_truncate(false);
+    let mut replies = Vec::new();
+    for encoding in [Encoding::Json, Encoding::MsgPack] {
+        let reply = client
+            .clone()
+            .with_encoding(encoding)
+            .embed(&request)
+            .await
+            .unwrap_or_else(|e| panic!("{encoding:?}: {e}"));
+        assert_eq!(reply.model, FUSED_MODEL_NAME);
+        assert_eq!(reply.data.len(), texts.len(), "{encoding:?}");
+        assert!(reply.usage.prompt_tokens > 0, "{encoding:?}");
+        for (i, data) in reply.data.iter().enumerate() {
+            let what = format!("{encoding:?} input {i}");
+            assert_eq!(data.index, i, "{what}");
+            assert!(!data.cached, "{what}");
+            let embedding = data.embedding.as_ref().expect("fused vector");
+            assert_eq!(embedding.len(), 1536, "{what}");
+            assert!((norm(embedding) - 1.0).abs() < 1e-4, "{what}: unit norm");
+            assert_close(embedding, &expected[i], 1e-5, &what);
+        }
+        replies.push(reply);
+    }
+    for (json, msgpack) in replies[0].data.iter().zip(&replies[1].data) {
+        assert_close(
+            json.embedding.as_ref().unwrap(),
+            msgpack.embedding.as_ref().unwrap(),
+            1e-6,
+            "JSON against MessagePack",
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinators_refusals_are_typed_service_errors() {
+    let server = NatsServer::start().expect("nats-server");
+    let fleet = start_fleet(&server.url(), CoordinatorConfig::default()).await;
+    let client = EmbedClient::connect(&server.url()).await.expect("connect");
+
+    let too_many = vec!["x"; RequestLimits::default().max_inputs + 1];
     for encoding in [Encoding::Json, Encoding::MsgPack] {
         let client = client.clone().with_encoding(encoding);
-        let vectors = client.embed_texts(&["a", "bcd"]).await.expect("embed");
-        assert_eq!(
-            vectors,
-            vec![vec![0.0, 1.0], vec![1.0, 3.0]],
-            "{encoding:?}"
-        );
-
-        let err = client
-            .embed(&EmbedRequest::texts(["x"]).with_models(["nope"]))
-            .await
-            .expect_err("unknown model");
-        match err {
-            ClientError::Service(error) => {
-                assert_eq!((error.kind, error.code()), (ErrorKind::UnknownModel, 404));
+        let cases = [
+            (
+                "unknown model",
+                EmbedRequest::texts(["x"]).with_models(["nope"]),
+                ErrorKind::UnknownModel,
+                404,
+            ),
+            (
+                "blank text",
+                EmbedRequest::texts(["   "]),
+                ErrorKind::EmptyInput,
+                400,
+            ),
+            (
+                "too many inputs",
+                EmbedRequest::texts(too_many.clone()),
+                ErrorKind::TooLarge,
+                413,
+            ),
+        ];
+        for (what, request, kind, code) in cases {
+            match client.embed(&request).await {
+                Err(ClientError::Service(error)) => {
+                    assert_eq!((error.kind, error.code()), (kind, code), "{what}: {error}");
+                    if kind == ErrorKind::UnknownModel {
+                        assert!(error.message.contains("nope"), "{error}");
+                    }
+                }
+                other => panic!("{what} ({encoding:?}): expected a service error, got {other:?}"),
             }
-            other => panic!("expected a service error, got {other:?}"),
         }
     }
 
-    let err = client
-        .embed(&EmbedRequest::texts(["x"]).with_models(["slow"]))
-        .await
-        .expect_err("no reply");
-    assert!(matches!(err, ClientError::Timeout(_)), "{err:?}");
-
-    // Over the payload limit: refused before sending (a stand-in would have answered).
+    // Over the client's payload limit: refused before sending, so the fleet never sees it.
+    let requests = fleet.coordinator.stats().requests;
     let tight = client.clone().with_limits(RequestLimits {
         max_payload_bytes: 64,
         ..Default::default()
@@ -113,6 +246,59 @@ async fn embeds_and_reports_every_failure_typed() {
         matches!(err, ClientError::TooLarge { limit: 64, .. }),
         "{err:?}"
     );
+    assert_eq!(fleet.coordinator.stats().requests, requests);
+
+    // Still serving.
+    let vectors = client.embed_texts(&["still here"]).await.expect("embed");
+    assert_eq!(vectors[0].len(), 1536);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unserved_model_times_out_in_the_client_or_the_coordinator() {
+    let request_timeout = Duration::from_secs(2);
+    let server = NatsServer::start().expect("nats-server");
+    let config = CoordinatorConfig {
+        request_timeout,
+        ..CoordinatorConfig::default()
+    };
+    let _fleet = start_fleet(&server.url(), config).await;
+    let client = EmbedClient::connect(&server.url()).await.expect("connect");
+    // Unfused: the point is the job nobody takes, not a fusion layer for a new set.
+    let request = EmbedRequest::texts(["anyone?"])
+        .with_models([UNSERVED_MODEL])
+        .with_fuse(false);
+
+    // The client gives up first.
+    let short = Duration::from_millis(300);
+    let err = client
+        .clone()
+        .with_timeout(short)
+        .embed(&request)
+        .await
+        .expect_err("no worker");
+    assert!(
+        matches!(err, ClientError::Timeout(t) if t == short),
+        "{err:?}"
+    );
+
+    // The coordinator gives up first and says why.
+    let err = client
+        .clone()
+        .with_timeout(request_timeout * 10)
+        .embed(&request)
+        .await
+        .expect_err("no worker");
+    match err {
+        ClientError::Service(error) => {
+            assert_eq!(
+                (error.kind, error.code()),
+                (ErrorKind::NoWorker, 503),
+                "{error}"
+            );
+            assert!(error.message.contains(UNSERVED_MODEL), "{error}");
+        }
+        other => panic!("expected a 503 service error, got {other:?}"),
+    }
 }
 
 #[tokio::test]
