@@ -68,6 +68,9 @@ pub enum PartialOutcome {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PartialVector {
+    /// Sent as one MessagePack bin of little-endian f32s: a copy each way, where an array costs
+    /// a tagged element per float to write and to parse (a partial carries inputs × width of them).
+    #[serde(with = "f32_le_bytes")]
     pub vector: Vec<f32>,
     /// Tokens the model read (feeds `usage`).
     pub tokens: u32,
@@ -87,6 +90,31 @@ pub struct JobFailure {
 impl JobFailure {
     pub fn into_proto(self) -> ProtoError {
         ProtoError::new(self.kind, self.message)
+    }
+}
+
+/// Serde adapter: a `Vec<f32>` as bytes, little-endian.
+mod f32_le_bytes {
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(vector: &[f32], serializer: S) -> Result<S::Ok, S::Error> {
+        let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+        serializer.serialize_bytes(&bytes)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<f32>, D::Error> {
+        let bytes = serde_bytes::ByteBuf::deserialize(deserializer)?;
+        if bytes.len() % 4 != 0 {
+            return Err(D::Error::custom(format!(
+                "a vector of {} bytes is not whole f32s",
+                bytes.len()
+            )));
+        }
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
     }
 }
 
@@ -137,5 +165,46 @@ mod tests {
         };
         assert_eq!(decode::<PartialResult>(&encode(&partial)).unwrap(), partial);
         assert!(partial_subject("c1", 7).starts_with(partial_wildcard("c1").trim_end_matches('>')));
+    }
+
+    #[test]
+    fn partial_vectors_travel_as_exact_little_endian_bytes() {
+        let vector = vec![1.0f32, -0.0, f32::MIN_POSITIVE, 3.25e-7, f32::MAX];
+        let partial = PartialResult {
+            job_id: 1,
+            model: "mpnet".into(),
+            revision: "r".into(),
+            outcome: PartialOutcome::Vectors(vec![PartialVector {
+                vector: vector.clone(),
+                tokens: 5,
+            }]),
+        };
+        let bytes = encode(&partial);
+        let le: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+        // One bin of 20 bytes: 0xc4, length, the floats' bytes.
+        let bin: Vec<u8> = [0xc4, 20].into_iter().chain(le).collect();
+        assert!(bytes.windows(bin.len()).any(|w| w == bin), "{bytes:x?}");
+        let back: PartialResult = decode(&bytes).unwrap();
+        let PartialOutcome::Vectors(vectors) = back.outcome else {
+            panic!("{:?}", back.outcome);
+        };
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&vectors[0].vector), bits(&vector));
+    }
+
+    #[test]
+    fn a_vector_of_partial_floats_is_refused() {
+        #[derive(Serialize)]
+        struct Odd {
+            #[serde(with = "serde_bytes")]
+            vector: Vec<u8>,
+            tokens: u32,
+        }
+        let bytes = encode(&Odd {
+            vector: vec![0; 6],
+            tokens: 1,
+        });
+        let error = decode::<PartialVector>(&bytes).unwrap_err().to_string();
+        assert!(error.contains("not whole f32s"), "{error}");
     }
 }
