@@ -71,7 +71,7 @@ use crate::job::{self, ModelJob};
 use crate::queues::{ensure_job_stream, ensure_model_consumer};
 pub use batch::estimate_tokens;
 use batch::{Batch, Pending};
-use runner::{job_failure, progress_ticks, settle, Answer, BatchRunner};
+use runner::{job_failure, progress_ticks, send_progress, settle, Answer, BatchRunner};
 
 /// How long an idle pull request waits for a job. Short, because shutdown waits for the pull in
 /// flight (dropping it could strand a job delivered to it until `ack_wait` runs out).
@@ -393,13 +393,7 @@ impl ModelLoop {
             tokio::select! {
                 _ = shutdown.cancelled() => return false,
                 Some(joined) = self.running.join_next() => resume_panic(joined),
-                _ = ticks.tick() => {
-                    for pending in &self.carry {
-                        if let Err(error) = pending.message.ack_with(AckKind::Progress).await {
-                            tracing::debug!(model = self.name(), %error, "in-progress ack failed");
-                        }
-                    }
-                }
+                _ = ticks.tick() => send_progress(&self.carry).await,
             }
         }
         !shutdown.is_cancelled()

@@ -123,13 +123,7 @@ impl BatchRunner {
         loop {
             tokio::select! {
                 output = &mut work => return output,
-                _ = ticks.tick() => {
-                    for pending in jobs {
-                        if let Err(error) = pending.message.ack_with(AckKind::Progress).await {
-                            tracing::debug!(model = self.name(), %error, "in-progress ack failed");
-                        }
-                    }
-                }
+                _ = ticks.tick() => send_progress(jobs).await,
             }
         }
     }
@@ -254,6 +248,16 @@ impl BatchRunner {
                     return;
                 }
             }
+        }
+    }
+}
+
+/// An in-progress ack for each job, so JetStream restarts its `ack_wait`. A lost one costs at
+/// most a redelivery, and the duplicate partial is dropped by the coordinator.
+pub(super) async fn send_progress<'a>(jobs: impl IntoIterator<Item = &'a Pending>) {
+    for pending in jobs {
+        if let Err(error) = pending.message.ack_with(AckKind::Progress).await {
+            tracing::debug!(subject = %pending.message.subject, %error, "in-progress ack failed");
         }
     }
 }
