@@ -36,7 +36,7 @@ use embedfleet_proto::{
 use crate::config::{CoordinatorConfig, QueueConfig};
 use crate::fusion::{fuse_rows, FusionStage};
 use crate::job::{self, ModelJob, PartialOutcome, PartialResult};
-use crate::queues;
+use crate::{queues, revisions};
 
 /// Queue group of the `embed.v1` endpoint: every coordinator joins it, NATS gives each request
 /// to one of them.
@@ -179,6 +179,19 @@ impl Coordinator {
             .await
             .map_err(async_nats::Error::from)?;
         let router = tokio::spawn(self.clone().route_partials(partials));
+        // Revisions workers announce, so a new revision changes cache keys before any partial
+        // of it arrives (see revisions.rs). Weak: the watch must not keep the coordinator alive.
+        let stop_watch = shutdown.child_token();
+        let learner = Arc::downgrade(&self);
+        let revision_watch = tokio::spawn(revisions::watch(
+            self.js.clone(),
+            stop_watch.clone(),
+            move |model, revision| {
+                if let Some(coordinator) = learner.upgrade() {
+                    coordinator.learn_revision(model, revision);
+                }
+            },
+        ));
 
         let stats_source = Arc::downgrade(&self);
         let service = self
@@ -223,6 +236,8 @@ impl Coordinator {
         tasks.wait().await;
         let _ = service.stop().await;
         router.abort();
+        stop_watch.cancel();
+        let _ = revision_watch.await;
         let _ = self.client.flush().await;
         tracing::info!(stats = ?self.stats(), "coordinator stopped");
         Ok(())
@@ -765,6 +780,15 @@ impl Coordinator {
                 }
             }
         }
+    }
+
+    /// The revision cache keys use for `model` now (announced by a worker or seen in a partial).
+    pub fn revision_of(&self, model: &str) -> Option<String> {
+        self.revisions
+            .read()
+            .expect("revisions poisoned")
+            .get(model)
+            .cloned()
     }
 
     fn known_revisions(&self, models: &[&'static ModelSpec]) -> Option<Vec<String>> {

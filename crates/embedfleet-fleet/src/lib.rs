@@ -18,6 +18,7 @@ pub mod fusion;
 pub mod job;
 pub mod pipeline;
 pub mod queues;
+pub mod revisions;
 pub mod worker;
 
 pub use config::{BatchConfig, CoordinatorConfig, QueueConfig};

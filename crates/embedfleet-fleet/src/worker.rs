@@ -69,6 +69,7 @@ use embedfleet_models::{EmbeddingModel, ModelError};
 use crate::config::{BatchConfig, QueueConfig};
 use crate::job::{self, ModelJob};
 use crate::queues::{ensure_job_stream, ensure_model_consumer};
+use crate::revisions;
 pub use batch::estimate_tokens;
 use batch::{Batch, Pending};
 use runner::{job_failure, progress_ticks, send_progress, settle, Answer, BatchRunner};
@@ -338,7 +339,14 @@ impl ModelLoop {
                 ensure_model_consumer(&stream, self.name(), &self.config().queues).await
             };
             match bound.await {
-                Ok(consumer) => return Some(consumer),
+                Ok(consumer) => {
+                    let revision = self.runner.model.revision();
+                    if let Err(error) = revisions::announce(&self.js, self.name(), revision).await {
+                        // Partials still carry the revision; only cache-only traffic misses it.
+                        tracing::warn!(model = self.name(), %error, "cannot announce the model revision");
+                    }
+                    return Some(consumer);
+                }
                 Err(error) => {
                     tracing::warn!(model = self.name(), %error, "cannot bind the job consumer; retrying");
                     if !backoff.sleep(shutdown).await {

@@ -1,8 +1,8 @@
 //! The coordinator against a real nats-server (and redis-server), with workers hosting the
 //! testkit's fixed-vector models, so every expected vector can be computed here: replies in
 //! both encodings, fusion equal to the fusion stage run by hand, the cache (fused and partial
-//! reuse across model sets), error replies with their codes, 429 under a flood, 503 with no
-//! worker.
+//! reuse across model sets), new revisions announced by workers, error replies with their codes,
+//! 429 under a flood, 503 with no worker.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +24,7 @@ use embedfleet_proto::{
 use embedfleet_testkit::{FixedVectorModel, NatsServer, RedisServer};
 
 struct Fleet {
-    _nats: NatsServer,
+    nats: NatsServer,
     client: async_nats::Client,
     coordinator: Arc<Coordinator>,
     models: Vec<Arc<FixedVectorModel>>,
@@ -97,7 +97,7 @@ impl Fleet {
             }));
         }
         Fleet {
-            _nats: nats,
+            nats,
             client,
             coordinator,
             models,
@@ -325,6 +325,93 @@ async fn the_cache_answers_repeats_and_partials_serve_other_model_sets() {
     ));
     assert_eq!(fleet.coordinator.stats().jobs_published, jobs);
     assert!(fleet.coordinator.stats().cache.redis_configured);
+    fleet.stop().await;
+}
+
+/// A worker hosting `model` alone, on its own shutdown token.
+fn spawn_worker(
+    url: String,
+    model: FixedVectorModel,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let client = async_nats::connect(url).await.expect("connect");
+        let config = WorkerConfig {
+            queues: queues(),
+            batch: BatchConfig::default(),
+        };
+        run_worker(client, vec![Arc::new(model)], config, stop)
+            .await
+            .expect("worker");
+    })
+}
+
+async fn wait_for_revision(coordinator: &Coordinator, model: &str, revision: &str) {
+    for _ in 0..500 {
+        if coordinator.revision_of(model).as_deref() == Some(revision) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "the coordinator still has {model} at {:?}, not {revision}",
+        coordinator.revision_of(model)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_new_weights_is_used_even_for_cached_content() {
+    let fleet = Fleet::start(
+        &["mpnet"],
+        CoordinatorConfig::default(),
+        None,
+        Duration::ZERO,
+    )
+    .await;
+    let old_stop = CancellationToken::new();
+    let old = spawn_worker(
+        fleet.nats.url(),
+        FixedVectorModel::new("minilm").unwrap(),
+        old_stop.clone(),
+    );
+    // Announced when the worker binds, before it has answered anything.
+    wait_for_revision(&fleet.coordinator, "minilm", "fixed-minilm").await;
+
+    let request = EmbedRequest::texts(["the same text, before and after"]);
+    assert!(!fleet.embed(&request).await.data[0].cached);
+    let mut again = fleet.embed(&request).await;
+    for _ in 0..50 {
+        if again.data[0].cached {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        again = fleet.embed(&request).await;
+    }
+    assert!(again.data[0].cached, "a repeat is served from the cache");
+
+    // Roll minilm to new weights: the old worker goes, a worker with another revision comes.
+    old_stop.cancel();
+    old.await.expect("old worker stops");
+    let new_model = FixedVectorModel::new("minilm")
+        .unwrap()
+        .with_revision("fixed-minilm-v2");
+    let new_stop = CancellationToken::new();
+    let new = spawn_worker(fleet.nats.url(), new_model, new_stop.clone());
+    wait_for_revision(&fleet.coordinator, "minilm", "fixed-minilm-v2").await;
+
+    let jobs = fleet.coordinator.stats().jobs_published;
+    let after = fleet.embed(&request).await;
+    assert!(
+        !after.data[0].cached,
+        "content cached under the old revision must not answer for the new one"
+    );
+    assert_eq!(
+        fleet.coordinator.stats().jobs_published,
+        jobs + 1,
+        "one job, for minilm; mpnet's partial is still good"
+    );
+    new_stop.cancel();
+    new.await.expect("new worker stops");
     fleet.stop().await;
 }
 

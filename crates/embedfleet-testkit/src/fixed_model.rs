@@ -66,6 +66,14 @@ impl FixedVectorModel {
         })
     }
 
+    /// Reports `revision` instead of `fixed-<name>`: new weights, as far as cache keys go. The
+    /// vectors stay the same, so a test can tell a fresh answer from a cached one only by how
+    /// it was answered.
+    pub fn with_revision(mut self, revision: impl Into<String>) -> Self {
+        self.revision = revision.into();
+        self
+    }
+
     /// Sleeps `delay` in every `embed_batch` call.
     pub fn with_delay(mut self, delay: Duration) -> Self {
         self.delay = delay;
