@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use embedfleet_fusion::{FuseMoe, FuseMoeConfig, FusedEmbedding, FusionError};
@@ -34,12 +35,18 @@ pub fn build_layer(
     }
 }
 
+/// A seeded layer, built once however many requests ask for it at the same time: the first
+/// builds while holding the slot's own lock, the others wait there for its result.
+type LayerSlot = Arc<Mutex<Option<Arc<FuseMoe>>>>;
+
 /// The layers of one coordinator.
 pub struct FusionStage {
     weights: Option<PathBuf>,
     /// With a weights file: the one set it covers, loaded at start.
     fixed: Option<(Vec<&'static str>, Arc<FuseMoe>)>,
-    seeded: Mutex<HashMap<Vec<&'static str>, Arc<FuseMoe>>>,
+    seeded: Mutex<HashMap<Vec<&'static str>, LayerSlot>>,
+    /// Seeded layers built so far.
+    builds: AtomicU64,
 }
 
 impl FusionStage {
@@ -49,6 +56,7 @@ impl FusionStage {
             weights: None,
             fixed: None,
             seeded: Mutex::new(HashMap::new()),
+            builds: AtomicU64::new(0),
         }
     }
 
@@ -60,6 +68,7 @@ impl FusionStage {
             weights: Some(path.to_path_buf()),
             fixed: Some((names(models), Arc::new(layer))),
             seeded: Mutex::new(HashMap::new()),
+            builds: AtomicU64::new(0),
         })
     }
 
@@ -72,12 +81,20 @@ impl FusionStage {
         if self.fixed.is_some() {
             return Some(self.layer(models));
         }
-        let key = names(models);
-        self.seeded
+        let slot = self
+            .seeded
             .lock()
             .expect("fusion map poisoned")
-            .get(&key)
-            .map(|layer| Ok(layer.clone()))
+            .get(&names(models))
+            .cloned()?;
+        // try_lock: a slot being built is locked, and is not ready.
+        let built = slot.try_lock().ok()?.clone();
+        built.map(Ok)
+    }
+
+    /// Seeded layers built so far (each set once, unless the kept layers were dropped).
+    pub fn layers_built(&self) -> u64 {
+        self.builds.load(Ordering::Relaxed)
     }
 
     /// The layer for `models` (slot order). Building a seeded layer takes milliseconds to
@@ -97,21 +114,27 @@ impl FusionStage {
                 )))
             };
         }
-        if let Some(layer) = self.seeded.lock().expect("fusion map poisoned").get(&key) {
+        let slot = {
+            let mut seeded = self.seeded.lock().expect("fusion map poisoned");
+            if seeded.len() >= MAX_CACHED_LAYERS && !seeded.contains_key(&key) {
+                seeded.clear();
+            }
+            seeded.entry(key).or_default().clone()
+        };
+        // The map's lock is not held over the build, so other sets are not held up; requests
+        // for this set wait on its slot instead of each building the same layer (seconds of
+        // CPU apiece for a big set, all at once in a burst of first requests).
+        let mut built = slot.lock().expect("fusion slot poisoned");
+        if let Some(layer) = built.as_ref() {
             return Ok(layer.clone());
         }
-        // Built outside the lock: two racing first requests build twice, which is harmless
-        // (seeded layers are identical), while a lock held over the build would stall every
-        // request for other sets.
         let layer = Arc::new(
             build_layer(models, None)
                 .map_err(|e| ProtoError::internal(format!("building the fusion layer: {e}")))?,
         );
-        let mut seeded = self.seeded.lock().expect("fusion map poisoned");
-        if seeded.len() >= MAX_CACHED_LAYERS {
-            seeded.clear();
-        }
-        Ok(seeded.entry(key).or_insert(layer).clone())
+        self.builds.fetch_add(1, Ordering::Relaxed);
+        *built = Some(layer.clone());
+        Ok(layer)
     }
 }
 
@@ -156,6 +179,7 @@ mod tests {
         ));
         let one = stage.layer(&[minilm]).unwrap();
         assert_ne!(one.version(), both.version());
+        assert_eq!(stage.layers_built(), 2);
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("fusion.safetensors");
@@ -167,5 +191,23 @@ mod tests {
         );
         let refused = fixed.ready_layer(&[minilm]).unwrap().unwrap_err();
         assert_eq!(refused.kind, embedfleet_proto::ErrorKind::BadRequest);
+    }
+
+    #[test]
+    fn racing_first_requests_build_a_set_once() {
+        let specs = catalogue::in_slot_order(vec![
+            catalogue::find("minilm").unwrap(),
+            catalogue::find("mpnet").unwrap(),
+            catalogue::find("bge-large").unwrap(),
+        ]);
+        let stage = FusionStage::seeded();
+        let layers: Vec<Arc<FuseMoe>> = std::thread::scope(|scope| {
+            let racers: Vec<_> = (0..6)
+                .map(|_| scope.spawn(|| stage.layer(&specs).unwrap()))
+                .collect();
+            racers.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        assert_eq!(stage.layers_built(), 1, "one build for six racing requests");
+        assert!(layers.iter().all(|layer| Arc::ptr_eq(layer, &layers[0])));
     }
 }
