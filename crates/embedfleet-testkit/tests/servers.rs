@@ -206,13 +206,15 @@ fn shell(script: &str) -> Command {
     command
 }
 
+/// RoleProcess supervises any child that prints a ready line and drains on SIGTERM; a shell
+/// script is the smallest such child (the real roles are driven by the CLI's fleet tests).
 #[test]
 fn a_role_is_ready_on_its_ready_line_and_exits_on_sigterm() {
     let script = "trap 'echo draining >&2; exit 0' TERM; echo starting; \
-                  echo 'fake worker ready: models=minilm'; \
+                  echo 'scripted role ready: models=minilm'; \
                   while true; do sleep 0.05; done";
-    let mut role = RoleProcess::spawn("fake worker", shell(script)).expect("ready");
-    assert_eq!(role.ready_line(), "fake worker ready: models=minilm");
+    let mut role = RoleProcess::spawn("scripted role", shell(script)).expect("ready");
+    assert_eq!(role.ready_line(), "scripted role ready: models=minilm");
     assert!(role.is_running());
     assert!(role.pid() > 0);
     let status = role.terminate().expect("exits after SIGTERM");
