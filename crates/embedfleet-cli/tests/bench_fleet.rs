@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use embedfleet_testkit::{NatsServer, RoleProcess};
 
-mod fleet_support;
-use fleet_support::embedfleet;
+mod support;
+use support::embedfleet;
 
 fn run(args: &[&str]) -> Output {
     embedfleet(args).output().expect("embedfleet runs")

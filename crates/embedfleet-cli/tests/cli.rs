@@ -5,12 +5,14 @@
 //! reference run and the error cases use `--models minilm` where the set does not matter.
 
 use std::collections::BTreeSet;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::Output;
 use std::sync::OnceLock;
 
 use serde_json::Value;
+
+mod support;
+use support::{embedfleet, models_dir, run_with_stdin, FUSED_DIM};
 
 /// Five varied inputs: short, punctuation, non-Latin, code, emoji.
 const TEXTS: [&str; 5] = [
@@ -20,51 +22,6 @@ const TEXTS: [&str; 5] = [
     "fn main() { println!(\"hello\"); }",
     "Weekend plans: hiking 🥾 and coffee ☕",
 ];
-
-const FUSED_DIM: usize = 1536;
-
-fn models_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
-    assert!(
-        dir.join("minilm/model.safetensors").is_file()
-            && dir.join("mpnet/model.safetensors").is_file(),
-        "no checkpoints in {}: run scripts/fetch-models.sh first (scripts/test.sh does)",
-        dir.display()
-    );
-    dir
-}
-
-/// The binary with the repo's checkpoints, offline, and no settings leaking in from the caller's
-/// environment (a trained weights file or a log level would change stdout or stderr).
-fn embedfleet(args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_embedfleet"));
-    command
-        .args(args)
-        .env("EMBEDFLEET_MODELS_DIR", models_dir())
-        .env("HF_HUB_OFFLINE", "1")
-        .env_remove("EMBEDFLEET_FUSION_WEIGHTS")
-        .env_remove("EMBEDFLEET_LOG");
-    command
-}
-
-/// Runs with `stdin` as standard input (empty when `None`) and collects stdout and stderr.
-fn run(mut command: Command, stdin: Option<&[u8]>) -> Output {
-    command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = command.spawn().expect("start embedfleet");
-    let mut pipe = child.stdin.take().expect("stdin pipe");
-    let input = stdin.unwrap_or_default().to_vec();
-    // Written from a thread so a child that answers before reading everything cannot deadlock us.
-    let writer = std::thread::spawn(move || {
-        // The child may exit early (bad input) and close its end; that is not a test failure.
-        let _ = pipe.write_all(&input);
-    });
-    let output = child.wait_with_output().expect("wait for embedfleet");
-    writer.join().expect("stdin writer");
-    output
-}
 
 fn stdout_of(output: &Output) -> &str {
     std::str::from_utf8(&output.stdout).expect("stdout is UTF-8")
@@ -174,7 +131,7 @@ fn reference() -> &'static str {
     REFERENCE.get_or_init(|| {
         let mut args = vec!["embed", "--partials"];
         args.extend(TEXTS);
-        succeed(run(embedfleet(&args), None))
+        succeed(run_with_stdin(embedfleet(&args), None))
     })
 }
 
@@ -253,13 +210,13 @@ fn embed_prints_one_fused_line_per_input_with_experts_and_partials() {
 fn output_is_identical_across_runs() {
     let mut args = vec!["embed", "--partials"];
     args.extend(TEXTS);
-    let again = succeed(run(embedfleet(&args), None));
+    let again = succeed(run_with_stdin(embedfleet(&args), None));
     assert!(again == reference(), "a second run printed different bytes");
 }
 
 #[test]
 fn stdin_lines_with_crlf_match_argument_mode_exactly() {
-    let from_stdin = succeed(run(
+    let from_stdin = succeed(run_with_stdin(
         embedfleet(&["embed", "--partials"]),
         Some(&crlf_lines()),
     ));
@@ -276,7 +233,7 @@ fn small_stdin_batches_give_the_same_vectors_as_one_batch() {
         .iter()
         .flat_map(|t| format!("{t}\n").into_bytes())
         .collect();
-    let batched = parse_lines(&succeed(run(
+    let batched = parse_lines(&succeed(run_with_stdin(
         embedfleet(&["embed", "--partials", "--batch-size", "2"]),
         Some(&stdin),
     )));
@@ -304,7 +261,7 @@ fn small_stdin_batches_give_the_same_vectors_as_one_batch() {
 
 #[test]
 fn no_fuse_prints_partials_only() {
-    let lines = parse_lines(&succeed(run(
+    let lines = parse_lines(&succeed(run_with_stdin(
         embedfleet(&["embed", "--no-fuse", TEXTS[0], TEXTS[2]]),
         None,
     )));
@@ -339,7 +296,7 @@ fn no_fuse_prints_partials_only() {
 #[test]
 fn long_input_is_truncated_by_default_and_refused_with_no_truncate() {
     let long = vec!["word"; 600].join(" ");
-    let lines = parse_lines(&succeed(run(
+    let lines = parse_lines(&succeed(run_with_stdin(
         embedfleet(&["embed", "--models", "minilm", &long]),
         None,
     )));
@@ -350,7 +307,7 @@ fn long_input_is_truncated_by_default_and_refused_with_no_truncate() {
         "truncated input",
     );
 
-    let refused = run(
+    let refused = run_with_stdin(
         embedfleet(&["embed", "--models", "minilm", "--no-truncate", &long]),
         None,
     );
@@ -360,11 +317,11 @@ fn long_input_is_truncated_by_default_and_refused_with_no_truncate() {
 #[test]
 fn empty_and_whitespace_text_is_refused() {
     assert_clean_failure(
-        &run(embedfleet(&["embed", "--models", "minilm", ""]), None),
+        &run_with_stdin(embedfleet(&["embed", "--models", "minilm", ""]), None),
         &["input 0 is empty"],
     );
     assert_clean_failure(
-        &run(
+        &run_with_stdin(
             embedfleet(&["embed", "--models", "minilm", "fine", " \t "]),
             None,
         ),
@@ -372,7 +329,7 @@ fn empty_and_whitespace_text_is_refused() {
     );
     // On stdin a blank line is an input too, and its index is its line's.
     assert_clean_failure(
-        &run(
+        &run_with_stdin(
             embedfleet(&["embed", "--models", "minilm"]),
             Some(b"fine\n   \r\nalso fine\n"),
         ),
@@ -382,7 +339,7 @@ fn empty_and_whitespace_text_is_refused() {
 
 #[test]
 fn invalid_utf8_on_stdin_is_refused() {
-    let output = run(
+    let output = run_with_stdin(
         embedfleet(&["embed", "--models", "minilm"]),
         Some(b"fine\nbad \xff\xfe bytes\n"),
     );
@@ -392,14 +349,14 @@ fn invalid_utf8_on_stdin_is_refused() {
 #[test]
 fn no_input_at_all_is_refused() {
     assert_clean_failure(
-        &run(embedfleet(&["embed", "--models", "minilm"]), None),
+        &run_with_stdin(embedfleet(&["embed", "--models", "minilm"]), None),
         &["no input"],
     );
 }
 
 #[test]
 fn unknown_model_is_refused_with_the_known_names() {
-    let output = run(
+    let output = run_with_stdin(
         embedfleet(&["embed", "--models", "minilm,no-such-model", "hello"]),
         None,
     );
@@ -410,7 +367,7 @@ fn unknown_model_is_refused_with_the_known_names() {
 fn missing_fusion_weights_file_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("fusemoe.safetensors");
-    let output = run(
+    let output = run_with_stdin(
         embedfleet(&[
             "embed",
             "--fusion-weights",
@@ -423,7 +380,10 @@ fn missing_fusion_weights_file_is_refused() {
     // The same through the environment variable.
     let mut command = embedfleet(&["embed", "hello"]);
     command.env("EMBEDFLEET_FUSION_WEIGHTS", &missing);
-    assert_clean_failure(&run(command, None), &[&missing.display().to_string()]);
+    assert_clean_failure(
+        &run_with_stdin(command, None),
+        &[&missing.display().to_string()],
+    );
 }
 
 /// A models directory holding a `minilm/` with `config.json` plus whatever `fill` writes.
@@ -441,7 +401,7 @@ fn broken_minilm(fill: impl FnOnce(&Path)) -> tempfile::TempDir {
 }
 
 fn embed_minilm_from(root: &Path) -> Output {
-    run(
+    run_with_stdin(
         embedfleet(&[
             "embed",
             "--models",
@@ -510,14 +470,14 @@ fn broken_model_directories_are_refused() {
         .env("HF_HOME", empty.path().join("hf"))
         .env_remove("HF_HUB_CACHE");
     assert_clean_failure(
-        &run(command, None),
+        &run_with_stdin(command, None),
         &["minilm", "Hugging Face cache", "offline"],
     );
 }
 
 #[test]
 fn models_lists_the_twelve_and_the_fusion_width() {
-    let table = succeed(run(embedfleet(&["models"]), None));
+    let table = succeed(run_with_stdin(embedfleet(&["models"]), None));
     let rows: Vec<&str> = table.lines().filter(|line| line.starts_with('E')).collect();
     assert_eq!(rows.len(), 12, "one row per model:\n{table}");
     for name in [
@@ -546,7 +506,10 @@ fn models_lists_the_twelve_and_the_fusion_width() {
         "fusion width line: {last:?}"
     );
 
-    let json = parse_lines(&succeed(run(embedfleet(&["models", "--json"]), None)));
+    let json = parse_lines(&succeed(run_with_stdin(
+        embedfleet(&["models", "--json"]),
+        None,
+    )));
     assert_eq!(json.len(), 12);
     let width: u64 = json
         .iter()

@@ -5,7 +5,7 @@
 //! The service on `embed.v1` is a stand-in that records what it receives, so these tests need no
 //! checkpoints; the real coordinator has its own tests in the fleet crate.
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 
 use async_nats::HeaderMap;
@@ -17,26 +17,18 @@ use embedfleet_testkit::NatsServer;
 use futures::StreamExt;
 use serde_json::Value;
 
-/// Runs the binary with `stdin` and no settings from the caller's environment.
+mod support;
+use support::run_with_stdin;
+
+/// Runs the binary with `stdin` and no settings from the caller's environment. Not
+/// `support::embedfleet`: these tests need no checkpoints.
 fn embedfleet(args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_embedfleet"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_embedfleet"));
+    command
         .args(args)
         .env_remove("EMBEDFLEET_LOG")
-        .env_remove("EMBEDFLEET_NATS_URL")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start embedfleet");
-    let mut pipe = child.stdin.take().expect("stdin");
-    let input = stdin.to_vec();
-    let writer = std::thread::spawn(move || {
-        use std::io::Write;
-        let _ = pipe.write_all(&input);
-    });
-    let output = child.wait_with_output().expect("wait for embedfleet");
-    writer.join().expect("stdin writer");
-    output
+        .env_remove("EMBEDFLEET_NATS_URL");
+    run_with_stdin(command, Some(stdin))
 }
 
 /// Runs the binary off the async runtime, so the stand-in service keeps answering meanwhile.

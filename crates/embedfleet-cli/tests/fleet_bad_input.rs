@@ -11,7 +11,7 @@
 //! The test asserts that refusal, and covers the coordinator's `too_large` with the limits it
 //! can see: one item over 1 MiB, and more than 256 inputs.
 
-mod fleet_support;
+mod support;
 
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 
 use embedfleet_proto::CONTENT_TYPE_MSGPACK;
 use embedfleet_testkit::{NatsServer, RoleProcess};
-use fleet_support::*;
+use support::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 

@@ -9,7 +9,7 @@
 //! right: a unit-norm 1536-d fused embedding and per-model partials equal to what the in-process
 //! pipeline (`embedfleet embed`) gives for the same text.
 
-mod fleet_support;
+mod support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use embedfleet_testkit::NatsServer;
-use fleet_support::*;
+use support::*;
 
 const REQUESTS: usize = 512;
 const CLIENTS: usize = 16;

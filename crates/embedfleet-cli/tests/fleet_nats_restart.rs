@@ -3,7 +3,7 @@
 //! window either succeed, get a 503, or fail on the client side (timeout / no responders, as
 //! NATS clients see an outage), and once the fleet is reachable again every request succeeds.
 
-mod fleet_support;
+mod support;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use embedfleet_testkit::NatsServer;
-use fleet_support::*;
+use support::*;
 
 const CLIENTS: usize = 8;
 /// Client-side wait per request: past the fleet's 20 s deadline, so a stuck request shows as

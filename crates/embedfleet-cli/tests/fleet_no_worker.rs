@@ -5,14 +5,14 @@
 //! The deadline check is a correctness bound (the reply comes, and well before 10 s for a 2 s
 //! deadline), not a speed measurement.
 
-mod fleet_support;
+mod support;
 
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
 use embedfleet_testkit::NatsServer;
-use fleet_support::*;
+use support::*;
 
 /// The coordinator's `--request-timeout-ms`.
 const DEADLINE: Duration = Duration::from_millis(2000);

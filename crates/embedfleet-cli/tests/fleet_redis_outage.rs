@@ -2,7 +2,7 @@
 //! succeeding while Redis is down, and once Redis is back (empty, same port) new results are
 //! written to it again, without restarting any role.
 
-mod fleet_support;
+mod support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, TcpStream};
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use embedfleet_testkit::{NatsServer, RedisServer};
-use fleet_support::*;
+use support::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 

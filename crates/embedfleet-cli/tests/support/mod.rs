@@ -1,5 +1,5 @@
-//! What the fleet reliability tests (`tests/fleet_*.rs`) share: the `embedfleet` binary with the
-//! repository's checkpoints, role child processes, a plain async-nats client speaking `embed.v1`,
+//! What the CLI's tests share: the `embedfleet` binary with the repository's checkpoints, a run
+//! with standard input, and for the fleet tests (`tests/fleet_*.rs`) role child processes, a plain async-nats client speaking `embed.v1`,
 //! reply classification and vector checks.
 //!
 //! The client side is async-nats and serde only, on purpose: the tests prove the wire contract
@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -59,6 +59,26 @@ pub fn embedfleet(args: &[&str]) -> Command {
         .env_remove("EMBEDFLEET_REDIS_URL")
         .env_remove("EMBEDFLEET_LOG");
     command
+}
+
+/// Runs `command` with `stdin` as standard input (empty when `None`) and collects stdout and
+/// stderr.
+pub fn run_with_stdin(mut command: Command, stdin: Option<&[u8]>) -> Output {
+    command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().expect("start embedfleet");
+    let mut pipe = child.stdin.take().expect("stdin pipe");
+    let input = stdin.unwrap_or_default().to_vec();
+    // Written from a thread so a child that answers before reading everything cannot deadlock us.
+    let writer = std::thread::spawn(move || {
+        // The child may exit early (bad input) and close its end; that is not a test failure.
+        let _ = pipe.write_all(&input);
+    });
+    let output = child.wait_with_output().expect("wait for embedfleet");
+    writer.join().expect("stdin writer");
+    output
 }
 
 /// Starts a role (`serve`, `coordinator`, `worker`) and waits for its ready line; panics with the
