@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use criterion::{Criterion, SamplingMode};
+use embedfleet_benches::pseudo_random;
 use embedfleet_fusion::linear::linear_forward;
 use embedfleet_fusion::{FuseMoe, FuseMoeConfig};
 use rayon::prelude::*;
@@ -343,19 +344,4 @@ fn measure_matmul_rate() -> f64 {
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
     samples.get(samples.len() / 2).copied().unwrap_or_default()
-}
-
-/// Deterministic values in [-1, 1) (splitmix64).
-fn pseudo_random(count: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-    (0..count)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
 }

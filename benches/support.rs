@@ -27,20 +27,26 @@ pub fn models_dir() -> PathBuf {
         .unwrap_or_else(|| bench_dir().join("../models"))
 }
 
-/// A deterministic unit-norm vector of `dim` values (splitmix64 of `seed`): stands in for a
-/// fused embedding where only its size and bytes matter (the cache benches).
-pub fn unit_vector(dim: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed;
-    let mut vector: Vec<f32> = (0..dim)
+/// Deterministic values in [-1, 1) (splitmix64 of `seed`): bench inputs whose values do not
+/// matter, only that every run sees the same ones.
+pub fn pseudo_random(count: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    (0..count)
         .map(|_| {
             state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
             let mut z = state;
             z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
             z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
             z ^= z >> 31;
-            (z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+            ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
-        .collect();
+        .collect()
+}
+
+/// A deterministic unit-norm vector of `dim` values: stands in for a fused embedding where only
+/// its size and bytes matter (the cache benches).
+pub fn unit_vector(dim: usize, seed: u64) -> Vec<f32> {
+    let mut vector = pseudo_random(dim, seed);
     let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
     vector.iter_mut().for_each(|x| *x /= norm);
     vector
