@@ -2,8 +2,9 @@
 //! options, `--batch-size` splits the inputs into requests, the output is the in-process format,
 //! and every failure is one `error:` line with exit status 1.
 //!
-//! The service on `embed.v1` is a stand-in that records what it receives, so these tests need no
-//! checkpoints; the real coordinator has its own tests in the fleet crate.
+//! Most tests answer `embed.v1` with a stand-in that records what it receives, since only that
+//! shows which request options the flags became; one runs the real `serve` and checks that the
+//! fleet's vectors are the in-process `embed`'s.
 
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
@@ -18,7 +19,7 @@ use futures::StreamExt;
 use serde_json::Value;
 
 mod support;
-use support::run_with_stdin;
+use support::{cosine, reference_embeddings, run_with_stdin, start_role, vector};
 
 /// Runs the binary with `stdin` and no settings from the caller's environment. Not
 /// `support::embedfleet`: these tests need no checkpoints.
@@ -205,4 +206,53 @@ async fn flags_become_request_options_and_batches_become_requests() {
     let args = ["embed", "--nats-url", &url, "--models", "nope", "hello"];
     let output = embedfleet_async(args.iter().map(|s| s.to_string()).collect(), b"").await;
     assert_one_line_failure(&output, &["unknown_model", "nope"]);
+}
+
+#[test]
+fn the_real_fleet_prints_what_the_in_process_embed_prints() {
+    let server = NatsServer::start().expect("nats-server");
+    let url = server.url();
+    let mut serve = start_role(
+        "serve",
+        &["serve", "--nats-url", &url, "--models", "minilm,mpnet"],
+    );
+    let texts: Vec<String> = ["fleet and library agree", "a second line, a second vector"]
+        .map(String::from)
+        .to_vec();
+    let stdin = texts.join("\n") + "\n";
+    let output = run_with_stdin(
+        support::embedfleet(&["embed", "--nats-url", &url, "--partials"]),
+        Some(stdin.as_bytes()),
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}\nserve log:\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        serve.log()
+    );
+    let fleet: Vec<Value> = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect();
+    let local = reference_embeddings(&texts, "minilm,mpnet");
+    assert_eq!(fleet.len(), local.len(), "{stdout}");
+    for (i, (got, want)) in fleet.iter().zip(&local).enumerate() {
+        assert_eq!(got["index"], want["index"]);
+        let similarity = cosine(&vector(&got["embedding"]), &vector(&want["embedding"]));
+        assert!(similarity > 0.9999, "input {i}: fused cosine {similarity}");
+        for model in ["minilm", "mpnet"] {
+            let similarity = cosine(
+                &vector(&got["partials"][model]),
+                &vector(&want["partials"][model]),
+            );
+            assert!(
+                similarity > 0.9999,
+                "input {i}: {model} cosine {similarity}"
+            );
+        }
+    }
+    serve
+        .terminate_within(std::time::Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
 }

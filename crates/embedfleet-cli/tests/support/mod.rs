@@ -369,19 +369,11 @@ pub fn reference_embeddings(texts: &[String], models: &str) -> Vec<Value> {
         texts.iter().all(|t| !t.contains('\n')),
         "one input per stdin line"
     );
-    let mut child = embedfleet(&["embed", "--partials", "--models", models])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start embedfleet embed");
-    let mut stdin = child.stdin.take().expect("stdin");
     let input = texts.join("\n") + "\n";
-    let writer = std::thread::spawn(move || {
-        let _ = stdin.write_all(input.as_bytes());
-    });
-    let output = child.wait_with_output().expect("embedfleet embed");
-    writer.join().expect("stdin writer");
+    let output = run_with_stdin(
+        embedfleet(&["embed", "--partials", "--models", models]),
+        Some(input.as_bytes()),
+    );
     assert!(
         output.status.success(),
         "embedfleet embed failed ({}): {}",
