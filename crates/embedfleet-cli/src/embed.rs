@@ -76,6 +76,7 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
             truncate: !args.no_truncate,
             normalize: !args.no_normalize,
             instruction: args.instruction.clone(),
+            ..EmbedOptions::default()
         },
         fuse: !args.no_fuse,
         return_partials: args.partials,

@@ -30,5 +30,5 @@ pub use catalogue::{ModelSpec, Pooling, CATALOGUE};
 pub use error::ModelError;
 pub use model::{EmbedOptions, EmbeddingModel, ModelEmbedding, ModelInput};
 pub use registry::ModelRegistry;
-pub use resolve::{ModelFiles, WeightResolver};
+pub use resolve::{ModelFiles, WeightFiles, WeightResolver};
 pub use text::TextEmbedder;

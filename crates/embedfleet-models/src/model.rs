@@ -1,7 +1,7 @@
 //! The contract every architecture implements and every fleet role calls: one small trait, the
 //! options a request can set, and what comes back.
 
-use embedfleet_proto::Input;
+use embedfleet_proto::{Input, InputType};
 
 use crate::catalogue::ModelSpec;
 use crate::error::ModelError;
@@ -18,6 +18,9 @@ pub struct EmbedOptions {
     pub normalize: bool,
     /// Task instruction for instruction-tuned models; others ignore it.
     pub instruction: Option<String>,
+    /// Query or document, for asymmetric models (query instruction or template); symmetric
+    /// models ignore it.
+    pub input_type: InputType,
 }
 
 impl Default for EmbedOptions {
@@ -26,6 +29,7 @@ impl Default for EmbedOptions {
             truncate: true,
             normalize: true,
             instruction: None,
+            input_type: InputType::Document,
         }
     }
 }

@@ -5,7 +5,6 @@
 use std::cmp::Reverse;
 
 use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
 
 use crate::arch::{TextEncoder, TextEncoderConfig};
 use crate::catalogue::{Architecture, ModelSpec};
@@ -54,14 +53,10 @@ impl TextEmbedder {
         config.validate().map_err(bad_config)?;
 
         let corrupt = |e: candle_core::Error| ModelError::CorruptWeights {
-            path: files.weights.clone(),
+            path: files.weights.primary().to_path_buf(),
             reason: e.to_string(),
         };
-        // SAFETY: the weights file is memory-mapped read-only; like every safetensors loader we
-        // rely on nobody truncating it while the process runs (checkpoints are immutable).
-        let vb =
-            unsafe { VarBuilder::from_mmaped_safetensors(&[&files.weights], DType::F32, device) }
-                .map_err(corrupt)?;
+        let vb = files.weights.var_builder(DType::F32, device)?;
         let encoder = TextEncoder::load(vb, &config).map_err(corrupt)?;
 
         let hidden = match &config {
@@ -77,7 +72,8 @@ impl TextEmbedder {
             )));
         }
         let max_len = spec.max_seq_len.min(encoder.max_positions());
-        let tokenizer = TextTokenizer::load(&files.tokenizer, spec.name, max_len)?;
+        let tokenizer_json = files.require("tokenizer.json", "the tokenizer")?;
+        let tokenizer = TextTokenizer::load(&tokenizer_json, spec.name, max_len)?;
         Ok(Self {
             spec,
             revision: files.revision.clone(),

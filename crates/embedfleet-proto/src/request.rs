@@ -92,6 +92,31 @@ pub struct EmbedRequest {
     /// content key because it changes the vector.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub instruction: Option<String>,
+    /// Whether the inputs are search queries or documents. Asymmetric models embed the two
+    /// differently (bge-large prepends its query instruction, e5-mistral wraps queries in its
+    /// `Instruct: ... Query: ...` template); symmetric models ignore it. Default `document`.
+    pub input_type: InputType,
+}
+
+/// What the inputs of a request are, for the models that embed queries and documents apart.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InputType {
+    /// A passage to be found: embedded as it is by every model.
+    #[default]
+    Document,
+    /// A search query: asymmetric models add their query instruction or template.
+    Query,
+}
+
+impl InputType {
+    /// The wire name, `"document"` or `"query"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InputType::Document => "document",
+            InputType::Query => "query",
+        }
+    }
 }
 
 impl Default for EmbedRequest {
@@ -105,6 +130,7 @@ impl Default for EmbedRequest {
             normalize: true,
             truncate: true,
             instruction: None,
+            input_type: InputType::Document,
         }
     }
 }
@@ -129,6 +155,12 @@ impl EmbedRequest {
     /// Sets `models`.
     pub fn with_models(mut self, models: impl IntoIterator<Item = impl Into<String>>) -> Self {
         self.models = Some(models.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Sets `input_type`.
+    pub fn with_input_type(mut self, input_type: InputType) -> Self {
+        self.input_type = input_type;
         self
     }
 
