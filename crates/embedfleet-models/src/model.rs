@@ -55,6 +55,11 @@ pub trait EmbeddingModel: Send + Sync {
     /// that new weights never serve stale vectors.
     fn revision(&self) -> &str;
 
+    /// The width of the vectors this checkpoint produces. Usually `spec().dim`; a narrower
+    /// sibling of the family (bge-base in the `bge-large` slot, a small test checkpoint) loads
+    /// with a warning and reports its own width, and fusion is built for the widths loaded.
+    fn dim(&self) -> usize;
+
     /// Embeds a batch; the output is in input order, one entry per input. The whole batch fails
     /// on the first bad input so a caller never mistakes a partial answer for a full one.
     fn embed_batch(

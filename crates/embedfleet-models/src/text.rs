@@ -97,6 +97,10 @@ impl EmbeddingModel for TextEmbedder {
         &self.revision
     }
 
+    fn dim(&self) -> usize {
+        self.spec.dim
+    }
+
     fn embed_batch(
         &self,
         inputs: &[ModelInput],

@@ -198,6 +198,10 @@ impl EmbeddingModel for FixedVectorModel {
         &self.revision
     }
 
+    fn dim(&self) -> usize {
+        self.spec.dim
+    }
+
     fn embed_batch(
         &self,
         inputs: &[ModelInput],
