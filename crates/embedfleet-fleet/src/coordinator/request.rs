@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use tokio::time::Instant;
 
 use embedfleet_cache::CacheKey;
-use embedfleet_models::{catalogue, ModelSpec};
+use embedfleet_models::ModelSpec;
 use embedfleet_proto::{
     EmbedReply, EmbedRequest, EmbeddingData, Encoding, ErrorKind, ExpertSelection, Input,
     ProtoError, Usage, FUSED_MODEL_NAME,
@@ -29,18 +29,15 @@ impl Coordinator {
         let request: EmbedRequest = encoding.decode(payload)?;
         let inputs = request.to_inputs(&self.config.limits)?;
         let models = self.resolve_models(request.models.as_deref())?;
-        for (index, input) in inputs.iter().enumerate() {
-            if !models.iter().any(|spec| spec.takes(input.modality())) {
-                return Err(ProtoError::new(
-                    ErrorKind::UnsupportedModality,
-                    format!(
-                        "input {index} ({}) is taken by none of the requested models ({})",
-                        input.modality(),
-                        models.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
-                    ),
-                ));
-            }
-        }
+        crate::plan::check_modalities(&inputs, &models).map_err(|untaken| {
+            ProtoError::new(
+                ErrorKind::UnsupportedModality,
+                format!(
+                    "input {} ({}) is taken by none of the requested models ({})",
+                    untaken.index, untaken.modality, untaken.models
+                ),
+            )
+        })?;
         let work = RequestWork {
             inputs,
             models,
@@ -59,11 +56,8 @@ impl Coordinator {
         names: Option<&[String]>,
     ) -> Result<Vec<&'static ModelSpec>, ProtoError> {
         let names = names.unwrap_or(&self.config.default_models);
-        let specs = names
-            .iter()
-            .map(|name| catalogue::find(name).ok_or_else(|| ProtoError::unknown_model(name)))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(catalogue::in_slot_order(specs))
+        crate::plan::resolve_models(names)
+            .map_err(|error| ProtoError::new(error.kind(), error.to_string()))
     }
 
     async fn embed(&self, work: RequestWork, deadline: Instant) -> Result<Answer, ProtoError> {
