@@ -7,7 +7,9 @@
 //! - [`registry`]: models by name, loaded lazily and once.
 //! - [`resolve`]: where weights come from (local directory, HF cache, hub).
 //! - [`text`]: tokenizer + encoder + pooling for transformer text encoders.
-//! - [`arch`]: one file per architecture (`bert.rs`, `mpnet.rs`) over shared layers.
+//! - [`arch`]: one file per architecture (`bert.rs`, `mpnet.rs`, `t5.rs`) over shared layers.
+//! - [`t5_embedder`]: the T5 sentence encoders (sentence-t5, INSTRUCTOR and its instructions).
+//! - [`st_modules`]: sentence-transformers module folders (pooling, `Dense` heads, `Normalize`).
 //! - [`packed`]: padding-free batches and the attention that runs on them.
 //! - [`cpu_kernels`]: fused CPU kernels the shared encoder layer runs on.
 //! - [`tokenize`], [`pooling`]: shared steps around the encoders.
@@ -22,6 +24,8 @@ pub mod packed;
 pub mod pooling;
 pub mod registry;
 pub mod resolve;
+pub mod st_modules;
+pub mod t5_embedder;
 pub mod text;
 pub mod tokenize;
 
@@ -31,4 +35,5 @@ pub use error::ModelError;
 pub use model::{EmbedOptions, EmbeddingModel, ModelEmbedding, ModelInput};
 pub use registry::ModelRegistry;
 pub use resolve::{ModelFiles, WeightFiles, WeightResolver};
+pub use t5_embedder::T5Embedder;
 pub use text::TextEmbedder;

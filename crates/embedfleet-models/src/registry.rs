@@ -12,6 +12,7 @@ use crate::catalogue::{self, Architecture, ModelSpec};
 use crate::error::ModelError;
 use crate::model::EmbeddingModel;
 use crate::resolve::WeightResolver;
+use crate::t5_embedder::T5Embedder;
 use crate::text::TextEmbedder;
 
 type Slot = Arc<OnceCell<Arc<dyn EmbeddingModel>>>;
@@ -80,6 +81,10 @@ fn load(
         Architecture::Bert | Architecture::Roberta | Architecture::MpNet => {
             let files = resolver.resolve(spec)?;
             Ok(Arc::new(TextEmbedder::load(spec, &files, device)?))
+        }
+        Architecture::T5Encoder => {
+            let files = resolver.resolve(spec)?;
+            Ok(Arc::new(T5Embedder::load(spec, &files, device)?))
         }
         other => Err(ModelError::ArchitectureUnavailable {
             model: spec.name.to_string(),

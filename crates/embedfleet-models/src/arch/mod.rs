@@ -4,6 +4,7 @@
 pub mod bert;
 pub mod layers;
 pub mod mpnet;
+pub mod t5;
 
 use candle_core::{Result, Tensor};
 use serde::Deserialize;
