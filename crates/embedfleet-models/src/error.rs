@@ -40,6 +40,15 @@ pub enum ModelError {
         max: usize,
     },
 
+    #[error(
+        "the instruction takes {tokens} of `{model}`'s {max} tokens, leaving no room for the input"
+    )]
+    InstructionTooLong {
+        model: String,
+        tokens: usize,
+        max: usize,
+    },
+
     #[error("`{model}` ({architecture}) has no implementation in this build yet")]
     ArchitectureUnavailable { model: String, architecture: String },
 
@@ -61,7 +70,7 @@ impl ModelError {
             Self::UnknownModel { .. } => ErrorKind::UnknownModel,
             Self::UnsupportedModality { .. } => ErrorKind::UnsupportedModality,
             Self::EmptyInput { .. } => ErrorKind::EmptyInput,
-            Self::InputTooLong { .. } => ErrorKind::InputTooLong,
+            Self::InputTooLong { .. } | Self::InstructionTooLong { .. } => ErrorKind::InputTooLong,
             // The model exists in the catalogue but this node cannot serve it: another node may.
             Self::WeightsNotFound { .. } | Self::ArchitectureUnavailable { .. } => {
                 ErrorKind::NoWorker
@@ -83,6 +92,7 @@ impl ModelError {
             Self::UnsupportedModality { .. }
                 | Self::EmptyInput { .. }
                 | Self::InputTooLong { .. }
+                | Self::InstructionTooLong { .. }
                 | Self::Tokenize { .. }
         )
     }

@@ -7,15 +7,19 @@
 //! - [`registry`]: models by name, loaded lazily and once.
 //! - [`resolve`]: where weights come from (local directory, HF cache, hub).
 //! - [`text`]: tokenizer + encoder + pooling for transformer text encoders.
+//! - [`decoder_embedder`]: e5-mistral: query template, EOS, decoder, last-token pooling.
 //! - [`arch`]: one file per architecture (`bert.rs`, `mpnet.rs`) over shared layers.
 //! - [`packed`]: padding-free batches and the attention that runs on them.
 //! - [`cpu_kernels`]: fused CPU kernels the shared encoder layer runs on.
+//! - [`decoder_kernels`]: CPU kernels of the decoder layer (RMSNorm, RoPE, SwiGLU, causal GQA).
 //! - [`tokenize`], [`pooling`]: shared steps around the encoders.
 //! - [`error`]: [`ModelError`] and its wire codes.
 
 pub mod arch;
 pub mod catalogue;
 pub mod cpu_kernels;
+pub mod decoder_embedder;
+pub mod decoder_kernels;
 pub mod error;
 pub mod model;
 pub mod packed;
@@ -27,6 +31,7 @@ pub mod tokenize;
 
 pub use candle_core::Device;
 pub use catalogue::{ModelSpec, Pooling, CATALOGUE};
+pub use decoder_embedder::DecoderEmbedder;
 pub use error::ModelError;
 pub use model::{EmbedOptions, EmbeddingModel, ModelEmbedding, ModelInput};
 pub use registry::ModelRegistry;
