@@ -135,7 +135,7 @@ fn bench_decoder(c: &mut Criterion) {
     let config: MistralConfig =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     // Word-count-long sequences of arbitrary ids: the speed depends on lengths, not on the ids.
-    let ids: Vec<Vec<u32>> = sentences()
+    let ids: Vec<Vec<u32>> = embedfleet_benches::sentences()
         .iter()
         .take(BATCH)
         .map(|s| {
