@@ -20,9 +20,11 @@ pub struct CacheConfig {
     /// Redis to share results across processes and restarts, e.g. `redis://127.0.0.1:6379`.
     /// `None` runs on the in-process tier alone (said once in the log at start).
     pub redis_url: Option<String>,
-    /// Expiry of values written to Redis, in seconds (`SET ... EX`). `None` keeps them until
-    /// Redis evicts them under its own `maxmemory` policy. The in-process tier has no expiry:
-    /// its byte bound already limits staleness to what fits.
+    /// Expiry of values written to Redis, in seconds (`SET ... EX`). Default
+    /// [`DEFAULT_TTL_SECS`] (7 days), so entries of retired revisions and fusion layers, which no
+    /// key names any more, leave Redis even where no `maxmemory` policy is set. `None` keeps
+    /// values until Redis evicts them under its own `maxmemory` policy. The in-process tier has
+    /// no expiry: its byte bound already limits staleness to what fits.
     pub ttl_secs: Option<u64>,
     /// Store values as half precision (f16): half the bytes in Redis and in the LRU, at about
     /// 1e-3 absolute error on unit-norm embeddings, which cosine similarity does not notice.
@@ -38,12 +40,15 @@ pub struct CacheConfig {
     pub redis_retry_ms: u64,
 }
 
+/// Default expiry of Redis values: 7 days.
+pub const DEFAULT_TTL_SECS: u64 = 7 * 24 * 3600;
+
 impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
             lru_bytes: 128 << 20,
             redis_url: None,
-            ttl_secs: None,
+            ttl_secs: Some(DEFAULT_TTL_SECS),
             f16: false,
             redis_timeout_ms: 50,
             redis_retry_ms: 1_000,
@@ -80,8 +85,7 @@ impl CacheConfig {
         }
         if self.ttl_secs == Some(0) {
             return Err(CacheError::InvalidConfig(
-                "ttl_secs must be at least 1 (Redis rejects EX 0); leave it out for no expiry"
-                    .into(),
+                "ttl_secs must be at least 1 (Redis rejects EX 0); null for no expiry".into(),
             ));
         }
         Ok(())

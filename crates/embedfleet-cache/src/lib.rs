@@ -53,7 +53,7 @@ pub mod stats;
 
 pub use cache::VectorCache;
 pub use codec::ElementType;
-pub use config::CacheConfig;
+pub use config::{CacheConfig, DEFAULT_TTL_SECS};
 pub use error::CacheError;
 pub use key::CacheKey;
 pub use lru::ByteBoundedLru;

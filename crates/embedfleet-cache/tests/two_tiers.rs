@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use embedfleet_cache::{CacheConfig, CacheError, CacheKey, VectorCache};
+use embedfleet_cache::{CacheConfig, CacheError, CacheKey, VectorCache, DEFAULT_TTL_SECS};
 use embedfleet_testkit::RedisServer;
 use support::{command_calls, key, raw, raw_get, raw_set, vector, LogCapture};
 
@@ -165,9 +165,22 @@ async fn values_carry_the_configured_ttl() {
         assert!((1..=30).contains(&left), "TTL {left}");
     }
 
-    let forever = cache(config(&redis)).await;
+    // The default: entries of retired revisions leave Redis by themselves.
+    let default = cache(config(&redis)).await;
+    default.put(key(5), &vector(5, 8)).await;
+    let left = ttl(key(5)).await;
+    assert!(
+        (DEFAULT_TTL_SECS as i64 - 60..=DEFAULT_TTL_SECS as i64).contains(&left),
+        "TTL {left}"
+    );
+
+    let forever = cache(CacheConfig {
+        ttl_secs: None,
+        ..config(&redis)
+    })
+    .await;
     forever.put(key(3), &vector(3, 8)).await;
-    assert_eq!(ttl(key(3)).await, -1, "no TTL configured, no expiry");
+    assert_eq!(ttl(key(3)).await, -1, "no TTL asked for, no expiry");
 
     // And a value really expires (1 s is the shortest TTL Redis takes in seconds).
     let short = cache(CacheConfig {

@@ -36,6 +36,9 @@ pub struct QueueArgs {
     /// Deliveries of a job before it is given up on and its request answered with the error.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(i64).range(1..=100))]
     pub max_deliver: i64,
+    /// Queued jobs per model; past it that model's requests get 429 while others go on.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(i64).range(1..))]
+    pub max_jobs_per_model: i64,
 }
 
 impl QueueArgs {
@@ -43,6 +46,7 @@ impl QueueArgs {
         QueueConfig {
             ack_wait: Duration::from_millis(self.ack_wait_ms),
             max_deliver: self.max_deliver,
+            max_jobs_per_model: self.max_jobs_per_model,
             ..QueueConfig::default()
         }
     }
@@ -54,9 +58,23 @@ pub struct CoordinatorArgs {
     /// Requests handled at once; more are refused with 429 (overloaded) rather than queued.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_in_flight: u64,
-    /// End-to-end deadline of a request; past it the reply is 503.
+    /// End-to-end deadline of a request that sends no Embedfleet-Timeout-Ms header; past it
+    /// the reply is 503.
     #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..))]
     pub request_timeout_ms: u64,
+    /// The longest timeout a request may ask for in its Embedfleet-Timeout-Ms header.
+    #[arg(long, default_value_t = 300_000, value_parser = clap::value_parser!(u64).range(100..))]
+    pub max_request_timeout_ms: u64,
+    /// More model sets to fuse besides the default one, each as models joined by `+`
+    /// (`minilm+mpnet+bge-large`), comma-separated. Subsets of a set are fused too.
+    #[arg(long, value_delimiter = ',')]
+    pub fuse_sets: Vec<String>,
+    /// Consecutive failed jobs of a model that open its circuit breaker (0: no breakers).
+    #[arg(long, default_value_t = 5)]
+    pub breaker_failures: u32,
+    /// How long an open breaker sends no jobs before one probe.
+    #[arg(long, default_value_t = 10_000)]
+    pub breaker_cool_down_ms: u64,
     /// Trained FuseMoE weights (safetensors) for the default model set; without it, the seeded
     /// weights every node shares.
     #[arg(long, env = "EMBEDFLEET_FUSION_WEIGHTS")]
@@ -68,9 +86,25 @@ impl CoordinatorArgs {
         CoordinatorConfig {
             max_in_flight: self.max_in_flight as usize,
             request_timeout: Duration::from_millis(self.request_timeout_ms),
+            max_request_timeout: Duration::from_millis(
+                self.max_request_timeout_ms.max(self.request_timeout_ms),
+            ),
             default_models: default_models.to_vec(),
+            fusable_sets: self.fusable_sets(),
+            breaker: embedfleet_fleet::coordinator::BreakerConfig {
+                failure_threshold: self.breaker_failures,
+                cool_down: Duration::from_millis(self.breaker_cool_down_ms),
+            },
             ..CoordinatorConfig::default()
         }
+    }
+
+    /// `--fuse-sets` as model-name lists.
+    pub fn fusable_sets(&self) -> Vec<Vec<String>> {
+        self.fuse_sets
+            .iter()
+            .map(|set| set.split('+').map(|name| name.trim().to_string()).collect())
+            .collect()
     }
 
     /// The fusion stage, with the default set's layer built now (seconds for large sets) so
@@ -87,6 +121,11 @@ impl CoordinatorArgs {
         stage
             .layer(default_models)
             .map_err(|e| anyhow::anyhow!("fusion layer: {e}"))?;
+        // The other fusable sets are checked now (an unknown name is a start-up error) and
+        // their layers built on first use.
+        for set in self.fusable_sets() {
+            model_specs(&set).context("--fuse-sets")?;
+        }
         Ok(stage)
     }
 }
@@ -101,9 +140,9 @@ pub struct CacheArgs {
     /// Bound of the in-process cache, in MiB (0 disables it).
     #[arg(long, default_value_t = 128)]
     pub cache_mb: usize,
-    /// Expiry of Redis entries, in seconds (default: none, Redis' maxmemory policy evicts).
-    #[arg(long)]
-    pub cache_ttl_secs: Option<u64>,
+    /// Expiry of Redis entries, in seconds; 0 for none (Redis' maxmemory policy evicts).
+    #[arg(long, default_value_t = embedfleet_cache::DEFAULT_TTL_SECS)]
+    pub cache_ttl_secs: u64,
     /// Store vectors as f16: half the memory, about 1e-3 absolute error.
     #[arg(long)]
     pub cache_f16: bool,
@@ -120,7 +159,7 @@ impl CacheArgs {
         let config = CacheConfig {
             lru_bytes: self.cache_mb << 20,
             redis_url: self.redis_url.clone(),
-            ttl_secs: self.cache_ttl_secs,
+            ttl_secs: (self.cache_ttl_secs > 0).then_some(self.cache_ttl_secs),
             f16: self.cache_f16,
             ..CacheConfig::default()
         };
@@ -148,6 +187,10 @@ pub struct WorkerArgs {
     /// Batches of one model that run at once: the next is gathered while one is in the model.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
     pub batches_in_flight: u64,
+    /// The watchdog: a model call past this many milliseconds is abandoned, its jobs go to
+    /// other workers and this worker reports itself unready until the call returns (0: off).
+    #[arg(long, default_value_t = 120_000)]
+    pub hung_after_ms: u64,
 }
 
 impl WorkerArgs {
@@ -157,6 +200,7 @@ impl WorkerArgs {
             token_budget: self.token_budget as usize,
             max_wait: Duration::from_millis(self.max_wait_ms),
             batches_in_flight: self.batches_in_flight as usize,
+            hung_after: Duration::from_millis(self.hung_after_ms),
         }
     }
 }

@@ -257,8 +257,11 @@ async fn the_coordinators_refusals_are_typed_service_errors() {
 async fn an_unserved_model_times_out_in_the_client_or_the_coordinator() {
     let request_timeout = Duration::from_secs(2);
     let server = NatsServer::start().expect("nats-server");
+    // Configured (so its job queues and waits for a worker) but served by nobody; a model the
+    // fleet does not know at all is refused at once instead.
     let config = CoordinatorConfig {
         request_timeout,
+        fusable_sets: vec![vec![UNSERVED_MODEL.to_string()]],
         ..CoordinatorConfig::default()
     };
     let _fleet = start_fleet(&server.url(), config).await;

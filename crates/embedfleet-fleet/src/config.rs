@@ -28,6 +28,10 @@ pub struct QueueConfig {
     pub stream_max_age: Duration,
     /// JetStream de-duplication window for `Nats-Msg-Id`.
     pub duplicate_window: Duration,
+    /// Queued jobs per model (per subject of the stream). Past it that model's new jobs are
+    /// refused (429) while other models' queues go on: a model nobody serves fills its own
+    /// queue, not the whole stream. `-1`: no per-model bound.
+    pub max_jobs_per_model: i64,
 }
 
 impl Default for QueueConfig {
@@ -39,6 +43,7 @@ impl Default for QueueConfig {
             stream_max_bytes: 1 << 30,
             stream_max_age: Duration::from_secs(600),
             duplicate_window: Duration::from_secs(120),
+            max_jobs_per_model: 10_000,
         }
     }
 }
@@ -57,6 +62,10 @@ pub struct BatchConfig {
     /// and tokenised while the last one is in the model, and lets small CPU batches, which do
     /// not spread over every core on their own, run side by side.
     pub batches_in_flight: usize,
+    /// The watchdog: a model call running longer than this is abandoned, its jobs nakked for
+    /// another worker, and the worker reports itself unready until the call returns. Zero turns
+    /// the watchdog off. Set it well above the slowest legitimate batch.
+    pub hung_after: Duration,
 }
 
 impl Default for BatchConfig {
@@ -66,23 +75,40 @@ impl Default for BatchConfig {
             token_budget: 16_384,
             max_wait: Duration::from_millis(2),
             batches_in_flight: 2,
+            hung_after: Duration::from_secs(120),
         }
     }
 }
 
-/// The coordinator: admission, deadlines, defaults.
+/// The coordinator: admission, deadlines, defaults, breakers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CoordinatorConfig {
     /// Requests handled at once by this coordinator; one more is refused with 429 at once rather
     /// than queued in memory.
     pub max_in_flight: usize,
-    /// How long a request may take end to end; past it the reply is 503 (`no_worker` when the
-    /// model's consumer has no worker pulling, `timeout` otherwise).
+    /// How long a request may take end to end unless it says otherwise (the
+    /// `Embedfleet-Timeout-Ms` header); past it the reply is 503 (`no_worker` when the model's
+    /// consumer has no worker pulling, `timeout` otherwise).
     pub request_timeout: Duration,
+    /// The longest timeout a request may ask for in its header.
+    pub max_request_timeout: Duration,
     /// Size limits of a request.
     pub limits: RequestLimits,
-    /// The model set of requests that name none.
+    /// The model set of requests that name none; always fusable.
     pub default_models: Vec<String>,
+    /// More model sets this coordinator fuses (each gets a FuseMoE layer). A fused request must
+    /// name one of these sets or the default set (or, with `fuse_subsets`, a subset of one);
+    /// anything else is refused with 400 before any work.
+    pub fusable_sets: Vec<Vec<String>>,
+    /// Whether a subset of a fusable set may be fused, by that set's layer with the absent
+    /// models masked.
+    pub fuse_subsets: bool,
+    /// While a request waits for a partial, how often the coordinator checks that its job is
+    /// still queued or held; a job gone from the stream whose partial never came (lost when a
+    /// worker's connection broke after its ack) is published again.
+    pub reask_interval: Duration,
+    /// The per-model circuit breakers.
+    pub breaker: crate::coordinator::BreakerConfig,
 }
 
 impl Default for CoordinatorConfig {
@@ -90,8 +116,13 @@ impl Default for CoordinatorConfig {
         CoordinatorConfig {
             max_in_flight: 256,
             request_timeout: Duration::from_secs(30),
+            max_request_timeout: Duration::from_secs(300),
             limits: RequestLimits::default(),
             default_models: vec!["minilm".into(), "mpnet".into()],
+            fusable_sets: Vec::new(),
+            fuse_subsets: true,
+            reask_interval: Duration::from_secs(2),
+            breaker: crate::coordinator::BreakerConfig::default(),
         }
     }
 }

@@ -9,12 +9,15 @@
 //! it scales apart from the workers and any number of coordinators share the queue group.
 //!
 //! # Modules
-//! - `service`: the service loop, admission, replies and error replies;
+//! - `service`: the service loop, admission (429), the request's timeout, replies and error
+//!   replies (through the micro service's error path, so `$SRV.STATS` counts them);
 //! - `request`: decoding, validation, the cache and fusion steps of one request;
-//! - `jobs`: job fan-out to the model queues and the wait for each partial;
+//! - `jobs`: job fan-out to the model queues, the wait for each partial (re-asking for a lost
+//!   one), the `fallback` policy; `breaker`: the per-model circuit breakers;
 //! - `routing`: the partial subscription and the table of jobs waiting;
 //! - `table`: one request's partials; `cache_keys`: the keys of partials and fused vectors.
 
+mod breaker;
 mod cache_keys;
 mod jobs;
 mod request;
@@ -36,6 +39,9 @@ use embedfleet_models::ModelSpec;
 use crate::config::{CoordinatorConfig, QueueConfig};
 use crate::fusion::FusionStage;
 use crate::job::PartialResult;
+use crate::plan::FusableSets;
+use breaker::Breakers;
+pub use breaker::{BreakerConfig, BreakerState};
 
 /// Queue group of the `embed.v1` endpoint: every coordinator joins it, NATS gives each request
 /// to one of them.
@@ -60,6 +66,10 @@ pub struct CoordinatorStats {
     /// Partials that arrived for no waiting job: late (after a timeout) or duplicates after a
     /// redelivery. Harmless, counted to make redeliveries visible.
     pub stray_partials: AtomicU64,
+    /// Jobs published again because they left the queue without their partial arriving.
+    pub reasked_jobs: AtomicU64,
+    /// Replies answered without some model under `fallback: "partial"`.
+    pub degraded: AtomicU64,
 }
 
 /// A point-in-time copy of [`CoordinatorStats`] plus the cache's counters.
@@ -74,6 +84,12 @@ pub struct StatsSnapshot {
     pub partial_hits: u64,
     pub jobs_published: u64,
     pub stray_partials: u64,
+    pub reasked_jobs: u64,
+    pub degraded: u64,
+    /// Times a model's circuit breaker opened.
+    pub breakers_opened: u64,
+    /// Each model's breaker that has seen a job (closed / open / half_open).
+    pub breakers: std::collections::BTreeMap<String, BreakerState>,
     pub in_flight: usize,
     pub cache: CacheStats,
 }
@@ -94,6 +110,9 @@ pub struct Coordinator {
     queues: QueueConfig,
     cache: Arc<VectorCache>,
     fusion: Arc<FusionStage>,
+    /// The admission rule for model sets (the default set and `fusable_sets`).
+    fusable: FusableSets,
+    breakers: Breakers,
     /// Model → revision of the weights that last answered for it. Cache keys need revisions
     /// before a job runs; they are learnt from partials (or primed by `serve`, which hosts the
     /// workers). Until then a model's inputs skip the cache lookup, never serve a stale vector.
@@ -115,7 +134,25 @@ impl Coordinator {
         fusion: FusionStage,
     ) -> Arc<Self> {
         let js = jetstream::new(client.clone());
+        // The CLI checks the names before it gets here; a library caller's typo is logged and
+        // that set left out (its requests are then refused with 400, naming the fusable sets).
+        let sets: Vec<Vec<String>> = std::iter::once(&config.default_models)
+            .chain(&config.fusable_sets)
+            .filter(|set| match crate::plan::resolve_models(set) {
+                Ok(_) => true,
+                Err(error) => {
+                    tracing::error!(%error, ?set, "fusable model set left out");
+                    false
+                }
+            })
+            .cloned()
+            .collect();
+        let fusable =
+            FusableSets::new(&sets, config.fuse_subsets).expect("every set was resolved above");
+        let breakers = Breakers::new(config.breaker.clone());
         Arc::new(Coordinator {
+            fusable,
+            breakers,
             id: instance_id(),
             admission: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
             client,
@@ -140,6 +177,11 @@ impl Coordinator {
             .insert(model.to_string(), revision.to_string());
     }
 
+    /// The fusion layers this coordinator holds.
+    pub fn fusion(&self) -> &FusionStage {
+        &self.fusion
+    }
+
     pub fn id(&self) -> &str {
         &self.id
     }
@@ -157,6 +199,10 @@ impl Coordinator {
             partial_hits: get(&s.partial_hits),
             jobs_published: get(&s.jobs_published),
             stray_partials: get(&s.stray_partials),
+            reasked_jobs: get(&s.reasked_jobs),
+            degraded: get(&s.degraded),
+            breakers_opened: self.breakers.opened(),
+            breakers: self.breakers.states(),
             in_flight: self.config.max_in_flight.max(1) - self.admission.available_permits(),
             cache: self.cache.stats(),
         }
@@ -168,14 +214,6 @@ impl Coordinator {
             .expect("revisions poisoned")
             .get(model)
             .cloned()
-    }
-
-    fn known_revisions(&self, models: &[&'static ModelSpec]) -> Option<Vec<String>> {
-        let revisions = self.revisions.read().expect("revisions poisoned");
-        models
-            .iter()
-            .map(|spec| revisions.get(spec.name).cloned())
-            .collect()
     }
 
     fn learn_revision(&self, model: &str, revision: &str) {

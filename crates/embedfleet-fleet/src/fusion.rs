@@ -1,34 +1,51 @@
-//! The fusion stage: one FuseMoE layer per active model set, built on first use.
+//! The fusion stage: one FuseMoE layer per fusable model set, built on first use.
 //!
-//! A request may name any subset of the catalogue, and the layer's input width depends on the
-//! set, so the stage keeps the layers it has built, keyed by the set in slot order. Seeded layers
-//! are deterministic (same set, same seed → same weights and version on every node), so
-//! coordinators never need to agree on anything but the seed. A weights file fixes one set: a
-//! trained layer cannot be stretched to other models, so other sets are refused.
+//! The layer's input width depends on the set, so the stage keeps the layers it has built, keyed
+//! by the set in slot order. Which sets may be fused at all is the coordinator's admission rule
+//! (`plan::FusableSets`): only configured sets reach the stage, and subsets of them are fused by
+//! their set's layer with the absent models masked. Seeded layers are deterministic (same set,
+//! same seed → same weights and version on every node), so coordinators never need to agree on
+//! anything but the seed. A weights file fixes one set: a trained layer cannot be stretched to
+//! other models, so other sets are refused.
+//!
+//! The layers held are bounded by bytes (a twelve-model layer is about 2 GB): past the budget the
+//! least recently used other layers are dropped (and rebuilt on demand), and a layer bigger than
+//! the whole budget is refused before it is built.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use embedfleet_fusion::weights::tensor_specs;
 use embedfleet_fusion::{FuseMoe, FuseMoeConfig, FusedEmbedding, FusionError};
 use embedfleet_models::ModelSpec;
-use embedfleet_proto::ProtoError;
+use embedfleet_proto::{ErrorKind, ProtoError};
 
 use crate::pipeline::DEFAULT_FUSION_SEED;
 
-/// Seeded layers kept at once. A full 12-model layer is large, and distinct sets in live
-/// traffic are few; past the bound the stage drops every layer and rebuilds on demand rather than
-/// grow without limit on a client that cycles through subsets.
-const MAX_CACHED_LAYERS: usize = 16;
+/// Default bound of the seeded layers one coordinator holds: two twelve-model layers.
+pub const DEFAULT_LAYER_BUDGET_BYTES: usize = 4 << 30;
+
+/// The layer configuration of `models` (slot order).
+pub fn layer_config(models: &[&'static ModelSpec]) -> FuseMoeConfig {
+    FuseMoeConfig::for_input_dims(models.iter().map(|spec| spec.dim).collect::<Vec<_>>())
+}
+
+/// Bytes of f32 weights a layer of `config` holds, known before building it.
+pub fn layer_bytes(config: &FuseMoeConfig) -> usize {
+    tensor_specs(config)
+        .iter()
+        .map(|(_, shape)| shape.iter().product::<usize>() * std::mem::size_of::<f32>())
+        .sum()
+}
 
 /// Builds or loads the FuseMoE layer for `models` (slot order).
 pub fn build_layer(
     models: &[&'static ModelSpec],
     weights: Option<&Path>,
 ) -> Result<FuseMoe, FusionError> {
-    let config =
-        FuseMoeConfig::for_input_dims(models.iter().map(|spec| spec.dim).collect::<Vec<_>>());
+    let config = layer_config(models);
     match weights {
         Some(path) => FuseMoe::load_expecting(path, &config),
         None => FuseMoe::from_seed(config, DEFAULT_FUSION_SEED),
@@ -39,25 +56,54 @@ pub fn build_layer(
 /// builds while holding the slot's own lock, the others wait there for its result.
 type LayerSlot = Arc<Mutex<Option<Arc<FuseMoe>>>>;
 
+/// The seeded layers held, with what each weighs and when it was last asked for.
+#[derive(Default)]
+struct SeededLayers {
+    slots: HashMap<Vec<&'static str>, HeldLayer>,
+    bytes: usize,
+    /// A counter, not a clock: the order of use is all eviction needs.
+    uses: u64,
+}
+
+struct HeldLayer {
+    slot: LayerSlot,
+    bytes: usize,
+    last_used: u64,
+}
+
 /// The layers of one coordinator.
 pub struct FusionStage {
     weights: Option<PathBuf>,
     /// With a weights file: the one set it covers, loaded at start.
     fixed: Option<(Vec<&'static str>, Arc<FuseMoe>)>,
-    seeded: Mutex<HashMap<Vec<&'static str>, LayerSlot>>,
+    seeded: Mutex<SeededLayers>,
+    /// Bound of `seeded`'s bytes.
+    budget_bytes: usize,
     /// Seeded layers built so far.
     builds: AtomicU64,
 }
 
 impl FusionStage {
-    /// Seeded layers for any set.
+    /// Seeded layers, within [`DEFAULT_LAYER_BUDGET_BYTES`].
     pub fn seeded() -> Self {
         FusionStage {
             weights: None,
             fixed: None,
-            seeded: Mutex::new(HashMap::new()),
+            seeded: Mutex::default(),
+            budget_bytes: DEFAULT_LAYER_BUDGET_BYTES,
             builds: AtomicU64::new(0),
         }
+    }
+
+    /// The same stage with another bound on the seeded layers' bytes.
+    pub fn with_budget_bytes(mut self, budget_bytes: usize) -> Self {
+        self.budget_bytes = budget_bytes;
+        self
+    }
+
+    /// Bytes of the seeded layers held now (built or being built).
+    pub fn held_bytes(&self) -> usize {
+        self.seeded.lock().expect("fusion map poisoned").bytes
     }
 
     /// The layer in `path`, trained for `models` (slot order); loaded now so that a bad file
@@ -67,7 +113,8 @@ impl FusionStage {
         Ok(FusionStage {
             weights: Some(path.to_path_buf()),
             fixed: Some((names(models), Arc::new(layer))),
-            seeded: Mutex::new(HashMap::new()),
+            seeded: Mutex::default(),
+            budget_bytes: DEFAULT_LAYER_BUDGET_BYTES,
             builds: AtomicU64::new(0),
         })
     }
@@ -85,8 +132,9 @@ impl FusionStage {
             .seeded
             .lock()
             .expect("fusion map poisoned")
+            .slots
             .get(&names(models))
-            .cloned()?;
+            .map(|held| held.slot.clone())?;
         // try_lock: a slot being built is locked, and is not ready.
         let built = slot.try_lock().ok()?.clone();
         built.map(Ok)
@@ -114,13 +162,7 @@ impl FusionStage {
                 )))
             };
         }
-        let slot = {
-            let mut seeded = self.seeded.lock().expect("fusion map poisoned");
-            if seeded.len() >= MAX_CACHED_LAYERS && !seeded.contains_key(&key) {
-                seeded.clear();
-            }
-            seeded.entry(key).or_default().clone()
-        };
+        let slot = self.reserve(key, models)?;
         // The map's lock is not held over the build, so other sets are not held up; requests
         // for this set wait on its slot instead of each building the same layer (seconds of
         // CPU apiece for a big set, all at once in a burst of first requests).
@@ -135,6 +177,64 @@ impl FusionStage {
         self.builds.fetch_add(1, Ordering::Relaxed);
         *built = Some(layer.clone());
         Ok(layer)
+    }
+}
+
+impl FusionStage {
+    /// The slot of `key`'s layer, making room for it within the budget first: least recently
+    /// used other layers are dropped (a request still holding one keeps it alive until it is
+    /// done). A layer bigger than the whole budget is refused before anything is built.
+    fn reserve(
+        &self,
+        key: Vec<&'static str>,
+        models: &[&'static ModelSpec],
+    ) -> Result<LayerSlot, ProtoError> {
+        let mut seeded = self.seeded.lock().expect("fusion map poisoned");
+        seeded.uses += 1;
+        let now = seeded.uses;
+        if let Some(held) = seeded.slots.get_mut(&key) {
+            held.last_used = now;
+            return Ok(held.slot.clone());
+        }
+        let bytes = layer_bytes(&layer_config(models));
+        if bytes > self.budget_bytes {
+            return Err(ProtoError::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "the fusion layer of [{}] needs {} MiB, over this coordinator's fusion budget \
+                     of {} MiB",
+                    key.join(", "),
+                    bytes >> 20,
+                    self.budget_bytes >> 20
+                ),
+            ));
+        }
+        while seeded.bytes + bytes > self.budget_bytes {
+            let Some(oldest) = seeded
+                .slots
+                .iter()
+                .min_by_key(|(_, held)| held.last_used)
+                .map(|(set, _)| set.clone())
+            else {
+                break;
+            };
+            if let Some(dropped) = seeded.slots.remove(&oldest) {
+                seeded.bytes -= dropped.bytes;
+                tracing::info!(set = ?oldest, mib = dropped.bytes >> 20,
+                    "fusion layer dropped to stay within the budget");
+            }
+        }
+        let slot = LayerSlot::default();
+        seeded.bytes += bytes;
+        seeded.slots.insert(
+            key,
+            HeldLayer {
+                slot: slot.clone(),
+                bytes,
+                last_used: now,
+            },
+        );
+        Ok(slot)
     }
 }
 
@@ -191,6 +291,26 @@ mod tests {
         );
         let refused = fixed.ready_layer(&[minilm]).unwrap().unwrap_err();
         assert_eq!(refused.kind, embedfleet_proto::ErrorKind::BadRequest);
+    }
+
+    #[test]
+    fn seeded_layers_are_held_within_the_byte_budget() {
+        let minilm = catalogue::find("minilm").unwrap();
+        let mpnet = catalogue::find("mpnet").unwrap();
+        let one = layer_bytes(&layer_config(&[minilm]));
+        let both = layer_bytes(&layer_config(&[minilm, mpnet]));
+        let stage = FusionStage::seeded().with_budget_bytes(both + one / 2);
+        stage.layer(&[minilm, mpnet]).unwrap();
+        assert_eq!(stage.held_bytes(), both);
+        // Room for minilm's layer only by dropping the pair's.
+        stage.layer(&[minilm]).unwrap();
+        assert_eq!(stage.held_bytes(), one);
+        assert!(stage.ready_layer(&[minilm, mpnet]).is_none(), "dropped");
+        let small = FusionStage::seeded().with_budget_bytes(one);
+        let refused = small.layer(&[minilm, mpnet]).unwrap_err();
+        assert_eq!(refused.kind, embedfleet_proto::ErrorKind::TooLarge);
+        assert_eq!(small.layers_built(), 0, "refused before building");
+        assert_eq!(small.held_bytes(), 0);
     }
 
     #[test]

@@ -24,6 +24,26 @@ pub fn partial_subject(coordinator_id: &str, job_id: u64) -> String {
     format!("{PARTIAL_SUBJECT_PREFIX}.{coordinator_id}.{job_id}")
 }
 
+/// Whether `subject` is a partial subject a worker may publish to:
+/// `embedfleet.v1.partial.<coordinator>.<job>`, two plain tokens after the fleet's prefix. A job
+/// naming anything else is refused, so a job published by anyone who can write to the job
+/// stream cannot make workers publish onto arbitrary subjects (another service's, `$JS.API...`).
+pub fn is_partial_subject(subject: &str) -> bool {
+    let Some(rest) = subject
+        .strip_prefix(PARTIAL_SUBJECT_PREFIX)
+        .and_then(|rest| rest.strip_prefix('.'))
+    else {
+        return false;
+    };
+    let tokens: Vec<&str> = rest.split('.').collect();
+    tokens.len() == 2
+        && tokens.iter().all(|token| {
+            !token.is_empty()
+                && !token.contains(['*', '>'])
+                && !token.chars().any(char::is_whitespace)
+        })
+}
+
 /// One model's share of one request: the inputs the cache could not answer for this model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelJob {
@@ -165,6 +185,24 @@ mod tests {
         };
         assert_eq!(decode::<PartialResult>(&encode(&partial)).unwrap(), partial);
         assert!(partial_subject("c1", 7).starts_with(partial_wildcard("c1").trim_end_matches('>')));
+    }
+
+    #[test]
+    fn only_partial_subjects_are_reply_subjects() {
+        assert!(is_partial_subject(&partial_subject("123-abc", 7)));
+        for bad in [
+            "embedfleet.v1.embed",
+            "$JS.API.STREAM.DELETE.EMBEDFLEET_JOBS",
+            "embedfleet.v1.partial",
+            "embedfleet.v1.partial.c1",
+            "embedfleet.v1.partial.c1.7.extra",
+            "embedfleet.v1.partial.c1.*",
+            "embedfleet.v1.partial.>",
+            "embedfleet.v1.partialx.c1.7",
+            "embedfleet.v1.partial..7",
+        ] {
+            assert!(!is_partial_subject(bad), "{bad}");
+        }
     }
 
     #[test]

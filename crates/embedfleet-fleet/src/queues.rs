@@ -10,7 +10,8 @@ use embedfleet_proto::{
 use crate::config::QueueConfig;
 
 /// The job stream's configuration: a work queue (a job is deleted once acked), on file so that a
-/// nats-server restart keeps accepted jobs, bounded in bytes and age, refusing new jobs when full.
+/// nats-server restart keeps accepted jobs, bounded in bytes and age and in jobs per model (one
+/// subject per model), refusing new jobs when full (per model: `discard_new_per_subject`).
 pub fn job_stream_config(queues: &QueueConfig) -> stream::Config {
     stream::Config {
         name: JOB_STREAM.to_string(),
@@ -22,6 +23,8 @@ pub fn job_stream_config(queues: &QueueConfig) -> stream::Config {
         max_bytes: queues.stream_max_bytes,
         max_age: queues.stream_max_age,
         duplicate_window: queues.duplicate_window,
+        max_messages_per_subject: queues.max_jobs_per_model,
+        discard_new_per_subject: queues.max_jobs_per_model > 0,
         ..Default::default()
     }
 }
@@ -38,6 +41,8 @@ pub async fn ensure_job_stream(
             if info.config.max_bytes != config.max_bytes
                 || info.config.max_age != config.max_age
                 || info.config.duplicate_window != config.duplicate_window
+                || info.config.max_messages_per_subject != config.max_messages_per_subject
+                || info.config.discard_new_per_subject != config.discard_new_per_subject
             {
                 js.update_stream(&config).await?;
             }

@@ -118,6 +118,10 @@ pub struct WorkerStats {
     undecodable: AtomicU64,
     retries: AtomicU64,
     batches: AtomicU64,
+    bad_reply_to: AtomicU64,
+    batches_abandoned: AtomicU64,
+    /// Model calls past `hung_after` that have not returned yet (a gauge).
+    hung_calls: AtomicU64,
 }
 
 /// A snapshot of [`WorkerStats`].
@@ -137,6 +141,12 @@ pub struct WorkerReport {
     pub retries: u64,
     /// Forward batches started (re-runs after a bad input count once).
     pub batches: u64,
+    /// Jobs terminated because their `reply_to` is not a partial subject.
+    pub bad_reply_to: u64,
+    /// Batches abandoned by the watchdog (their jobs nakked for another worker).
+    pub batches_abandoned: u64,
+    /// Model calls stuck past `hung_after` right now; the worker is not ready while any is.
+    pub hung_calls: u64,
 }
 
 impl WorkerStats {
@@ -151,7 +161,17 @@ impl WorkerStats {
             undecodable: read(&self.undecodable),
             retries: read(&self.retries),
             batches: read(&self.batches),
+            bad_reply_to: read(&self.bad_reply_to),
+            batches_abandoned: read(&self.batches_abandoned),
+            hung_calls: read(&self.hung_calls),
         }
+    }
+
+    /// Ready to take jobs: no model call is stuck past the watchdog's limit. A readiness probe
+    /// reads this; a worker that stays unready should be restarted (its stuck thread cannot
+    /// be killed from inside the process).
+    pub fn is_ready(&self) -> bool {
+        self.hung_calls.load(Ordering::Relaxed) == 0
     }
 }
 
@@ -280,6 +300,7 @@ impl ModelLoop {
                 client,
                 config,
                 stats,
+                hung: Arc::default(),
             },
             carry: VecDeque::new(),
             running: JoinSet::new(),
@@ -397,7 +418,13 @@ impl ModelLoop {
         }
         let slots = self.config().batch.batches_in_flight.max(1);
         let mut ticks = progress_ticks(&self.config().queues);
-        while self.running.len() >= slots {
+        // A model call stuck past the watchdog's limit: take nothing more for this model until
+        // it returns (its jobs already went back for other workers), and give back what is
+        // held, since nothing here will run it soon.
+        if self.runner.is_hung() {
+            self.release_carry().await;
+        }
+        while self.running.len() >= slots || self.runner.is_hung() {
             tokio::select! {
                 _ = shutdown.cancelled() => return false,
                 Some(joined) = self.running.join_next() => resume_panic(joined),
@@ -491,6 +518,13 @@ impl ModelLoop {
                 return None;
             }
         };
+        if !job::is_partial_subject(&job.reply_to) {
+            tracing::warn!(model = self.name(), job_id = job.job_id, reply_to = %job.reply_to,
+                "job names a reply subject outside the fleet's partial subjects; terminating it");
+            bump(&self.runner.stats.bad_reply_to);
+            settle(&message, AckKind::Term).await;
+            return None;
+        }
         let spec = self.runner.model.spec();
         let tokens = job
             .inputs

@@ -4,189 +4,19 @@
 //! reuse across model sets), new revisions announced by workers, error replies with their codes,
 //! 429 under a flood, 503 with no worker.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::HeaderMap;
-use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use embedfleet_cache::{CacheConfig, VectorCache};
-use embedfleet_fleet::coordinator::Coordinator;
 use embedfleet_fleet::fusion::FusionStage;
-use embedfleet_fleet::worker::{run_worker, WorkerConfig};
-use embedfleet_fleet::{BatchConfig, CoordinatorConfig, QueueConfig};
-use embedfleet_models::{catalogue, model::l2_normalize, EmbeddingModel};
-use embedfleet_proto::{
-    EmbedReply, EmbedRequest, Encoding, ErrorBody, Input, CONTENT_TYPE, CONTENT_TYPE_MSGPACK,
-    EMBED_ENDPOINT, SERVICE_ERROR_CODE,
-};
-use embedfleet_testkit::{FixedVectorModel, NatsServer, RedisServer};
-
-struct Fleet {
-    nats: NatsServer,
-    client: async_nats::Client,
-    coordinator: Arc<Coordinator>,
-    models: Vec<Arc<FixedVectorModel>>,
-    shutdown: CancellationToken,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-fn queues() -> QueueConfig {
-    QueueConfig {
-        ack_wait: Duration::from_secs(2),
-        ..QueueConfig::default()
-    }
-}
-
-impl Fleet {
-    /// A coordinator and one worker hosting `worker_models` (fixed-vector), default set
-    /// minilm+mpnet.
-    async fn start(
-        worker_models: &[&str],
-        config: CoordinatorConfig,
-        redis_url: Option<String>,
-        delay: Duration,
-    ) -> Fleet {
-        let nats = NatsServer::start().expect("nats-server");
-        let client = async_nats::connect(nats.url()).await.expect("connect");
-        let cache = VectorCache::connect(CacheConfig {
-            redis_url,
-            ..CacheConfig::default()
-        })
-        .await
-        .expect("cache");
-        // Built up front, as `serve` does: a seeded layer takes a while to build, which would
-        // otherwise come out of the first request's deadline.
-        let fusion = FusionStage::seeded();
-        fusion
-            .layer(&default_set(&config))
-            .expect("default fusion layer");
-        let coordinator =
-            Coordinator::new(client.clone(), config, queues(), Arc::new(cache), fusion);
-        let shutdown = CancellationToken::new();
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let mut tasks = Vec::new();
-        let run = coordinator.clone().run(shutdown.clone(), move || {
-            let _ = ready_tx.send(());
-        });
-        tasks.push(tokio::spawn(async move {
-            run.await.expect("coordinator");
-        }));
-        ready_rx.await.expect("coordinator ready");
-
-        let models: Vec<Arc<FixedVectorModel>> = worker_models
-            .iter()
-            .map(|name| Arc::new(FixedVectorModel::new(name).unwrap().with_delay(delay)))
-            .collect();
-        if !models.is_empty() {
-            let worker_client = async_nats::connect(nats.url()).await.expect("connect");
-            let hosted: Vec<Arc<dyn EmbeddingModel>> = models
-                .iter()
-                .map(|m| m.clone() as Arc<dyn EmbeddingModel>)
-                .collect();
-            let config = WorkerConfig {
-                queues: queues(),
-                batch: BatchConfig::default(),
-            };
-            let stop = shutdown.clone();
-            tasks.push(tokio::spawn(async move {
-                run_worker(worker_client, hosted, config, stop)
-                    .await
-                    .expect("worker");
-            }));
-        }
-        Fleet {
-            nats,
-            client,
-            coordinator,
-            models,
-            shutdown,
-            tasks,
-        }
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        for task in self.tasks {
-            tokio::time::timeout(Duration::from_secs(30), task)
-                .await
-                .expect("roles stop after shutdown")
-                .expect("role task");
-        }
-    }
-
-    /// Sends raw bytes; returns (error code header, body).
-    async fn raw(&self, payload: Vec<u8>, msgpack: bool) -> (Option<u16>, Bytes) {
-        let mut headers = HeaderMap::new();
-        if msgpack {
-            headers.insert(CONTENT_TYPE, CONTENT_TYPE_MSGPACK);
-        }
-        let reply = tokio::time::timeout(
-            Duration::from_secs(30),
-            self.client
-                .request_with_headers(EMBED_ENDPOINT, headers, payload.into()),
-        )
-        .await
-        .expect("a reply within 30 s")
-        .expect("request");
-        let code = reply
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(SERVICE_ERROR_CODE))
-            .map(|v| v.as_str().parse().expect("numeric code"));
-        (code, reply.payload)
-    }
-
-    async fn embed(&self, request: &EmbedRequest) -> EmbedReply {
-        let (code, body) = self.raw(serde_json::to_vec(request).unwrap(), false).await;
-        assert_eq!(
-            code,
-            None,
-            "error reply: {}",
-            String::from_utf8_lossy(&body)
-        );
-        serde_json::from_slice(&body).expect("reply decodes")
-    }
-
-    async fn error(&self, payload: Vec<u8>, msgpack: bool) -> ErrorBody {
-        let (code, body) = self.raw(payload, msgpack).await;
-        let encoding = if msgpack {
-            Encoding::MsgPack
-        } else {
-            Encoding::Json
-        };
-        let error: ErrorBody = encoding.decode(&body).expect("error body decodes");
-        assert_eq!(code, Some(error.error.code), "header and body agree");
-        error
-    }
-
-    fn model(&self, name: &str) -> &FixedVectorModel {
-        self.models
-            .iter()
-            .find(|m| m.spec().name == name)
-            .expect("hosted model")
-    }
-}
-
-fn default_set(config: &CoordinatorConfig) -> Vec<&'static embedfleet_models::ModelSpec> {
-    catalogue::in_slot_order(
-        config
-            .default_models
-            .iter()
-            .map(|name| catalogue::find(name).expect("catalogue model"))
-            .collect(),
-    )
-}
-
-fn normalized(mut v: Vec<f32>) -> Vec<f32> {
-    l2_normalize(&mut v);
-    v
-}
-
-fn close(a: &[f32], b: &[f32]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5)
-}
+use embedfleet_fleet::CoordinatorConfig;
+use embedfleet_models::{catalogue, EmbeddingModel};
+use embedfleet_proto::{EmbedReply, EmbedRequest, Encoding, Input};
+use embedfleet_testkit::{FixedVectorModel, RedisServer};
+use support::{close, normalized, spawn_worker, wait_for_revision, Fleet};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fused_reply_matches_the_fusion_stage_in_json_and_msgpack() {
@@ -328,37 +158,6 @@ async fn the_cache_answers_repeats_and_partials_serve_other_model_sets() {
     fleet.stop().await;
 }
 
-/// A worker hosting `model` alone, on its own shutdown token.
-fn spawn_worker(
-    url: String,
-    model: FixedVectorModel,
-    stop: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let client = async_nats::connect(url).await.expect("connect");
-        let config = WorkerConfig {
-            queues: queues(),
-            batch: BatchConfig::default(),
-        };
-        run_worker(client, vec![Arc::new(model)], config, stop)
-            .await
-            .expect("worker");
-    })
-}
-
-async fn wait_for_revision(coordinator: &Coordinator, model: &str, revision: &str) {
-    for _ in 0..500 {
-        if coordinator.revision_of(model).as_deref() == Some(revision) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!(
-        "the coordinator still has {model} at {:?}, not {revision}",
-        coordinator.revision_of(model)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_with_new_weights_is_used_even_for_cached_content() {
     let fleet = Fleet::start(
@@ -497,9 +296,9 @@ async fn bad_requests_get_typed_errors_and_the_service_stays_up() {
     ];
     for (what, payload, msgpack, code, kind) in cases {
         let error = fleet.error(payload, msgpack).await;
-        assert_eq!(error.error.code, code, "{what}: {error:?}");
+        assert_eq!(error.code(), code, "{what}: {error:?}");
         assert_eq!(
-            serde_json::to_value(error.error.kind).unwrap(),
+            serde_json::to_value(error.kind).unwrap(),
             serde_json::json!(kind),
             "{what}"
         );
@@ -574,12 +373,12 @@ async fn no_worker_for_a_model_is_a_503_within_the_deadline() {
             false,
         )
         .await;
-    assert_eq!(error.error.code, 503, "{error:?}");
+    assert_eq!(error.code(), 503, "{error:?}");
     // no_worker names the model nobody serves; on a loaded machine the queue itself may be
     // what ran out of time (timeout), which is the same 503 for the client.
-    let kind = serde_json::to_value(error.error.kind).unwrap();
+    let kind = serde_json::to_value(error.kind).unwrap();
     assert!(
-        (kind == "no_worker" && error.error.message.contains("mpnet")) || kind == "timeout",
+        (kind == "no_worker" && error.message.contains("mpnet")) || kind == "timeout",
         "{error:?}"
     );
     assert!(

@@ -647,3 +647,79 @@ async fn real_minilm_partials_match_the_model_run_directly() {
     }
     worker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_naming_a_foreign_reply_subject_is_refused() {
+    let bus = bus().await;
+    let mut sub = partials_subscription(&bus.client).await;
+    // What a hostile or broken publisher would aim a worker at.
+    let mut foreign = bus.client.subscribe("victim.>").await.unwrap();
+    bus.client.flush().await.unwrap();
+    declare(&bus.js, "minilm").await;
+    let hostile = ModelJob {
+        reply_to: "victim.inbox".into(),
+        ..job(1, "minilm", texts(&["publish this anywhere"]))
+    };
+    let live = job(2, "minilm", texts(&["an honest job"]));
+    publish(&bus.js, &hostile).await;
+    publish(&bus.js, &live).await;
+
+    let model = fixed("minilm");
+    let worker = start_worker(&bus.server, vec![model.clone()], config()).await;
+    // The honest job queued behind the hostile one is answered, so the hostile one has been
+    // dealt with by then.
+    let got = partials(&mut sub, 1).await;
+    assert_fixed_vectors(&got[&2], &model, &live);
+    wait_until_stream_empty(&bus.js).await;
+    bus.client.flush().await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), foreign.next())
+            .await
+            .is_err(),
+        "nothing was published on the foreign subject"
+    );
+    let report = worker.stop().await;
+    assert_eq!((report.bad_reply_to, report.jobs_done), (1, 1));
+    assert_eq!(model.inputs_seen(), 1, "the hostile job never ran");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_model_call_is_abandoned_and_its_job_served_elsewhere() {
+    let bus = bus().await;
+    let mut sub = partials_subscription(&bus.client).await;
+    declare(&bus.js, "minilm").await;
+    let latch = Arc::new(embedfleet_testkit::HangLatch::default());
+    let stuck = Arc::new(
+        FixedVectorModel::new("minilm")
+            .unwrap()
+            .hanging_on("hang", latch.clone()),
+    );
+    let mut watched = config();
+    watched.batch.hung_after = Duration::from_millis(300);
+    // Long enough that without the watchdog the hung worker would hold the job (with
+    // in-progress acks) past this test's patience.
+    watched.queues.ack_wait = Duration::from_secs(2);
+    let hung = start_worker(&bus.server, vec![stuck.clone()], watched.clone()).await;
+    let job = job(1, "minilm", texts(&["hang here"]));
+    publish(&bus.js, &job).await;
+    let stats = hung.stats.clone();
+    wait_for("the watchdog to abandon the batch", || {
+        stats.report().batches_abandoned == 1
+    })
+    .await;
+    assert!(!hung.stats.is_ready(), "unready while the call is stuck");
+
+    // A healthy worker takes the job the hung one gave back; the hung one takes nothing.
+    let healthy = fixed("minilm");
+    let other = start_worker(&bus.server, vec![healthy.clone()], watched).await;
+    let got = partials(&mut sub, 1).await;
+    assert_fixed_vectors(&got[&1], &healthy, &job);
+    assert_eq!(stuck.calls(), 1, "the hung worker pulled nothing more");
+
+    latch.release();
+    let stats = hung.stats.clone();
+    wait_for("the stuck call to return", || stats.is_ready()).await;
+    let report = hung.stop().await;
+    assert_eq!(report.jobs_done, 0, "the abandoned batch is never answered");
+    assert_eq!(other.stop().await.jobs_done, 1);
+}

@@ -47,5 +47,5 @@ pub use input::{Input, InputItem};
 pub use limits::RequestLimits;
 pub use modality::Modality;
 pub use reply::{EmbedReply, EmbeddingData, EmbeddingObject, ExpertSelection, ListObject, Usage};
-pub use request::{EmbedRequest, InputType, TextInput};
+pub use request::{EmbedRequest, Fallback, InputType, TextInput};
 pub use subjects::*;

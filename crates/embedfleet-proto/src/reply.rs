@@ -72,6 +72,10 @@ pub struct EmbedReply {
     pub data: Vec<EmbeddingData>,
     /// Token accounting over all inputs.
     pub usage: Usage,
+    /// Models left out under `fallback: "partial"` (unavailable or late); the fused vectors are
+    /// of the others only. Absent when every model answered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub degraded: Vec<String>,
 }
 
 impl EmbedReply {
@@ -82,6 +86,7 @@ impl EmbedReply {
             model: model.into(),
             data,
             usage,
+            degraded: Vec::new(),
         }
     }
 }

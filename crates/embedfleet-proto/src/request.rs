@@ -96,6 +96,21 @@ pub struct EmbedRequest {
     /// differently (bge-large prepends its query instruction, e5-mistral wraps queries in its
     /// `Instruct: ... Query: ...` template); symmetric models ignore it. Default `document`.
     pub input_type: InputType,
+    /// What to do when a model is unavailable (its circuit breaker open, no answer in time, a
+    /// failure of its own): `strict` (default) fails the request with 503 naming the model;
+    /// `partial` fuses the models that did answer and lists the others in `degraded`.
+    pub fallback: Fallback,
+}
+
+/// A request's answer to an unavailable model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fallback {
+    /// 503 naming the model.
+    #[default]
+    Strict,
+    /// Answer without it: the reply lists it in `degraded`, and is not cached as a full result.
+    Partial,
 }
 
 /// What the inputs of a request are, for the models that embed queries and documents apart.
@@ -131,6 +146,7 @@ impl Default for EmbedRequest {
             truncate: true,
             instruction: None,
             input_type: InputType::Document,
+            fallback: Fallback::Strict,
         }
     }
 }
@@ -171,6 +187,11 @@ impl EmbedRequest {
     }
 
     /// Sets `fuse`.
+    pub fn with_fallback(mut self, fallback: Fallback) -> Self {
+        self.fallback = fallback;
+        self
+    }
+
     pub fn with_fuse(mut self, fuse: bool) -> Self {
         self.fuse = fuse;
         self

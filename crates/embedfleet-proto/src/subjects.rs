@@ -72,6 +72,10 @@ pub const SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
 /// same content each need their own partial.
 pub const NATS_MSG_ID: &str = "Nats-Msg-Id";
 
+/// Request header: the request's own timeout in milliseconds (default 30 s, the coordinator's
+/// `request_timeout`). Jobs carry the resulting deadline; past it the reply is 503.
+pub const TIMEOUT_HEADER: &str = "Embedfleet-Timeout-Ms";
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,9 +14,12 @@
 //! - a failure hook: a text containing a marker makes the whole call fail with a transient
 //!   [`ModelError::Inference`], always or for the first N calls that see it;
 //! - an optional delay per call, to make batches take time;
+//! - a hang hook: a text containing a marker blocks the call until the test releases a
+//!   [`HangLatch`] (a model stuck in a kernel, as far as a worker can tell);
 //! - counters of calls and inputs, so tests can see how work was batched.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use embedfleet_models::model::l2_normalize;
@@ -37,6 +40,7 @@ pub struct FixedVectorModel {
     /// Slept at the start of every call (the caller runs models on blocking threads).
     delay: Duration,
     failure: Option<FailureHook>,
+    hang: Option<(String, Arc<HangLatch>)>,
     calls: AtomicUsize,
     inputs: AtomicUsize,
     largest_batch: AtomicUsize,
@@ -50,6 +54,28 @@ struct FailureHook {
     remaining: Option<AtomicUsize>,
 }
 
+/// Holds calls that see a hang marker until [`HangLatch::release`].
+#[derive(Debug, Default)]
+pub struct HangLatch {
+    released: Mutex<bool>,
+    changed: Condvar,
+}
+
+impl HangLatch {
+    /// Lets every held call (and every later one) go on.
+    pub fn release(&self) {
+        *self.released.lock().expect("latch poisoned") = true;
+        self.changed.notify_all();
+    }
+
+    fn wait(&self) {
+        let mut released = self.released.lock().expect("latch poisoned");
+        while !*released {
+            released = self.changed.wait(released).expect("latch poisoned");
+        }
+    }
+}
+
 impl FixedVectorModel {
     /// The fixed model for catalogue entry `name`, without delay or failures. Its revision is
     /// `fixed-<name>`.
@@ -60,6 +86,7 @@ impl FixedVectorModel {
             revision: format!("fixed-{}", spec.name),
             delay: Duration::ZERO,
             failure: None,
+            hang: None,
             calls: AtomicUsize::new(0),
             inputs: AtomicUsize::new(0),
             largest_batch: AtomicUsize::new(0),
@@ -77,6 +104,12 @@ impl FixedVectorModel {
     /// Sleeps `delay` in every `embed_batch` call.
     pub fn with_delay(mut self, delay: Duration) -> Self {
         self.delay = delay;
+        self
+    }
+
+    /// Every call with an input whose text contains `marker` blocks until `latch` is released.
+    pub fn hanging_on(mut self, marker: impl Into<String>, latch: Arc<HangLatch>) -> Self {
+        self.hang = Some((marker.into(), latch));
         self
     }
 
@@ -213,6 +246,16 @@ impl EmbeddingModel for FixedVectorModel {
             .fetch_max(inputs.len(), Ordering::Relaxed);
         if !self.delay.is_zero() {
             std::thread::sleep(self.delay);
+        }
+        if let Some((marker, latch)) = &self.hang {
+            let marked = inputs.iter().any(|input| {
+                input
+                    .text()
+                    .is_some_and(|text| text.contains(marker.as_str()))
+            });
+            if marked {
+                latch.wait();
+            }
         }
         if let Some(error) = self.injected_failure(inputs) {
             return Err(error);

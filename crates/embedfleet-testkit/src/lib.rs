@@ -44,7 +44,7 @@ pub mod reference;
 pub mod role;
 
 pub use error::TestkitError;
-pub use fixed_model::FixedVectorModel;
+pub use fixed_model::{FixedVectorModel, HangLatch};
 pub use nats::NatsServer;
 pub use process::ServerProcess;
 pub use redis::RedisServer;

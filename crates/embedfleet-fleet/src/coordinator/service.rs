@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use embedfleet_proto::{
-    Encoding, ErrorBody, ProtoError, CONTENT_TYPE, CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK,
-    EMBED_ENDPOINT, SERVICE_ERROR, SERVICE_ERROR_CODE, SERVICE_NAME, SERVICE_VERSION,
+    Encoding, ProtoError, CONTENT_TYPE, CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, EMBED_ENDPOINT,
+    SERVICE_NAME, SERVICE_VERSION, TIMEOUT_HEADER,
 };
 
 use super::cache_keys::CacheWrites;
@@ -112,10 +112,14 @@ impl Coordinator {
         match self.admission.clone().try_acquire_owned() {
             Ok(permit) => {
                 tasks.spawn(async move {
-                    let deadline = Instant::now() + self.config.request_timeout;
-                    let outcome = self
-                        .handle(&request.message.payload, encoding, deadline)
-                        .await;
+                    let outcome = match request_timeout(&request.message, &self.config) {
+                        Ok(timeout) => {
+                            let deadline = Instant::now() + timeout;
+                            self.handle(&request.message.payload, encoding, deadline)
+                                .await
+                        }
+                        Err(error) => Err(error),
+                    };
                     let after_reply = self.reply(&request, encoding, outcome).await;
                     if let Some(writes) = after_reply {
                         self.cache_writes(writes).await;
@@ -202,15 +206,44 @@ impl Coordinator {
         } else {
             tracing::debug!(%error, "request refused");
         }
-        let mut headers = content_type(encoding);
-        headers.insert(SERVICE_ERROR, error.to_string().as_str());
-        headers.insert(SERVICE_ERROR_CODE, error.code().to_string().as_str());
-        let body = encoding
-            .encode(&ErrorBody::from(&error))
-            .unwrap_or_default();
+        // Through the micro service's error path, so that `$SRV.STATS` counts the error
+        // (`num_errors`, `last_error`). That path sends no body: the error travels in the
+        // `Nats-Service-Error` header as `<kind>: <message>` (ProtoError's Display), which
+        // `ProtoError::from_service_error` parses back exactly.
+        let status = error.to_string();
         request
-            .respond_with_headers(Ok(Bytes::from(body)), headers)
+            .respond_with_headers(
+                Err(async_nats::service::error::Error {
+                    status,
+                    code: usize::from(error.code()),
+                }),
+                content_type(encoding),
+            )
             .await
+    }
+}
+
+/// The request's own timeout: the `Embedfleet-Timeout-Ms` header, or the configured default.
+/// A header that is not a whole number of milliseconds in `1..=max_request_timeout` is refused
+/// (400) rather than guessed at.
+fn request_timeout(
+    message: &async_nats::Message,
+    config: &crate::config::CoordinatorConfig,
+) -> Result<std::time::Duration, ProtoError> {
+    let Some(value) = message
+        .headers
+        .as_ref()
+        .and_then(|headers| headers.get(TIMEOUT_HEADER))
+    else {
+        return Ok(config.request_timeout);
+    };
+    let max = config.max_request_timeout.as_millis() as u64;
+    match value.as_str().trim().parse::<u64>() {
+        Ok(ms) if (1..=max).contains(&ms) => Ok(std::time::Duration::from_millis(ms)),
+        _ => Err(ProtoError::bad_request(format!(
+            "header {TIMEOUT_HEADER}: `{}` is not a timeout in milliseconds from 1 to {max}",
+            value.as_str()
+        ))),
     }
 }
 

@@ -1,6 +1,8 @@
-//! The partial table of one request: each model's vector for each input, and where it came from.
+//! The partial table of one request: each model's vector for each input, where it came from,
+//! and the revision of the weights that made it (what the fused vector's cache key must name).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use embedfleet_models::ModelSpec;
 
@@ -10,12 +12,17 @@ pub(super) enum Source {
     Fresh,
 }
 
-/// One model's vector for one input, and where it came from.
-type Cell = Option<(Vec<f32>, Source)>;
+/// One model's vector for one input, where it came from, and its revision.
+#[derive(Clone)]
+struct Cell {
+    vector: Vec<f32>,
+    source: Source,
+    revision: Arc<str>,
+}
 
-/// partials[slot][input] for one request.
+/// partials[slot][input] for one request (slots in the request's model order).
 pub(super) struct PartialTable {
-    cells: Vec<Vec<Cell>>,
+    cells: Vec<Vec<Option<Cell>>>,
     pub(super) tokens: u64,
 }
 
@@ -27,20 +34,49 @@ impl PartialTable {
         }
     }
 
-    pub(super) fn set(&mut self, slot: usize, input: usize, vector: Vec<f32>, source: Source) {
-        self.cells[slot][input] = Some((vector, source));
+    pub(super) fn set(
+        &mut self,
+        slot: usize,
+        input: usize,
+        vector: Vec<f32>,
+        source: Source,
+        revision: Arc<str>,
+    ) {
+        self.cells[slot][input] = Some(Cell {
+            vector,
+            source,
+            revision,
+        });
     }
 
     pub(super) fn normalize(&mut self) {
-        for (vector, _) in self.cells.iter_mut().flatten().flatten() {
-            embedfleet_models::model::l2_normalize(vector);
+        for cell in self.cells.iter_mut().flatten().flatten() {
+            embedfleet_models::model::l2_normalize(&mut cell.vector);
         }
     }
 
-    pub(super) fn row(&self, input: usize) -> Vec<Option<&[f32]>> {
+    /// One input's vectors in a fusion layer's slot order: `slot_of[layer slot]` is the request
+    /// slot that fills it, `None` for a model of the layer's set the request did not name.
+    pub(super) fn row(&self, input: usize, slot_of: &[Option<usize>]) -> Vec<Option<&[f32]>> {
+        slot_of
+            .iter()
+            .map(|slot| {
+                slot.and_then(|slot| self.cells[slot][input].as_ref())
+                    .map(|cell| cell.vector.as_slice())
+            })
+            .collect()
+    }
+
+    /// Whether no model gave this input a vector.
+    pub(super) fn row_is_empty(&self, input: usize) -> bool {
+        self.cells.iter().all(|slot| slot[input].is_none())
+    }
+
+    /// The revision behind each slot's vector of `input` (`None`: no vector).
+    pub(super) fn revisions(&self, input: usize) -> Vec<Option<&str>> {
         self.cells
             .iter()
-            .map(|slot| slot[input].as_ref().map(|(v, _)| v.as_slice()))
+            .map(|slot| slot[input].as_ref().map(|cell| &*cell.revision))
             .collect()
     }
 
@@ -50,7 +86,7 @@ impl PartialTable {
             .iter()
             .filter_map(|slot| slot[input].as_ref())
             .peekable();
-        present.peek().is_some() && present.all(|(_, source)| *source == Source::Cached)
+        present.peek().is_some() && present.all(|cell| cell.source == Source::Cached)
     }
 
     pub(super) fn take_named(
@@ -61,7 +97,11 @@ impl PartialTable {
         models
             .iter()
             .zip(&mut self.cells)
-            .filter_map(|(spec, slot)| slot[input].take().map(|(v, _)| (spec.name.to_string(), v)))
+            .filter_map(|(spec, slot)| {
+                slot[input]
+                    .take()
+                    .map(|cell| (spec.name.to_string(), cell.vector))
+            })
             .collect()
     }
 }

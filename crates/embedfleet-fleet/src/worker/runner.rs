@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,11 +32,18 @@ pub(super) struct BatchRunner {
     pub(super) client: async_nats::Client,
     pub(super) config: Arc<WorkerConfig>,
     pub(super) stats: Arc<WorkerStats>,
+    /// This model's calls stuck past `hung_after` (shared by the model's batches).
+    pub(super) hung: Arc<AtomicUsize>,
 }
 
 impl BatchRunner {
     fn name(&self) -> &'static str {
         self.model.spec().name
+    }
+
+    /// Whether a call of this model is stuck past the watchdog's limit.
+    pub(super) fn is_hung(&self) -> bool {
+        self.hung.load(Ordering::Relaxed) > 0
     }
 
     /// Runs a batch and answers every job in it. A permanent error blamed on one input answers
@@ -68,10 +76,12 @@ impl BatchRunner {
                         None => groups.extend(jobs.into_iter().map(|job| vec![job])),
                     }
                 }
+                Err(EmbedFailure::Hung(call)) => self.abandon(jobs, call).await,
                 Err(failure) => {
                     let reason = match failure {
                         EmbedFailure::Model(error) => error.to_string(),
                         EmbedFailure::Broken(reason) => reason,
+                        EmbedFailure::Hung(_) => unreachable!("handled above"),
                     };
                     for pending in &jobs {
                         self.retry_or_give_up(pending, &reason).await;
@@ -104,8 +114,19 @@ impl BatchRunner {
             ..EmbedOptions::default()
         };
         let model = self.model.clone();
-        let call = tokio::task::spawn_blocking(move || model.embed_batch(&inputs, &options));
-        match self.keep_alive(jobs, call).await {
+        let mut call = tokio::task::spawn_blocking(move || model.embed_batch(&inputs, &options));
+        let limit = self.config.batch.hung_after;
+        let watched = async {
+            if limit.is_zero() {
+                Some((&mut call).await)
+            } else {
+                tokio::time::timeout(limit, &mut call).await.ok()
+            }
+        };
+        let Some(outcome) = self.keep_alive(jobs, watched).await else {
+            return Err(EmbedFailure::Hung(call));
+        };
+        match outcome {
             Ok(Ok(embeddings)) if embeddings.len() == expected => Ok(embeddings),
             Ok(Ok(embeddings)) => Err(EmbedFailure::Broken(format!(
                 "model returned {} vectors for {expected} inputs",
@@ -114,6 +135,37 @@ impl BatchRunner {
             Ok(Err(error)) => Err(EmbedFailure::Model(error)),
             Err(join) => Err(EmbedFailure::Broken(format!("model call panicked: {join}"))),
         }
+    }
+
+    /// The watchdog's verdict on a call past `hung_after`: its jobs go back at once (nak, no
+    /// delay) for another worker, the worker reports itself unready, and this model takes no
+    /// new jobs until the call returns. A blocking thread cannot be killed, so the batch task
+    /// waits for it here (its result, if one ever comes, is dropped: the jobs are elsewhere).
+    async fn abandon(
+        &self,
+        jobs: Vec<Pending>,
+        call: tokio::task::JoinHandle<Result<Vec<ModelEmbedding>, ModelError>>,
+    ) {
+        tracing::error!(
+            model = self.name(),
+            jobs = jobs.len(),
+            limit_ms = self.config.batch.hung_after.as_millis() as u64,
+            "model call hung past the watchdog's limit; abandoning the batch, worker unready"
+        );
+        bump(&self.stats.batches_abandoned);
+        self.hung.fetch_add(1, Ordering::Relaxed);
+        self.stats.hung_calls.fetch_add(1, Ordering::Relaxed);
+        for pending in &jobs {
+            settle(&pending.message, AckKind::Nak(None)).await;
+        }
+        drop(jobs);
+        let _ = call.await;
+        self.stats.hung_calls.fetch_sub(1, Ordering::Relaxed);
+        self.hung.fetch_sub(1, Ordering::Relaxed);
+        tracing::warn!(
+            model = self.name(),
+            "the hung model call returned; taking jobs again"
+        );
     }
 
     /// Awaits `work`, sending an in-progress ack for each of the batch's messages every
@@ -218,6 +270,14 @@ impl BatchRunner {
             let error = match published {
                 Ok(()) => {
                     bump(counter);
+                    // The partial onto the wire before the ack: an ack for a partial still in
+                    // this client's buffer would be lost with it if the connection broke. (A
+                    // partial lost after that is re-asked for by the coordinator.)
+                    if let Err(error) = self.client.flush().await {
+                        tracing::warn!(model = self.name(), job_id = pending.job.job_id, %error,
+                            "flushing the partial failed; the job will be redelivered");
+                        return;
+                    }
                     settle(&pending.message, settle_with).await;
                     return;
                 }
@@ -323,6 +383,8 @@ fn nak_delay(delivered: i64) -> Duration {
 /// Why a model call gave no vectors.
 enum EmbedFailure {
     Model(ModelError),
+    /// Still running past `hung_after`: the watchdog abandons it (the handle is awaited apart).
+    Hung(tokio::task::JoinHandle<Result<Vec<ModelEmbedding>, ModelError>>),
     /// The call panicked or broke the trait's contract: treated as transient, so a model that
     /// always does it ends as poison after `max_deliver` tries.
     Broken(String),
