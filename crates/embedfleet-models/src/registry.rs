@@ -9,6 +9,7 @@ use candle_core::Device;
 use once_cell::sync::OnceCell;
 
 use crate::catalogue::{self, Architecture, ModelSpec};
+use crate::decoder_embedder::DecoderEmbedder;
 use crate::error::ModelError;
 use crate::model::EmbeddingModel;
 use crate::resolve::WeightResolver;
@@ -85,6 +86,10 @@ fn load(
         Architecture::T5Encoder => {
             let files = resolver.resolve(spec)?;
             Ok(Arc::new(T5Embedder::load(spec, &files, device)?))
+        }
+        Architecture::Mistral => {
+            let files = resolver.resolve(spec)?;
+            Ok(Arc::new(DecoderEmbedder::load(spec, &files, device)?))
         }
         other => Err(ModelError::ArchitectureUnavailable {
             model: spec.name.to_string(),

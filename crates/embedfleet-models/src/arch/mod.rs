@@ -3,6 +3,7 @@
 
 pub mod bert;
 pub mod layers;
+pub mod mistral;
 pub mod mpnet;
 pub mod t5;
 
