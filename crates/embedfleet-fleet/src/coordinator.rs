@@ -30,13 +30,13 @@ use embedfleet_proto::{
     model_consumer_name, model_job_subject, ContentKey, EmbedReply, EmbedRequest, EmbeddingData,
     Encoding, ErrorBody, ErrorKind, ExpertSelection, Input, ProtoError, Usage, CONTENT_TYPE,
     CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, EMBED_ENDPOINT, FUSED_MODEL_NAME, NATS_MSG_ID,
-    SERVICE_ERROR, SERVICE_ERROR_CODE, SERVICE_NAME, SERVICE_VERSION,
+    SERVICE_ERROR, SERVICE_ERROR_CODE, SERVICE_NAME, SERVICE_VERSION, TIMINGS_HEADER,
 };
 
 use crate::config::{CoordinatorConfig, QueueConfig};
 use crate::fusion::{fuse_rows, FusionStage};
 use crate::job::{self, ModelJob, PartialOutcome, PartialResult};
-use crate::{queues, revisions};
+use crate::{queues, revisions, stage_timings};
 
 /// Queue group of the `embed.v1` endpoint: every coordinator joins it, NATS gives each request
 /// to one of them.
@@ -253,10 +253,11 @@ impl Coordinator {
             Ok(permit) => {
                 tasks.spawn(async move {
                     let deadline = Instant::now() + self.config.request_timeout;
-                    let outcome = self
-                        .handle(&request.message.payload, encoding, deadline)
-                        .await;
-                    let after_reply = self.reply(&request, encoding, outcome).await;
+                    let timed = request.message.headers.as_ref();
+                    let timed = timed.is_some_and(|h| h.get(TIMINGS_HEADER).is_some());
+                    let handling = self.handle(&request.message.payload, encoding, deadline);
+                    let (outcome, timings) = stage_timings::collect(timed, handling).await;
+                    let after_reply = self.reply(&request, encoding, outcome, timings).await;
                     if let Some(writes) = after_reply {
                         self.cache_writes(writes).await;
                     }
@@ -269,7 +270,7 @@ impl Coordinator {
                     "{} requests in flight on this coordinator; retry with backoff",
                     self.config.max_in_flight
                 ));
-                let _ = self.reply(&request, encoding, Err(error)).await;
+                let _ = self.reply(&request, encoding, Err(error), None).await;
             }
         }
     }
@@ -280,6 +281,7 @@ impl Coordinator {
         request: &async_nats::service::Request,
         encoding: Encoding,
         outcome: Result<Answer, ProtoError>,
+        timings: Option<String>,
     ) -> Option<CacheWrites> {
         let (result, writes) = match outcome {
             Ok(answer) => match encoding.encode(&answer.reply) {
@@ -291,8 +293,12 @@ impl Coordinator {
         let sent = match result {
             Ok(body) => {
                 let len = body.len();
+                let mut headers = content_type(encoding);
+                if let Some(timings) = timings {
+                    headers.insert(TIMINGS_HEADER, timings.as_str());
+                }
                 match request
-                    .respond_with_headers(Ok(Bytes::from(body)), content_type(encoding))
+                    .respond_with_headers(Ok(Bytes::from(body)), headers)
                     .await
                 {
                     Ok(()) => {
@@ -434,7 +440,9 @@ impl Coordinator {
                 .iter()
                 .map(|input| fused_key(&work, &version, revisions, input))
                 .collect();
+            let started = Instant::now();
             fused = self.cache.get_many(&keys).await;
+            stage_timings::record("cache_get", started.elapsed());
             let hits = fused.iter().filter(|v| v.is_some()).count();
             self.stats
                 .fused_hits
@@ -470,6 +478,7 @@ impl Coordinator {
             // FuseMoE costs milliseconds per row on a CPU: a blocking thread, with the table
             // moved there and back rather than copied.
             let (task_layer, rows_of) = (layer.clone(), open.clone());
+            let started = Instant::now();
             let (table, results) = tokio::task::spawn_blocking(move || {
                 let rows: Vec<Vec<Option<&[f32]>>> =
                     rows_of.iter().map(|&i| partials.row(i)).collect();
@@ -479,6 +488,7 @@ impl Coordinator {
             })
             .await
             .map_err(|e| ProtoError::internal(format!("fusion task: {e}")))?;
+            stage_timings::record("fusion", started.elapsed());
             partials = table;
             // Revisions as they are after this request's partials (a worker may have answered
             // with new weights): the key must name the weights that made the vector.
@@ -551,7 +561,9 @@ impl Coordinator {
                     .iter()
                     .map(|&i| partial_key(work, spec.name, revision, &work.inputs[i]))
                     .collect();
+                let started = Instant::now();
                 let found = self.cache.get_many(&keys).await;
+                stage_timings::record("cache_get", started.elapsed());
                 open.clear();
                 for (&i, vector) in taken.iter().zip(found) {
                     match vector {
@@ -574,7 +586,12 @@ impl Coordinator {
         let jobs = misses.iter().map(|(slot, indices)| {
             let spec = work.models[*slot];
             let inputs: Vec<Input> = indices.iter().map(|&i| work.inputs[i].clone()).collect();
-            self.run_job(spec, inputs, work, deadline)
+            async move {
+                let started = Instant::now();
+                let result = self.run_job(spec, inputs, work, deadline).await;
+                stage_timings::record_model("jobs", spec.name, started.elapsed());
+                result
+            }
         });
         let results = futures::future::join_all(jobs).await;
         // The first error (in slot order) answers the request; the other jobs' vectors are

@@ -9,7 +9,8 @@
 //!   publishes partials, acks.
 //! - [`fusion`]: the fusion stage, FuseMoE per active model set (in the coordinator process).
 //! - [`job`]: what the roles say to each other; [`queues`]: the JetStream stream and consumers;
-//!   [`config`]: the roles' settings; [`embedded_nats`]: the child nats-server of `serve`.
+//!   [`config`]: the roles' settings; [`embedded_nats`]: the child nats-server of `serve`;
+//!   [`stage_timings`]: a request's stage timings for the perf harness.
 
 pub mod config;
 pub mod coordinator;
@@ -19,6 +20,7 @@ pub mod job;
 pub mod pipeline;
 pub mod queues;
 pub mod revisions;
+pub mod stage_timings;
 pub mod worker;
 
 pub use config::{BatchConfig, CoordinatorConfig, QueueConfig};
