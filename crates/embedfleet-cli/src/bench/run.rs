@@ -232,8 +232,11 @@ impl PointContext<'_> {
             Mode::Cold => Some(format!("{}-{label}", self.run_id)),
             Mode::Warm => None,
         };
+        // Unmeasured, so closed loop, and at most 16 at once: an open-loop point's in-flight
+        // cap (hundreds) is no concurrency to prime a cache with.
         let closed = Load {
             kind: LoopKind::Closed,
+            concurrency: load.concurrency.min(16),
             ..load.clone()
         };
         let prime = match mode {
