@@ -1,117 +1,47 @@
-//! Model worker bench, group `per_model_latency`: every model that runs, one input per call
-//! (`<model>/single`, cycling through `benches/data/sentences.txt`) and a batch of 32
-//! (`<model>/batch32`, `Throughput::Elements`), after warm-up.
-//!
-//! - Real weights (`models/`, from `scripts/fetch-models.sh`): `minilm`, `mpnet`, and any other
-//!   catalogue model whose checkpoint is there; the id is the model's name.
-//! - Fixture checkpoints (`crates/embedfleet-models/tests/fixtures/checkpoints/<variant>/<name>`,
-//!   tiny random-weight models made for the architecture tests) of models with no real
-//!   checkpoint here: the id is `<name> (fixture <variant>)`, and the figure is the
-//!   architecture's code path at toy size, not the real model's speed.
+//! Model worker bench: each real model's single-input latency and batch-32 throughput on fixed
+//! sentences (`benches/data/sentences.txt`), after warm-up, in the group `per_model_latency`
+//! (`<model>/single`, `<model>/batch32`). Compare with `scripts/bench-sentence-transformers.py`
+//! side by side: `scripts/bench-models-side-by-side.sh`.
 //!
 //! Specification targets (on GPU; CPU figures in docs/benchmarks.md): a semantic model < 5 ms
 //! single, a code model < 10 ms single.
 //!
-//! Compare with sentence-transformers side by side: `scripts/bench-models-side-by-side.sh`
-//! (reads `per_model_latency/<model>/single` and `/batch32`). Thread count: candle uses every
-//! core by default; set `RAYON_NUM_THREADS` to match the Python side's `--threads`.
+//! Thread count: candle uses every core by default; set `RAYON_NUM_THREADS` to match the Python
+//! side's `--threads` when comparing.
+//!
+//! The T5 groups (`t5-fixture/...`) run the small random checkpoints of the architecture tests
+//! (`crates/embedfleet-models/tests/fixtures/checkpoints/`), not real weights: they track the
+//! T5 path's own cost (kernels, packing, instruction handling) from change to change, and say
+//! nothing about instructor-xl's or sentence-t5-xxl's real speed.
+//!
+//! `e5-mistral` has no real weights here: its groups run the decoder on the small random fixture
+//! checkpoint (`e5-mistral-fixture`, labelled so: its speed says nothing about a 7B model) and on
+//! SmolLM2-135M, a real Llama in the e5-mistral slot when `scripts/fetch-models.sh` made it
+//! (`e5-mistral-smollm2`), where the CPU kernels and candle tensor ops also run side by side.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use embedfleet_benches::{bench_dir, models_dir, sentences};
+use embedfleet_benches::{models_dir, sentences};
+use embedfleet_models::arch::mistral::{MistralConfig, MistralModel};
+use embedfleet_models::packed::PackedBatch;
 use embedfleet_models::{
-    catalogue, Device, EmbedOptions, EmbeddingModel, ModelInput, ModelRegistry, WeightResolver,
+    catalogue, DecoderEmbedder, Device, EmbedOptions, EmbeddingModel, ModelInput, T5Embedder,
+    TextEmbedder, WeightResolver,
 };
 
 const BATCH: usize = 32;
 
-/// A model to bench and the label its figures go under.
-struct Subject {
-    label: String,
-    model: Arc<dyn EmbeddingModel>,
-}
-
-fn load(name: &str, dir: &Path) -> Option<Arc<dyn EmbeddingModel>> {
+fn load(name: &str) -> TextEmbedder {
+    let spec = catalogue::find(name).expect("catalogue model");
     let resolver = WeightResolver {
-        models_dir: Some(dir.to_path_buf()),
+        models_dir: Some(models_dir()),
         offline: true,
     };
-    match ModelRegistry::new(resolver, Device::Cpu).get(name) {
-        Ok(model) => Some(model),
-        Err(error) => {
-            eprintln!(
-                "models bench: skipping {name} in {}: {error}",
-                dir.display()
-            );
-            None
-        }
-    }
-}
-
-/// Real checkpoints first; then fixture checkpoints of the models that have none.
-fn subjects() -> Vec<Subject> {
-    let real_dir = models_dir();
-    let mut subjects = Vec::new();
-    let mut seen = Vec::new();
-    for spec in catalogue::CATALOGUE {
-        if real_dir.join(spec.name).join("config.json").is_file() {
-            eprintln!("models bench: loading {} (real weights)", spec.name);
-            if let Some(model) = load(spec.name, &real_dir) {
-                subjects.push(Subject {
-                    label: spec.name.to_string(),
-                    model,
-                });
-                seen.push(spec.name);
-            }
-        }
-    }
-    assert!(
-        seen.contains(&"minilm") && seen.contains(&"mpnet"),
-        "minilm and mpnet must load from {}: run scripts/fetch-models.sh first",
-        real_dir.display()
-    );
-    let fixtures = bench_dir().join("../crates/embedfleet-models/tests/fixtures/checkpoints");
-    for variant in sorted_dirs(&fixtures) {
-        let variant_name = file_name(&variant);
-        for model_dir in sorted_dirs(&variant) {
-            let name = file_name(&model_dir);
-            let Some(spec) = catalogue::find(&name) else {
-                continue;
-            };
-            if seen.contains(&spec.name) || !model_dir.join("config.json").is_file() {
-                continue;
-            }
-            if let Some(model) = load(spec.name, &variant) {
-                subjects.push(Subject {
-                    label: format!("{name} (fixture {variant_name})"),
-                    model,
-                });
-                seen.push(spec.name);
-            }
-        }
-    }
-    subjects
-}
-
-fn sorted_dirs(dir: &Path) -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_dir())
-        .collect();
-    dirs.sort();
-    dirs
-}
-
-fn file_name(path: &Path) -> String {
-    path.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
+    let files = resolver
+        .resolve(spec)
+        .unwrap_or_else(|e| panic!("{e}\nrun scripts/fetch-models.sh first"));
+    TextEmbedder::load(spec, &files, &Device::Cpu).expect("model loads")
 }
 
 fn bench_models(c: &mut Criterion) {
@@ -121,22 +51,20 @@ fn bench_models(c: &mut Criterion) {
         "need at least {BATCH} bench sentences"
     );
     let options = EmbedOptions::default();
-    let mut group = c.benchmark_group("per_model_latency");
-    group
-        .warm_up_time(Duration::from_secs(2))
-        .measurement_time(Duration::from_secs(8))
-        .sample_size(20);
-    for subject in subjects() {
-        let model = &subject.model;
-        let takes_text = model.spec().takes(embedfleet_proto::Modality::Text);
-        if !takes_text {
-            eprintln!("models bench: {} takes no text; skipped", subject.label);
-            continue;
-        }
+    for name in ["minilm", "mpnet"] {
+        eprintln!("models bench: loading {name}");
+        let model = load(name);
+
+        let mut group = c.benchmark_group("per_model_latency");
+        group
+            .warm_up_time(Duration::from_secs(2))
+            .measurement_time(Duration::from_secs(8))
+            .sample_size(20);
+
         // One sentence per call, cycling through the set as the Python side does.
         group.throughput(Throughput::Elements(1));
         let mut next = 0;
-        group.bench_function(BenchmarkId::new(&subject.label, "single"), |b| {
+        group.bench_function(BenchmarkId::new(name, "single"), |b| {
             b.iter(|| {
                 let input = &sentences[next % sentences.len()];
                 next += 1;
@@ -148,13 +76,134 @@ fn bench_models(c: &mut Criterion) {
 
         group.throughput(Throughput::Elements(BATCH as u64));
         let batch = &sentences[..BATCH];
-        let id = BenchmarkId::new(&subject.label, format!("batch{BATCH}"));
+        let id = BenchmarkId::new(name, format!("batch{BATCH}"));
         group.bench_with_input(id, batch, |b, batch| {
             b.iter(|| model.embed_batch(batch, &options).expect("embeds"))
+        });
+        group.finish();
+    }
+}
+
+/// The T5 path on its fixture checkpoints (see the file header): batch 32 of the bench sentences,
+/// sentence-t5 (relu fixture) and instructor (gated fixture, with its default instruction).
+fn bench_t5_fixtures(c: &mut Criterion) {
+    let fixtures = embedfleet_benches::bench_dir()
+        .join("../crates/embedfleet-models/tests/fixtures/checkpoints");
+    let sentences: Vec<ModelInput> = sentences().into_iter().map(ModelInput::Text).collect();
+    let options = EmbedOptions::default();
+    for (variant, name) in [
+        ("t5-relu", "sentence-t5-xxl"),
+        ("t5-gated", "instructor-xl"),
+    ] {
+        let spec = catalogue::find(name).expect("catalogue model");
+        let resolver = WeightResolver {
+            models_dir: Some(fixtures.join(variant)),
+            offline: true,
+        };
+        let files = resolver.resolve(spec).expect("fixture checkpoint");
+        let model = T5Embedder::load(spec, &files, &Device::Cpu).expect("fixture loads");
+        let mut group = c.benchmark_group(format!("t5-fixture/{variant}/{name}"));
+        group
+            .warm_up_time(Duration::from_secs(1))
+            .measurement_time(Duration::from_secs(4))
+            .sample_size(20)
+            .throughput(Throughput::Elements(BATCH as u64));
+        let batch = &sentences[..BATCH];
+        group.bench_with_input(BenchmarkId::new("batch", BATCH), batch, |b, batch| {
+            b.iter(|| model.embed_batch(batch, &options).expect("embeds"))
+        });
+        group.finish();
+    }
+}
+
+/// e5-mistral's embedder from a models directory holding `e5-mistral/`.
+fn load_decoder(models_dir: std::path::PathBuf) -> DecoderEmbedder {
+    let spec = catalogue::find("e5-mistral").expect("catalogue model");
+    let resolver = WeightResolver {
+        models_dir: Some(models_dir),
+        offline: true,
+    };
+    let files = resolver.resolve(spec).unwrap_or_else(|e| panic!("{e}"));
+    DecoderEmbedder::load(spec, &files, &Device::Cpu).expect("model loads")
+}
+
+fn bench_decoder(c: &mut Criterion) {
+    let sentences: Vec<ModelInput> = sentences().into_iter().map(ModelInput::Text).collect();
+    let options = EmbedOptions::default();
+    let fixture = embedfleet_benches::bench_dir()
+        .join("../crates/embedfleet-models/tests/fixtures/checkpoints/mistral-gqa2-sharded");
+    let smollm2 = models_dir().join("smollm2");
+    let mut setups = vec![("e5-mistral-fixture", fixture)];
+    if smollm2.join("e5-mistral/model.safetensors").is_file() {
+        setups.push(("e5-mistral-smollm2", smollm2.clone()));
+    } else {
+        eprintln!(
+            "models bench: no models/smollm2 (scripts/fetch-models.sh), real-size decoder skipped"
+        );
+    }
+    for (label, dir) in setups {
+        eprintln!("models bench: loading {label}");
+        let model = load_decoder(dir);
+        let mut group = c.benchmark_group(label);
+        group
+            .warm_up_time(Duration::from_secs(2))
+            .measurement_time(Duration::from_secs(8))
+            .sample_size(10);
+        group.throughput(Throughput::Elements(1));
+        let mut next = 0;
+        group.bench_function("single", |b| {
+            b.iter(|| {
+                let input = &sentences[next % sentences.len()];
+                next += 1;
+                model
+                    .embed_batch(std::slice::from_ref(input), &options)
+                    .expect("embeds")
+            })
+        });
+        group.throughput(Throughput::Elements(BATCH as u64));
+        group.bench_with_input(
+            BenchmarkId::new("batch", BATCH),
+            &sentences[..BATCH],
+            |b, batch| b.iter(|| model.embed_batch(batch, &options).expect("embeds")),
+        );
+        group.finish();
+    }
+
+    // The decoder stack alone, CPU kernels against candle tensor ops, on the real-size weights.
+    if !smollm2.join("e5-mistral/model.safetensors").is_file() {
+        return;
+    }
+    let dir = smollm2.join("e5-mistral");
+    let config: MistralConfig =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    // Word-count-long sequences of arbitrary ids: the speed depends on lengths, not on the ids.
+    let ids: Vec<Vec<u32>> = embedfleet_benches::sentences()
+        .iter()
+        .take(BATCH)
+        .map(|s| {
+            (0..s.split_whitespace().count() as u32 + 2)
+                .map(|i| 100 + i * 7)
+                .collect()
+        })
+        .collect();
+    let batch = PackedBatch::new(&ids);
+    let mut group = c.benchmark_group("e5-mistral-smollm2-stack");
+    group
+        .warm_up_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(8))
+        .sample_size(10)
+        .throughput(Throughput::Elements(BATCH as u64));
+    for (executor, cpu_kernels) in [("cpu-kernels", true), ("tensor-ops", false)] {
+        let vb = embedfleet_models::WeightFiles::Safetensors(vec![dir.join("model.safetensors")])
+            .var_builder(candle_core::DType::F32, &Device::Cpu)
+            .unwrap();
+        let model = MistralModel::load_with(vb, &config, cpu_kernels).unwrap();
+        group.bench_function(BenchmarkId::new(executor, BATCH), |b| {
+            b.iter(|| model.forward_last_tokens(&batch).unwrap())
         });
     }
     group.finish();
 }
 
-criterion_group!(benches, bench_models);
+criterion_group!(benches, bench_models, bench_t5_fixtures, bench_decoder);
 criterion_main!(benches);
