@@ -15,8 +15,8 @@ use embedfleet_proto::{
 use super::cache_keys::{fused_key, CacheWrites};
 use super::table::PartialTable;
 use super::Coordinator;
-use crate::stage_timings;
 use crate::fusion::fuse_rows;
+use crate::stage_timings;
 
 impl Coordinator {
     /// Decodes and answers one request.
