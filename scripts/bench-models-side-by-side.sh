@@ -23,14 +23,14 @@ RAYON_NUM_THREADS=$threads cargo bench -p embedfleet-benches --bench models >&2
 ST_JSON=$st_json python3 - <<'PY'
 import json, os
 st = json.loads(os.environ["ST_JSON"])
-def median_ns(group, bench):
-    with open(f"target/criterion/{group}/{bench}/new/estimates.json") as f:
+def median_ns(model, bench):
+    with open(f"target/criterion/per_model_latency/{model}/{bench}/new/estimates.json") as f:
         return json.load(f)["median"]["point_estimate"]
 print(f"threads {st['threads']}, cpu {st['cpu']}, load at start {st['load_average']}")
 print(f"{'model':<8} {'ST single ms':>12} {'ours ms':>8} {'speed-up':>8}   {'ST batch32 sent/s':>17} {'ours':>7} {'ratio':>6}")
 for model, r in st["results"].items():
     single = median_ns(model, "single") / 1e6
-    batch = 32 / (median_ns(model, "batch/32") / 1e9)
+    batch = 32 / (median_ns(model, "batch32") / 1e9)
     print(f"{model:<8} {r['single_ms_median']:>12.2f} {single:>8.2f} {r['single_ms_median'] / single:>7.2f}x   "
           f"{r['batch32_sentences_per_s']:>17.1f} {batch:>7.1f} {batch / r['batch32_sentences_per_s']:>5.2f}x")
 PY

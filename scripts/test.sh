@@ -12,5 +12,14 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/fetch-models.sh
 cargo test --release --workspace "$@"
 cargo bench --workspace --no-run
+# The fleet perf harness on the small tier (a fleet it starts, real minilm), gate on: a severe
+# regression against benches/baseline.json exits 3 and fails the run (docs/benchmarks.md#ci).
+# Only on a whole-workspace run: a filtered one (`-p ...`) may not have built the binary.
+if [ $# -eq 0 ]; then
+  start=$SECONDS
+  EMBEDFLEET_MODELS_DIR="$PWD/models" HF_HUB_OFFLINE=1 \
+    target/release/embedfleet bench run --tier small --out target/bench-fleet
+  echo "bench run (small tier, gate on): $((SECONDS - start))s"
+fi
 # The CUDA path must keep compiling on machines without CUDA (cudarc loads it at run time).
 cargo build --release -p embedfleet-fusion --features cuda

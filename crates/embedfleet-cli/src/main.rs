@@ -5,7 +5,8 @@
 //!   fleet through embedfleet-client with `--nats-url`.
 //! - `models.rs`: `embedfleet models`, the catalogue.
 //! - `serve.rs`, `coordinator.rs`, `worker.rs`: the fleet roles, one per file; `fleet_args.rs`
-//!   holds what they share (flags, runtime, signals). `bench.rs`: `embedfleet bench fleet`.
+//!   holds what they share (flags, runtime, signals). `bench/`: `embedfleet bench` (the perf
+//!   harness, capacity sweep and fleet comparison; layout in `bench/mod.rs`).
 //!
 //! Every failure ends in one line on stderr (`error: ...`) and a non-zero exit; nothing panics
 //! on bad input.
@@ -46,7 +47,8 @@ enum Command {
     Coordinator(coordinator::CoordinatorRoleArgs),
     /// Run a model worker for --models against --nats-url.
     Worker(worker::WorkerRoleArgs),
-    /// Load-test a running fleet (`bench fleet`): throughput and latency, cold and warm.
+    /// Benchmarks: the perf harness (`bench run`), capacity planning (`bench sweep`), and the
+    /// fleet-versus-in-process comparison (`bench fleet`).
     Bench(bench::BenchArgs),
 }
 
@@ -86,6 +88,11 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // A severe regression is a verdict, not a failure to run: its own code, for CI.
+        Err(error) if error.is::<bench::SevereRegression>() => {
+            eprintln!("error: {}", one_line(&error));
+            ExitCode::from(3)
+        }
         Err(error) => {
             eprintln!("error: {}", one_line(&error));
             ExitCode::FAILURE

@@ -55,7 +55,7 @@ use async_nats::{HeaderMap, RequestErrorKind};
 use bytes::Bytes;
 use embedfleet_proto::{
     EmbedReply, EmbedRequest, Encoding, ErrorBody, ErrorKind, ProtoError, RequestLimits,
-    CONTENT_TYPE, EMBED_ENDPOINT, SERVICE_ERROR, SERVICE_ERROR_CODE,
+    CONTENT_TYPE, EMBED_ENDPOINT, SERVICE_ERROR, SERVICE_ERROR_CODE, TIMINGS_HEADER,
 };
 
 /// How long [`EmbedClient::embed`] waits for a reply unless told otherwise: a little over the
@@ -175,6 +175,28 @@ impl EmbedClient {
 
     /// Sends `request` to `embed.v1` and waits for the reply.
     pub async fn embed(&self, request: &EmbedRequest) -> Result<EmbedReply, ClientError> {
+        self.send(request, HeaderMap::new())
+            .await
+            .map(|(reply, _)| reply)
+    }
+
+    /// Like [`EmbedClient::embed`], and asks the fleet for its stage timings
+    /// ([`TIMINGS_HEADER`]): the header's raw value comes back with the reply, `None` when the
+    /// fleet sent none (an older coordinator).
+    pub async fn embed_timed(
+        &self,
+        request: &EmbedRequest,
+    ) -> Result<(EmbedReply, Option<String>), ClientError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(TIMINGS_HEADER, "1");
+        self.send(request, headers).await
+    }
+
+    async fn send(
+        &self,
+        request: &EmbedRequest,
+        mut headers: HeaderMap,
+    ) -> Result<(EmbedReply, Option<String>), ClientError> {
         let payload = self.encoding.encode(request).map_err(ClientError::Encode)?;
         if self.limits.check_payload_len(payload.len()).is_err() {
             return Err(ClientError::TooLarge {
@@ -183,7 +205,6 @@ impl EmbedClient {
             });
         }
         let bytes = payload.len();
-        let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE, self.encoding.content_type());
         let nats_request = async_nats::Request::new()
             .headers(headers)
@@ -203,7 +224,13 @@ impl EmbedClient {
                 _ => ClientError::Transport(error),
             })?;
         tracing::trace!(bytes = message.payload.len(), "embed.v1 reply");
+        let timings = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(TIMINGS_HEADER))
+            .map(|v| v.as_str().to_string());
         decode_reply(self.encoding, message.headers.as_ref(), &message.payload)
+            .map(|reply| (reply, timings))
     }
 
     /// Embeds `texts` with the fleet's default models and returns the fused vector of each, in

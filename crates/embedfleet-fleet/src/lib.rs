@@ -11,7 +11,8 @@
 //! - [`plan`]: request planning shared by the pipeline and the coordinator (model set,
 //!   modality check; the layer build is [`fusion::build_layer`]).
 //! - [`job`]: what the roles say to each other; [`queues`]: the JetStream stream and consumers;
-//!   [`config`]: the roles' settings; [`embedded_nats`]: the child nats-server of `serve`.
+//!   [`config`]: the roles' settings; [`embedded_nats`]: the child nats-server of `serve`;
+//!   [`stage_timings`]: a request's stage timings for the perf harness.
 
 pub mod config;
 pub mod coordinator;
@@ -22,6 +23,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod queues;
 pub mod revisions;
+pub mod stage_timings;
 pub mod worker;
 
 pub use config::{BatchConfig, CoordinatorConfig, QueueConfig};

@@ -67,6 +67,12 @@ pub const SERVICE_ERROR: &str = "Nats-Service-Error";
 /// NATS micro error header: the status code ([`crate::ErrorKind::code`]).
 pub const SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
 
+/// Stage timings, for the perf harness (`embedfleet bench`): a request that carries this header
+/// (any value) gets it back on a successful reply, `stage=milliseconds` pairs joined by `,`
+/// (`cache_get=0.081,jobs.minilm=12.402,fusion=3.120`). A stage that ran more than once is
+/// summed; one that did not run is absent. See docs/protocol.md.
+pub const TIMINGS_HEADER: &str = "Embedfleet-Timings";
+
 /// JetStream de-duplication header: a publisher that retries a job publish sends the same id, so
 /// the stream stores the job once. The id must be per job, not per content: two requests for the
 /// same content each need their own partial.

@@ -26,7 +26,7 @@ use super::routing::PendingGuard;
 use super::table::{PartialTable, Source};
 use super::Coordinator;
 use crate::job::{self, ModelJob, PartialOutcome, PartialResult};
-use crate::queues;
+use crate::{queues, stage_timings};
 
 /// Times one job is published again after its partial was lost.
 const MAX_REASKS: u32 = 2;
@@ -66,8 +66,10 @@ impl Coordinator {
                     .iter()
                     .map(|&i| partial_key(work, spec.name, revision, &work.inputs[i]))
                     .collect();
+                let started = Instant::now();
                 let found = self.cache.get_many(&keys).await;
                 let revision: Arc<str> = Arc::from(revision.as_str());
+                stage_timings::record("cache_get", started.elapsed());
                 open.clear();
                 for (&i, vector) in taken.iter().zip(found) {
                     match vector {
@@ -112,7 +114,12 @@ impl Coordinator {
         let jobs = sent.iter().map(|(slot, indices, _)| {
             let spec = work.models[*slot];
             let inputs: Vec<Input> = indices.iter().map(|&i| work.inputs[i].clone()).collect();
-            self.run_job(spec, inputs, work, deadline, wait_until)
+            async move {
+                let started = Instant::now();
+                let result = self.run_job(spec, inputs, work, deadline, wait_until).await;
+                stage_timings::record_model("jobs", spec.name, started.elapsed());
+                result
+            }
         });
         let results = futures::future::join_all(jobs).await;
         // The first error (in slot order) answers the request; the other jobs' vectors are

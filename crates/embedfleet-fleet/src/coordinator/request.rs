@@ -18,6 +18,7 @@ use super::cache_keys::{fused_key, CacheWrites, FusedEntry};
 use super::table::PartialTable;
 use super::Coordinator;
 use crate::fusion::fuse_rows;
+use crate::stage_timings;
 
 impl Coordinator {
     /// Decodes and answers one request.
@@ -161,7 +162,9 @@ impl Coordinator {
                 .collect();
             let lookups: Vec<CacheKey> = keys.iter().flatten().cloned().collect();
             if !lookups.is_empty() {
+                let started = Instant::now();
                 let mut found = self.cache.get_many(&lookups).await.into_iter();
+                stage_timings::record("cache_get", started.elapsed());
                 for (i, key) in keys.iter().enumerate() {
                     if key.is_some() {
                         fused[i] = found
@@ -226,6 +229,7 @@ impl Coordinator {
             // FuseMoE costs milliseconds per row on a CPU: a blocking thread, with the table
             // moved there and back rather than copied.
             let (task_layer, rows_of) = (layer.clone(), open.clone());
+            let started = Instant::now();
             let (table, results) = tokio::task::spawn_blocking(move || {
                 let rows: Vec<Vec<Option<&[f32]>>> =
                     rows_of.iter().map(|&i| partials.row(i, &slot_of)).collect();
@@ -235,6 +239,7 @@ impl Coordinator {
             })
             .await
             .map_err(|e| ProtoError::internal(format!("fusion task: {e}")))?;
+            stage_timings::record("fusion", started.elapsed());
             partials = table;
             let version = layer.version();
             for (&i, result) in open.iter().zip(results?) {

@@ -13,14 +13,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use embedfleet_proto::{
-    Encoding, ProtoError, CONTENT_TYPE, CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, EMBED_ENDPOINT,
-    SERVICE_NAME, SERVICE_VERSION, TIMEOUT_HEADER,
+    Encoding, ErrorBody, ProtoError, CONTENT_TYPE, CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK,
+    EMBED_ENDPOINT, SERVICE_ERROR, SERVICE_ERROR_CODE, SERVICE_NAME, SERVICE_VERSION,
+    TIMEOUT_HEADER, TIMINGS_HEADER,
 };
 
 use super::cache_keys::CacheWrites;
 use super::request::Answer;
 use super::{Coordinator, CoordinatorError, QUEUE_GROUP};
-use crate::{job, queues, revisions};
+use crate::{job, queues, revisions, stage_timings};
 
 impl Coordinator {
     /// Serves `embed.v1` until `shutdown` fires, then stops taking requests, finishes those in
@@ -112,15 +113,20 @@ impl Coordinator {
         match self.admission.clone().try_acquire_owned() {
             Ok(permit) => {
                 tasks.spawn(async move {
-                    let outcome = match request_timeout(&request.message, &self.config) {
-                        Ok(timeout) => {
-                            let deadline = Instant::now() + timeout;
-                            self.handle(&request.message.payload, encoding, deadline)
-                                .await
+                    let timed = request.message.headers.as_ref();
+                    let timed = timed.is_some_and(|h| h.get(TIMINGS_HEADER).is_some());
+                    let handling = async {
+                        match request_timeout(&request.message, &self.config) {
+                            Ok(timeout) => {
+                                let deadline = Instant::now() + timeout;
+                                self.handle(&request.message.payload, encoding, deadline)
+                                    .await
+                            }
+                            Err(error) => Err(error),
                         }
-                        Err(error) => Err(error),
                     };
-                    let after_reply = self.reply(&request, encoding, outcome).await;
+                    let (outcome, timings) = stage_timings::collect(timed, handling).await;
+                    let after_reply = self.reply(&request, encoding, outcome, timings).await;
                     if let Some(writes) = after_reply {
                         self.cache_writes(writes).await;
                     }
@@ -133,7 +139,7 @@ impl Coordinator {
                     "{} requests in flight on this coordinator; retry with backoff",
                     self.config.max_in_flight
                 ));
-                let _ = self.reply(&request, encoding, Err(error)).await;
+                let _ = self.reply(&request, encoding, Err(error), None).await;
             }
         }
     }
@@ -144,6 +150,7 @@ impl Coordinator {
         request: &async_nats::service::Request,
         encoding: Encoding,
         outcome: Result<Answer, ProtoError>,
+        timings: Option<String>,
     ) -> Option<CacheWrites> {
         let (result, writes) = match outcome {
             Ok(answer) => match encoding.encode(&answer.reply) {
@@ -155,8 +162,12 @@ impl Coordinator {
         let sent = match result {
             Ok(body) => {
                 let len = body.len();
+                let mut headers = content_type(encoding);
+                if let Some(timings) = timings {
+                    headers.insert(TIMINGS_HEADER, timings.as_str());
+                }
                 match request
-                    .respond_with_headers(Ok(Bytes::from(body)), content_type(encoding))
+                    .respond_with_headers(Ok(Bytes::from(body)), headers)
                     .await
                 {
                     Ok(()) => {

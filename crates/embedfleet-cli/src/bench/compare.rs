@@ -1,4 +1,4 @@
-//! `embedfleet bench fleet`: a load test of a running fleet (`embedfleet serve`, or coordinators
+//! `embedfleet bench fleet`: a quick side-by-side load test of a running fleet (`embedfleet serve`, or coordinators
 //! and workers), for the figures an operator sizes a fleet by.
 //!
 //! `--clients` tasks, each with its own NATS connection and [`EmbedClient`], share a fixed number
@@ -24,29 +24,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clap::{Args, Subcommand};
+use clap::Args;
 use embedfleet_client::{ClientError, EmbedClient};
 use embedfleet_fleet::{Pipeline, PipelineRequest};
 use embedfleet_models::{Device, ModelInput, ModelRegistry, WeightResolver};
 use embedfleet_proto::{EmbedReply, EmbedRequest, Encoding};
 
+use super::run_id;
 use crate::fleet_args;
 
 #[derive(Args)]
-pub struct BenchArgs {
-    #[command(subcommand)]
-    target: BenchTarget,
-}
-
-#[derive(Subcommand)]
-enum BenchTarget {
-    /// Load-test a running fleet: N concurrent clients, a cold pass, a warm pass, and
-    /// optionally the same workload in this process for comparison.
-    Fleet(FleetBenchArgs),
-}
-
-#[derive(Args)]
-struct FleetBenchArgs {
+pub struct FleetBenchArgs {
     /// NATS server of the running fleet, e.g. the URL `embedfleet serve` prints.
     #[arg(long, env = "EMBEDFLEET_NATS_URL")]
     nats_url: String,
@@ -80,13 +68,7 @@ struct FleetBenchArgs {
     timeout_ms: u64,
 }
 
-pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    match args.target {
-        BenchTarget::Fleet(args) => run_fleet(args),
-    }
-}
-
-fn run_fleet(args: FleetBenchArgs) -> anyhow::Result<()> {
+pub fn run_fleet(args: FleetBenchArgs) -> anyhow::Result<()> {
     // Unknown model names fail here, with the catalogue's message, not as N error replies.
     fleet_args::model_specs(&args.models)?;
     let workload = Arc::new(Workload {
@@ -240,25 +222,6 @@ const SENTENCES: [&str; 16] = [
     "The hikers reached the summit just before the storm rolled in.",
     "Interest rates remained unchanged after the central bank's meeting.",
 ];
-
-/// A run id for input texts: pid and clock, base 36, so two runs never share an input.
-fn run_id() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    let mut n = nanos ^ (u64::from(std::process::id()) << 40);
-    let mut digits = Vec::new();
-    loop {
-        digits.push(b"0123456789abcdefghijklmnopqrstuvwxyz"[(n % 36) as usize]);
-        n /= 36;
-        if n == 0 {
-            break;
-        }
-    }
-    digits.reverse();
-    String::from_utf8(digits).unwrap_or_default()
-}
 
 /// What one pass measured.
 struct PassResult {
