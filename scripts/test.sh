@@ -10,6 +10,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/fetch-models.sh
+# The Helm chart: rendered by the real Helm engine and validated (seconds; a venv under target/).
+bash scripts/chart-test.sh
 cargo test --release --workspace "$@"
 cargo bench --workspace --no-run
 # The CUDA path must keep compiling on machines without CUDA (cudarc loads it at run time).
