@@ -354,6 +354,56 @@ def check_readme_documents_every_value() -> None:
     assert not missing, f"not documented in {CHART / 'README.md'}: {missing}"
 
 
+COMPOSE = ROOT / "compose.yaml"
+NATS_CONF = ROOT / "deploy/nats/nats.conf"
+
+
+def check_compose() -> None:
+    """compose.yaml parses and describes a whole fleet: health checks everywhere, dependencies on
+    healthy services that exist, a worker for every default model, the GPU profile."""
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    assert {"nats", "redis", "coordinator"} <= set(services), list(services)
+    for name, service in services.items():
+        assert "healthcheck" in service and service["healthcheck"]["test"][0] == "CMD", name
+        for dependency, how in (service.get("depends_on") or {}).items():
+            assert dependency in services, (name, dependency)
+            assert how["condition"] == "service_healthy", (name, dependency)
+    nats = services["nats"]
+    assert "--max_payload" not in nats["command"], "2.9 rejects the flag; the config file sets it"
+    config_mount = next(v for v in nats["volumes"] if v.endswith(":/etc/nats/nats.conf:ro"))
+    assert (ROOT / config_mount.split(":")[0]).resolve() == NATS_CONF
+    assert "8222:8222" in nats["ports"], "the monitoring port (KEDA's /jsz) is published"
+
+    def flag(command, name):
+        return command[command.index(name) + 1]
+
+    coordinator = services["coordinator"]["command"]
+    assert coordinator[0] == "coordinator"
+    served = set()
+    for name, service in services.items():
+        command = service.get("command", [])
+        if command[:1] == ["worker"]:
+            models = flag(command, "--models").split(",")
+            assert set(models) <= CATALOGUE_MODELS, models
+            if "gpu" in service.get("profiles", []):
+                devices = service["deploy"]["resources"]["reservations"]["devices"]
+                assert devices[0]["capabilities"] == ["gpu"] and devices[0]["count"] == 1
+            else:
+                served.update(models)
+    assert set(flag(coordinator, "--models").split(",")) <= served, "every default model has a CPU worker"
+
+
+def check_nats_config() -> None:
+    """deploy/nats/nats.conf passes `nats-server -t` on every server here (old and new)."""
+    candidates = [pathlib.Path("/usr/sbin/nats-server"), ROOT / "tools/bin/nats-server"]
+    servers = [c for c in candidates if c.is_file()]
+    assert servers, f"no nats-server in {candidates}"
+    for server in servers:
+        result = subprocess.run([str(server), "-t", "-c", str(NATS_CONF)], capture_output=True, text=True)
+        assert result.returncode == 0, f"{server}: {result.stdout}{result.stderr}"
+
+
 def main() -> int:
     checks = Checks()
     files = [None] + sorted(VALUES_DIR.glob("*.yaml"))
@@ -378,6 +428,8 @@ def main() -> int:
         checks.run(f"refused: {case}", check_refused, case, values)
     checks.run("helm lint --strict", check_lint)
     checks.run("README documents every value", check_readme_documents_every_value)
+    checks.run("compose.yaml: a whole fleet with health checks and a GPU profile", check_compose)
+    checks.run("deploy/nats/nats.conf: nats-server -t", check_nats_config)
     print(f"chart: {checks.passed} passed, {checks.failed} failed")
     return 1 if checks.failed else 0
 
