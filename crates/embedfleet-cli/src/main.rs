@@ -5,7 +5,9 @@
 //!   fleet through embedfleet-client with `--nats-url`.
 //! - `models.rs`: `embedfleet models`, the catalogue.
 //! - `serve.rs`, `coordinator.rs`, `worker.rs`: the fleet roles, one per file; `fleet_args.rs`
-//!   holds what they share (flags, runtime, signals). `bench.rs`: `embedfleet bench fleet`.
+//!   holds what they share (flags, runtime, signals); `http_args.rs` their health and metrics
+//!   endpoint. `fetch.rs`: checkpoints into a model directory; `probe.rs`: a container health
+//!   check. `bench.rs`: `embedfleet bench fleet`.
 //!
 //! Every failure ends in one line on stderr (`error: ...`) and a non-zero exit; nothing panics
 //! on bad input.
@@ -13,8 +15,11 @@
 mod bench;
 mod coordinator;
 mod embed;
+mod fetch;
 mod fleet_args;
+mod http_args;
 mod models;
+mod probe;
 mod serve;
 mod worker;
 
@@ -48,6 +53,10 @@ enum Command {
     Worker(worker::WorkerRoleArgs),
     /// Load-test a running fleet (`bench fleet`): throughput and latency, cold and warm.
     Bench(bench::BenchArgs),
+    /// Download the checkpoints of --models into --model-dir (what a worker reads).
+    Fetch(fetch::FetchArgs),
+    /// GET a role's /readyz (or --url) and exit 0 on 200: a health check for containers.
+    Probe(probe::ProbeArgs),
 }
 
 fn main() -> ExitCode {
@@ -83,6 +92,8 @@ fn main() -> ExitCode {
         Command::Coordinator(args) => coordinator::run(args),
         Command::Worker(args) => worker::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Fetch(args) => fetch::run(args),
+        Command::Probe(args) => probe::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

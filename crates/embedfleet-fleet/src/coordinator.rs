@@ -252,11 +252,13 @@ impl Coordinator {
         match self.admission.clone().try_acquire_owned() {
             Ok(permit) => {
                 tasks.spawn(async move {
+                    let timer = crate::metrics::global().request_timer();
                     let deadline = Instant::now() + self.config.request_timeout;
                     let outcome = self
                         .handle(&request.message.payload, encoding, deadline)
                         .await;
                     let after_reply = self.reply(&request, encoding, outcome).await;
+                    drop(timer);
                     if let Some(writes) = after_reply {
                         self.cache_writes(writes).await;
                     }
@@ -329,6 +331,7 @@ impl Coordinator {
         encoding: Encoding,
         error: ProtoError,
     ) -> Result<(), async_nats::PublishError> {
+        crate::metrics::global().request_failed(error.kind);
         let counter = match error.code() {
             429 => None,
             code if code >= 500 => Some(&self.stats.server_errors),
@@ -471,6 +474,7 @@ impl Coordinator {
             // moved there and back rather than copied.
             let (task_layer, rows_of) = (layer.clone(), open.clone());
             let (table, results) = tokio::task::spawn_blocking(move || {
+                let _timer = crate::metrics::global().fusion_timer();
                 let rows: Vec<Vec<Option<&[f32]>>> =
                     rows_of.iter().map(|&i| partials.row(i)).collect();
                 let results = fuse_rows(&task_layer, &rows);

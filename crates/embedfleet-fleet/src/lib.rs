@@ -10,12 +10,16 @@
 //! - [`fusion`]: the fusion stage, FuseMoE per active model set (in the coordinator process).
 //! - [`job`]: what the roles say to each other; [`queues`]: the JetStream stream and consumers;
 //!   [`config`]: the roles' settings; [`embedded_nats`]: the child nats-server of `serve`.
+//! - [`http`]: `/healthz`, `/readyz`, `/metrics` of every role; [`metrics`]: the Prometheus
+//!   metrics they serve.
 
 pub mod config;
 pub mod coordinator;
 pub mod embedded_nats;
 pub mod fusion;
+pub mod http;
 pub mod job;
+pub mod metrics;
 pub mod pipeline;
 pub mod queues;
 pub mod revisions;
