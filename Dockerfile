@@ -17,9 +17,9 @@ RUN cargo build --release --locked -p embedfleet-cli \
 # glibc + libgcc/libstdc++, nothing else; the `nonroot` tag runs as uid/gid 65532.
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/embedfleet /usr/local/bin/embedfleet
+# The roles' HTTP listener defaults to 0.0.0.0:9090.
 ENV EMBEDFLEET_MODELS_DIR=/models \
-    HF_HOME=/models/.hf \
-    EMBEDFLEET_HTTP_ADDR=0.0.0.0:9090
+    HF_HOME=/models/.hf
 USER 65532:65532
 EXPOSE 9090
 # Probes: /healthz, /readyz, /metrics on 9090 (`embedfleet probe` checks one from inside).
