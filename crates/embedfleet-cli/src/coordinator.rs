@@ -4,8 +4,14 @@
 use clap::Args;
 
 use embedfleet_fleet::coordinator::Coordinator;
+use embedfleet_fleet::metrics::CoordinatorCollector;
 
 use crate::fleet_args::{self, CacheArgs, CoordinatorArgs, NatsArgs, QueueArgs};
+use crate::http_args::{HttpArgs, RoleHttp};
+
+/// Readiness conditions of a coordinator, besides NATS.
+pub const FUSION_BUILT: &str = "fusion layer built";
+pub const SERVING: &str = "embed.v1 subscribed";
 
 #[derive(Args)]
 pub struct CoordinatorRoleArgs {
@@ -20,14 +26,19 @@ pub struct CoordinatorRoleArgs {
     cache: CacheArgs,
     #[command(flatten)]
     queues: QueueArgs,
+    #[command(flatten)]
+    http: HttpArgs,
 }
 
 pub fn run(args: CoordinatorRoleArgs) -> anyhow::Result<()> {
+    let http = RoleHttp::start(&args.http, "coordinator", &[FUSION_BUILT, SERVING])?;
     let specs = fleet_args::model_specs(&args.models)?;
     let fusion = args.coordinator.fusion_stage(&specs)?;
+    http.ready(FUSION_BUILT);
     fleet_args::runtime()?.block_on(async {
         let shutdown = fleet_args::shutdown_on_signals()?;
         let client = fleet_args::connect(&args.nats.nats_url, "embedfleet-coordinator").await?;
+        http.watch_nats(&client);
         let cache = args.cache.connect().await?;
         let coordinator = Coordinator::new(
             client.clone(),
@@ -36,10 +47,12 @@ pub fn run(args: CoordinatorRoleArgs) -> anyhow::Result<()> {
             cache,
             fusion,
         );
+        http.collect(CoordinatorCollector::new(&coordinator));
         let url = args.nats.nats_url.clone();
         let models = args.models.join(",");
         coordinator
             .run(shutdown, || {
+                http.ready(SERVING);
                 fleet_args::announce_ready("coordinator", &url, &format!("default-models={models}"))
             })
             .await?;

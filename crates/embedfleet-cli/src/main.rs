@@ -5,8 +5,10 @@
 //!   fleet through embedfleet-client with `--nats-url`.
 //! - `models.rs`: `embedfleet models`, the catalogue.
 //! - `serve.rs`, `coordinator.rs`, `worker.rs`: the fleet roles, one per file; `fleet_args.rs`
-//!   holds what they share (flags, runtime, signals). `bench/`: `embedfleet bench` (the perf
-//!   harness, capacity sweep and fleet comparison; layout in `bench/mod.rs`).
+//!   holds what they share (flags, runtime, signals); `http_args.rs` their health and metrics
+//!   endpoint. `fetch.rs`: checkpoints into a model directory; `probe.rs`: a container health
+//!   check. `bench/`: `embedfleet bench` (the perf harness, capacity sweep and fleet comparison;
+//!   layout in `bench/mod.rs`).
 //!
 //! Every failure ends in one line on stderr (`error: ...`) and a non-zero exit; nothing panics
 //! on bad input.
@@ -14,8 +16,11 @@
 mod bench;
 mod coordinator;
 mod embed;
+mod fetch;
 mod fleet_args;
+mod http_args;
 mod models;
+mod probe;
 mod serve;
 mod worker;
 
@@ -50,6 +55,10 @@ enum Command {
     /// Benchmarks: the perf harness (`bench run`), capacity planning (`bench sweep`), and the
     /// fleet-versus-in-process comparison (`bench fleet`).
     Bench(bench::BenchArgs),
+    /// Download the checkpoints of --models into --model-dir (what a worker reads).
+    Fetch(fetch::FetchArgs),
+    /// GET a role's /readyz (or --url) and exit 0 on 200: a health check for containers.
+    Probe(probe::ProbeArgs),
 }
 
 fn main() -> ExitCode {
@@ -85,6 +94,8 @@ fn main() -> ExitCode {
         Command::Coordinator(args) => coordinator::run(args),
         Command::Worker(args) => worker::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Fetch(args) => fetch::run(args),
+        Command::Probe(args) => probe::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,10 +5,13 @@ use clap::Args;
 
 use embedfleet_fleet::coordinator::Coordinator;
 use embedfleet_fleet::embedded_nats::EmbeddedNats;
-use embedfleet_fleet::worker::{run_worker, WorkerConfig};
+use embedfleet_fleet::metrics::{CoordinatorCollector, WorkerCollector};
+use embedfleet_fleet::worker::{ModelWorker, WorkerConfig};
 
+use crate::coordinator::{FUSION_BUILT, SERVING};
 use crate::fleet_args::{self, CacheArgs, CoordinatorArgs, QueueArgs, WorkerArgs};
-use crate::worker::{declare_queues, load_models};
+use crate::http_args::{HttpArgs, RoleHttp};
+use crate::worker::{declare_queues, load_models, CONSUMERS_BOUND, MODELS_LOADED};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -27,12 +30,18 @@ pub struct ServeArgs {
     worker: WorkerArgs,
     #[command(flatten)]
     queues: QueueArgs,
+    #[command(flatten)]
+    http: HttpArgs,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let conditions = [MODELS_LOADED, CONSUMERS_BOUND, FUSION_BUILT, SERVING];
+    let http = RoleHttp::start(&args.http, "serve", &conditions)?;
     let specs = fleet_args::model_specs(&args.models)?;
     let models = load_models(&args.models, &args.worker)?;
+    http.ready(MODELS_LOADED);
     let fusion = args.coordinator.fusion_stage(&specs)?;
+    http.ready(FUSION_BUILT);
     // Started before the runtime and dropped after it, so the server outlives every client.
     let embedded = match &args.nats_url {
         Some(_) => None,
@@ -52,6 +61,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         // Separate connections: a burst of replies on one never delays the other's acks.
         let coordinator_client = fleet_args::connect(&url, "embedfleet-serve-coordinator").await?;
         let worker_client = fleet_args::connect(&url, "embedfleet-serve-worker").await?;
+        http.watch_nats(&coordinator_client);
         let cache = args.cache.connect().await?;
         let queues = args.queues.config();
         let coordinator = Coordinator::new(
@@ -65,22 +75,26 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             coordinator.prime_revision(model.spec().name, model.revision());
         }
         declare_queues(&worker_client, &models, &queues).await?;
+        http.ready(CONSUMERS_BOUND);
+        http.collect(CoordinatorCollector::new(&coordinator));
 
         // The workers stop only after the coordinator has answered everything it admitted,
         // since those answers need them.
         let stop_workers = tokio_util::sync::CancellationToken::new();
-        let worker = tokio::spawn(run_worker(
+        let worker = ModelWorker::new(
             worker_client.clone(),
             models,
             WorkerConfig {
                 queues,
                 batch: args.worker.batch_config(),
             },
-            stop_workers.clone(),
-        ));
+        )?;
+        http.collect(WorkerCollector::new(worker.stats()));
+        let worker = tokio::spawn(worker.run(stop_workers.clone()));
         let detail = format!("models={}", args.models.join(","));
         let served = coordinator
             .run(shutdown, || {
+                http.ready(SERVING);
                 fleet_args::announce_ready("serve", &url, &detail)
             })
             .await;

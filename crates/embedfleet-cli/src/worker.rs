@@ -4,10 +4,13 @@ use std::sync::Arc;
 
 use clap::Args;
 
-use embedfleet_fleet::worker::{run_worker, WorkerConfig};
-use embedfleet_models::{Device, EmbeddingModel, ModelRegistry, WeightResolver};
+use embedfleet_fleet::metrics::{self, WorkerCollector};
+use embedfleet_fleet::worker::{ModelWorker, WorkerConfig};
+use embedfleet_models::{Device, EmbedOptions, EmbeddingModel, ModelRegistry, WeightResolver};
+use embedfleet_proto::{Input, Modality};
 
 use crate::fleet_args::{self, NatsArgs, QueueArgs, WorkerArgs};
+use crate::http_args::{HttpArgs, RoleHttp};
 
 #[derive(Args)]
 pub struct WorkerRoleArgs {
@@ -20,7 +23,13 @@ pub struct WorkerRoleArgs {
     worker: WorkerArgs,
     #[command(flatten)]
     queues: QueueArgs,
+    #[command(flatten)]
+    http: HttpArgs,
 }
+
+/// Readiness conditions of a worker, besides NATS.
+pub const MODELS_LOADED: &str = "models loaded and warmed";
+pub const CONSUMERS_BOUND: &str = "consumers bound";
 
 /// Loads `names` now (a missing checkpoint fails the start, not the first job).
 pub fn load_models(
@@ -36,9 +45,25 @@ pub fn load_models(
         .iter()
         .map(|spec| {
             eprintln!("embedfleet: loading {}", spec.name);
-            registry.get(spec.name).map_err(anyhow::Error::from)
+            let started = std::time::Instant::now();
+            let model = registry.get(spec.name).map_err(anyhow::Error::from)?;
+            warm_up(model.as_ref())?;
+            metrics::global().model_loaded(spec.name, started.elapsed());
+            Ok(model)
         })
         .collect()
+}
+
+/// One forward pass before the worker says it is ready, so the first job does not pay for lazy
+/// initialisation (allocator, kernels) and a model that loads but cannot run fails the start.
+fn warm_up(model: &dyn EmbeddingModel) -> anyhow::Result<()> {
+    if !model.spec().takes(Modality::Text) {
+        return Ok(());
+    }
+    model
+        .embed_batch(&[Input::Text("warm up".into())], &EmbedOptions::default())
+        .map(drop)
+        .map_err(|e| anyhow::anyhow!("warming up {}: {e}", model.spec().name))
 }
 
 /// Declares the job stream and the models' consumers, so that jobs queued from now on are kept
@@ -62,21 +87,27 @@ pub async fn declare_queues(
 }
 
 pub fn run(args: WorkerRoleArgs) -> anyhow::Result<()> {
+    let http = RoleHttp::start(&args.http, "worker", &[MODELS_LOADED, CONSUMERS_BOUND])?;
     let models = load_models(&args.models, &args.worker)?;
+    http.ready(MODELS_LOADED);
     fleet_args::runtime()?.block_on(async {
         let shutdown = fleet_args::shutdown_on_signals()?;
         let client = fleet_args::connect(&args.nats.nats_url, "embedfleet-worker").await?;
+        http.watch_nats(&client);
         let config = WorkerConfig {
             queues: args.queues.config(),
             batch: args.worker.batch_config(),
         };
         declare_queues(&client, &models, &config.queues).await?;
+        http.ready(CONSUMERS_BOUND);
         fleet_args::announce_ready(
             "worker",
             &args.nats.nats_url,
             &format!("models={}", args.models.join(",")),
         );
-        let report = run_worker(client.clone(), models, config, shutdown).await?;
+        let worker = ModelWorker::new(client.clone(), models, config)?;
+        http.collect(WorkerCollector::new(worker.stats()));
+        let report = worker.run(shutdown).await?;
         tracing::info!(?report, "worker stopped");
         fleet_args::drain(client).await;
         Ok(())

@@ -13,12 +13,16 @@
 //! - [`job`]: what the roles say to each other; [`queues`]: the JetStream stream and consumers;
 //!   [`config`]: the roles' settings; [`embedded_nats`]: the child nats-server of `serve`;
 //!   [`stage_timings`]: a request's stage timings for the perf harness.
+//! - [`http`]: `/healthz`, `/readyz`, `/metrics` of every role; [`metrics`]: the Prometheus
+//!   metrics they serve.
 
 pub mod config;
 pub mod coordinator;
 pub mod embedded_nats;
 pub mod fusion;
+pub mod http;
 pub mod job;
+pub mod metrics;
 pub mod pipeline;
 pub mod plan;
 pub mod queues;

@@ -508,6 +508,7 @@ impl ModelLoop {
     /// Decodes a delivered message into a job, or settles it at once: undecodable (term),
     /// expired (ack, not run), or with an input the model does not take (answered).
     async fn admit(&self, message: Message) -> Option<Pending> {
+        crate::metrics::global().job_delivered(self.name(), &message);
         let job: ModelJob = match job::decode(&message.payload) {
             Ok(job) => job,
             Err(error) => {

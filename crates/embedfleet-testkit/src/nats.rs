@@ -20,6 +20,15 @@ pub const NATS_SERVER: ServerBinary = ServerBinary {
     env_var: "EMBEDFLEET_NATS_SERVER",
 };
 
+/// The machine's own `nats-server` (`PATH`, then the system directories), whatever
+/// `EMBEDFLEET_NATS_SERVER` says: the tests that prove the fleet still works on an old server
+/// (Debian 12's 2.9.10) use it while the rest run on the current one `scripts/test.sh` fetches.
+pub const SYSTEM_NATS_SERVER: ServerBinary = ServerBinary {
+    name: "nats-server",
+    package: "nats-server",
+    env_var: "EMBEDFLEET_SYSTEM_NATS_SERVER",
+};
+
 /// Subdirectory of the server's directory that holds the JetStream store.
 const STORE_DIR: &str = "jetstream";
 /// The config file in the server's directory.
@@ -42,6 +51,28 @@ impl NatsServer {
     pub fn start() -> Result<Self, TestkitError> {
         let process = ServerProcess::start_prepared(&NATS_SERVER, nats_args, write_config)?;
         Ok(NatsServer { process })
+    }
+
+    /// [`NatsServer::start`] on [`SYSTEM_NATS_SERVER`].
+    pub fn start_system() -> Result<Self, TestkitError> {
+        let process = ServerProcess::start_prepared(&SYSTEM_NATS_SERVER, nats_args, write_config)?;
+        Ok(NatsServer { process })
+    }
+
+    /// [`NatsServer::start`] with the HTTP monitoring endpoint (`/varz`, `/jsz`, what KEDA's
+    /// nats-jetstream scaler reads) on another free loopback port, see
+    /// [`NatsServer::monitoring_url`].
+    pub fn start_with_monitoring() -> Result<Self, TestkitError> {
+        let process =
+            ServerProcess::start_prepared(&NATS_SERVER, nats_args, write_monitoring_config)?;
+        Ok(NatsServer { process })
+    }
+
+    /// `http://127.0.0.1:<monitoring port>` of a server from
+    /// [`NatsServer::start_with_monitoring`]; `None` for one without monitoring.
+    pub fn monitoring_url(&self) -> Option<String> {
+        let port = std::fs::read_to_string(self.process.dir().join(MONITOR_PORT_FILE)).ok()?;
+        Some(format!("http://127.0.0.1:{}", port.trim()))
     }
 
     /// `nats://127.0.0.1:<port>`.
@@ -81,6 +112,23 @@ fn write_config(dir: &Path) -> std::io::Result<()> {
         dir.join(CONFIG_FILE),
         format!("max_payload: {}MB\n", MAX_PAYLOAD >> 20),
     )
+}
+
+/// Where [`write_monitoring_config`] records the monitoring port it chose.
+const MONITOR_PORT_FILE: &str = "monitor.port";
+
+/// The config of [`write_config`] plus `http: 127.0.0.1:<free port>`; the port is kept in the
+/// server's directory, so a restart listens on the same one.
+fn write_monitoring_config(dir: &Path) -> std::io::Result<()> {
+    let port = crate::port::free_port().map_err(std::io::Error::other)?;
+    std::fs::write(
+        dir.join(CONFIG_FILE),
+        format!(
+            "max_payload: {}MB\nhttp: \"127.0.0.1:{port}\"\n",
+            MAX_PAYLOAD >> 20
+        ),
+    )?;
+    std::fs::write(dir.join(MONITOR_PORT_FILE), port.to_string())
 }
 
 fn nats_args(port: u16, dir: &Path) -> Vec<OsString> {

@@ -231,6 +231,7 @@ impl Coordinator {
             let (task_layer, rows_of) = (layer.clone(), open.clone());
             let started = Instant::now();
             let (table, results) = tokio::task::spawn_blocking(move || {
+                let _timer = crate::metrics::global().fusion_timer();
                 let rows: Vec<Vec<Option<&[f32]>>> =
                     rows_of.iter().map(|&i| partials.row(i, &slot_of)).collect();
                 let results = fuse_rows(&task_layer, &rows);

@@ -113,6 +113,7 @@ impl Coordinator {
         match self.admission.clone().try_acquire_owned() {
             Ok(permit) => {
                 tasks.spawn(async move {
+                    let timer = crate::metrics::global().request_timer();
                     let timed = request.message.headers.as_ref();
                     let timed = timed.is_some_and(|h| h.get(TIMINGS_HEADER).is_some());
                     let handling = async {
@@ -127,6 +128,7 @@ impl Coordinator {
                     };
                     let (outcome, timings) = stage_timings::collect(timed, handling).await;
                     let after_reply = self.reply(&request, encoding, outcome, timings).await;
+                    drop(timer);
                     if let Some(writes) = after_reply {
                         self.cache_writes(writes).await;
                     }
@@ -204,6 +206,7 @@ impl Coordinator {
         encoding: Encoding,
         error: ProtoError,
     ) -> Result<(), async_nats::PublishError> {
+        crate::metrics::global().request_failed(error.kind);
         let counter = match error.code() {
             429 => None,
             code if code >= 500 => Some(&self.stats.server_errors),

@@ -107,6 +107,8 @@ impl BatchRunner {
             return Ok(Vec::new());
         }
         let expected = inputs.len();
+        let tokens = jobs.iter().map(|p| p.tokens).sum();
+        let _timer = crate::metrics::global().batch_timer(self.name(), expected, tokens);
         let options = EmbedOptions {
             truncate: first.job.truncate,
             normalize: false,
