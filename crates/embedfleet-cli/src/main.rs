@@ -3,7 +3,7 @@
 //! # Layout
 //! - `embed.rs`: `embedfleet embed`, on arguments or stdin lines: the in-process pipeline, or a
 //!   fleet through embedfleet-client with `--nats-url`.
-//! - `models.rs`: `embedfleet models`, the catalogue.
+//! - `models.rs`: `embedfleet models`, the catalogue. `plan.rs`: `embedfleet plan`, placement on GPUs.
 //! - `serve.rs`, `coordinator.rs`, `worker.rs`: the fleet roles, one per file; `fleet_args.rs`
 //!   holds what they share (flags, runtime, signals). `bench.rs`: `embedfleet bench fleet`.
 //!
@@ -15,6 +15,7 @@ mod coordinator;
 mod embed;
 mod fleet_args;
 mod models;
+mod plan;
 mod serve;
 mod worker;
 
@@ -46,6 +47,8 @@ enum Command {
     Coordinator(coordinator::CoordinatorRoleArgs),
     /// Run a model worker for --models against --nats-url.
     Worker(worker::WorkerRoleArgs),
+    /// Plan where the models go on a set of GPUs, at which dtype: table, worker commands, Helm values.
+    Plan(plan::PlanArgs),
     /// Load-test a running fleet (`bench fleet`): throughput and latency, cold and warm.
     Bench(bench::BenchArgs),
 }
@@ -83,6 +86,7 @@ fn main() -> ExitCode {
         Command::Coordinator(args) => coordinator::run(args),
         Command::Worker(args) => worker::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Plan(args) => plan::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
