@@ -89,35 +89,22 @@ pub fn commands(plan: &Plan) -> Vec<String> {
         .collect()
 }
 
-/// The chart's `workerGroups` block: one group per used device, one GPU each. Paste it into a
-/// values file (deploy/helm/embedfleet/README.md documents every key).
+/// The chart's `workerGroups` block: one group per used device, one GPU each, in the format
+/// deploy/helm/embedfleet/README.md documents ("Worker groups"), so it pastes into a values file
+/// unchanged. Each group's `dtype` is the per-model `--dtype` list of its worker.
 pub fn helm_values(plan: &Plan) -> String {
     let mut out = String::from("workerGroups:\n");
     for device in plan.used_devices() {
         let _ = writeln!(out, "  - name: gpu{}", device.device.index);
+        let models: Vec<&str> = device.models.iter().map(|a| a.model).collect();
+        let _ = writeln!(out, "    models: [{}]", models.join(", "));
+        let _ = writeln!(out, "    dtype: \"{}\"", dtype_flag(device));
         let _ = writeln!(
             out,
-            "    models: [{}]",
-            device
-                .models
-                .iter()
-                .map(|a| a.model)
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        let _ = writeln!(out, "    dtype:");
-        for assignment in &device.models {
-            let _ = writeln!(out, "      {}: {}", assignment.model, assignment.dtype);
-        }
-        let _ = writeln!(out, "    gpu:");
-        let _ = writeln!(out, "      count: 1");
-        let _ = writeln!(
-            out,
-            "      # the plan assumed a card with {:.0} GiB",
+            "    # planned for a {:.0} GiB device: pin that card with gpu.product",
             gib(device.device.bytes)
         );
-        let _ = writeln!(out, "      memoryGiB: {:.0}", gib(device.device.bytes));
-        let _ = writeln!(out, "    replicas: 1");
+        let _ = writeln!(out, "    gpu: {{count: 1, type: nvidia.com/gpu}}");
     }
     out
 }

@@ -189,6 +189,21 @@ fn renderings_name_every_device_model_and_dtype() {
         values.matches("  - name: gpu").count(),
         plan.used_devices().count()
     );
+    // Only keys the chart's values.schema.json allows in a worker group (it rejects others).
+    for line in values
+        .lines()
+        .skip(1)
+        .filter(|l| !l.trim_start().starts_with('#'))
+    {
+        let key = line
+            .trim_start()
+            .trim_start_matches("- ")
+            .split(':')
+            .next()
+            .unwrap();
+        assert!(["name", "models", "dtype", "gpu"].contains(&key), "{line}");
+    }
+    assert!(values.contains("minilm=f16"), "{values}");
     let json = serde_json::to_value(&plan).unwrap();
     assert_eq!(json["devices"].as_array().unwrap().len(), 3);
 }
