@@ -3,7 +3,7 @@
 //! # Layout
 //! - `embed.rs`: `embedfleet embed`, on arguments or stdin lines: the in-process pipeline, or a
 //!   fleet through embedfleet-client with `--nats-url`.
-//! - `models.rs`: `embedfleet models`, the catalogue.
+//! - `models.rs`: `embedfleet models`, the catalogue. `plan.rs`: `embedfleet plan`, placement on GPUs.
 //! - `serve.rs`, `coordinator.rs`, `worker.rs`: the fleet roles, one per file; `fleet_args.rs`
 //!   holds what they share (flags, runtime, signals); `http_args.rs` their health and metrics
 //!   endpoint. `fetch.rs`: checkpoints into a model directory; `probe.rs`: a container health
@@ -20,6 +20,7 @@ mod fetch;
 mod fleet_args;
 mod http_args;
 mod models;
+mod plan;
 mod probe;
 mod serve;
 mod worker;
@@ -52,6 +53,8 @@ enum Command {
     Coordinator(coordinator::CoordinatorRoleArgs),
     /// Run a model worker for --models against --nats-url.
     Worker(worker::WorkerRoleArgs),
+    /// Plan where the models go on a set of GPUs, at which dtype: table, worker commands, Helm values.
+    Plan(plan::PlanArgs),
     /// Benchmarks: the perf harness (`bench run`), capacity planning (`bench sweep`), and the
     /// fleet-versus-in-process comparison (`bench fleet`).
     Bench(bench::BenchArgs),
@@ -96,6 +99,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Fetch(args) => fetch::run(args),
         Command::Probe(args) => probe::run(args),
+        Command::Plan(args) => plan::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,87 @@
+//! `embedfleet plan` as an operator runs it: the two cases of the GPU issue, and bad flags.
+
+mod support;
+use support::embedfleet;
+
+fn run(args: &[&str]) -> std::process::Output {
+    embedfleet(&["plan"])
+        .args(args)
+        .output()
+        .expect("embedfleet runs")
+}
+
+#[test]
+fn a_16gb_card_gets_a_plan_for_all_twelve_models() {
+    let output = run(&["--gpus", "16GB", "--format", "json"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(plan["devices"][0]["models"].as_array().unwrap().len(), 12);
+}
+
+#[test]
+fn two_cards_print_a_table_commands_and_helm_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("plan.json");
+    let output = run(&[
+        "--gpus",
+        "80GB,24GB",
+        "--replicas",
+        "minilm=2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        text.contains("embedfleet worker --device cuda:0 --models"),
+        "{text}"
+    );
+    assert!(
+        text.contains("embedfleet worker --device cuda:1 --models minilm"),
+        "{text}"
+    );
+    assert!(text.contains("workerGroups:"), "{text}");
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap();
+    assert_eq!(saved["devices"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn bad_flags_and_impossible_plans_are_one_line_errors() {
+    for (args, says) in [
+        (vec!["--gpus", "16TB"], "unit"),
+        (
+            vec!["--gpus", "16GB", "--models", "gpt5"],
+            "unknown model `gpt5`",
+        ),
+        (vec!["--gpus", "16GB", "--dtype", "int2"], "unknown dtype"),
+        (
+            vec!["--gpus", "16GB", "--dtype", "sentence-t5-xxl=f16"],
+            "bf16",
+        ),
+        (
+            vec!["--gpus", "16GB", "--replicas", "minilm=0"],
+            "at least 1",
+        ),
+        (vec!["--gpus", "16GB", "--replicas", "minilm=2"], "replicas"),
+        (
+            vec!["--gpus", "2GB", "--models", "e5-mistral"],
+            "e5-mistral",
+        ),
+        (vec!["--gpus", "16GB", "--dtype", "f32"], "do not fit"),
+    ] {
+        let output = run(&args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+}
