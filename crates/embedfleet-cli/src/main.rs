@@ -12,9 +12,16 @@
 
 mod bench;
 mod coordinator;
+mod default_fusion;
 mod embed;
+mod eval;
 mod fleet_args;
+mod fusion_cmd;
+mod fusion_train;
 mod models;
+mod pair_data;
+mod partial_cache;
+mod quantized_search;
 mod serve;
 mod worker;
 
@@ -48,6 +55,10 @@ enum Command {
     Worker(worker::WorkerRoleArgs),
     /// Load-test a running fleet (`bench fleet`): throughput and latency, cold and warm.
     Bench(bench::BenchArgs),
+    /// Evaluate every model, their concatenation and the fused vector on STS and BEIR sets.
+    Eval(eval::EvalArgs),
+    /// Fusion training tools: prepare pair data, fill the partial cache, train the layer.
+    Fusion(fusion_cmd::FusionArgs),
 }
 
 fn main() -> ExitCode {
@@ -83,6 +94,8 @@ fn main() -> ExitCode {
         Command::Coordinator(args) => coordinator::run(args),
         Command::Worker(args) => worker::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Fusion(args) => fusion_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -31,7 +31,7 @@ pub fn build_layer(
         FuseMoeConfig::for_input_dims(models.iter().map(|spec| spec.dim).collect::<Vec<_>>());
     match weights {
         Some(path) => FuseMoe::load_expecting(path, &config),
-        None => FuseMoe::from_seed(config, DEFAULT_FUSION_SEED),
+        None => embedfleet_fusion::shipped::default_layer(config, DEFAULT_FUSION_SEED),
     }
 }
 

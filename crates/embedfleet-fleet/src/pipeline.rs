@@ -74,7 +74,8 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// A pipeline over `model_names` (any order; slot order is restored) with fusion weights from
-    /// `fusion_weights`, or seeded from [`DEFAULT_FUSION_SEED`] when there is no file.
+    /// `fusion_weights`, or the default layer when there is no file: the shipped trained weights
+    /// for minilm + mpnet, else seeded from [`DEFAULT_FUSION_SEED`].
     pub fn new(
         registry: Arc<ModelRegistry>,
         model_names: &[String],
@@ -89,7 +90,7 @@ impl Pipeline {
             FuseMoeConfig::for_input_dims(models.iter().map(|spec| spec.dim).collect::<Vec<_>>());
         let fusion = match fusion_weights {
             Some(path) => FuseMoe::load_expecting(path, &config)?,
-            None => FuseMoe::from_seed(config, DEFAULT_FUSION_SEED)?,
+            None => embedfleet_fusion::shipped::default_layer(config, DEFAULT_FUSION_SEED)?,
         };
         Ok(Self {
             registry,

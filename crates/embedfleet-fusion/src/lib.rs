@@ -48,6 +48,7 @@
 pub mod assemble;
 pub mod config;
 mod cpu;
+pub mod delta;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod error;
@@ -55,7 +56,10 @@ mod expert;
 pub mod gate;
 pub mod init;
 pub mod linear;
+pub mod metrics;
+pub mod shipped;
 mod model;
+pub mod train;
 pub mod weights;
 
 pub use config::{FuseMoeConfig, GatingKind};
