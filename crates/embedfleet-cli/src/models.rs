@@ -18,27 +18,31 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
                 "name": spec.name, "ordinal": spec.ordinal, "hf_repo": spec.hf_repo, "dim": spec.dim,
                 "max_seq_len": spec.max_seq_len, "pooling": format!("{:?}", spec.pooling).to_lowercase(),
                 "architecture": format!("{:?}", spec.architecture), "modalities": modalities,
-                "parameters": spec.parameters, "f16_bytes": spec.weight_bytes(2),
+                "parameters": spec.parameters, "f32_bytes": spec.weight_bytes(4),
+                "f16_bytes": spec.weight_bytes(2), "bf16_bytes": spec.weight_bytes(2),
             });
             println!("{line}");
         }
         return Ok(());
     }
+    // Weight memory per dtype; activations come on top (see docs/architecture.md).
     println!(
-        "{:<4} {:<16} {:>5} {:>6} {:<10} {:<12} {:>9}  hf repo",
-        "id", "name", "dim", "maxlen", "pooling", "takes", "f16 GiB"
+        "{:<4} {:<16} {:>5} {:>6} {:<10} {:<12} {:>7} {:>12}  hf repo",
+        "id", "name", "dim", "maxlen", "pooling", "takes", "f32 GiB", "f16/bf16 GiB"
     );
+    let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
     for spec in CATALOGUE {
         let takes: Vec<String> = spec.modalities.iter().map(ToString::to_string).collect();
         println!(
-            "E{:<3} {:<16} {:>5} {:>6} {:<10} {:<12} {:>9.2}  {}",
+            "E{:<3} {:<16} {:>5} {:>6} {:<10} {:<12} {:>7.2} {:>12.2}  {}",
             spec.ordinal,
             spec.name,
             spec.dim,
             spec.max_seq_len,
             format!("{:?}", spec.pooling).to_lowercase(),
             takes.join(","),
-            spec.weight_bytes(2) as f64 / (1u64 << 30) as f64,
+            gib(spec.weight_bytes(4)),
+            gib(spec.weight_bytes(2)),
             spec.hf_repo
         );
     }

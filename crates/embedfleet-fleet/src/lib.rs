@@ -8,6 +8,8 @@
 //! - [`worker`]: a model worker: pulls one model's jobs from JetStream, batches, embeds,
 //!   publishes partials, acks.
 //! - [`fusion`]: the fusion stage, FuseMoE per active model set (in the coordinator process).
+//! - [`plan`]: request planning shared by the pipeline and the coordinator (model set,
+//!   modality check; the layer build is [`fusion::build_layer`]).
 //! - [`job`]: what the roles say to each other; [`queues`]: the JetStream stream and consumers;
 //!   [`config`]: the roles' settings; [`embedded_nats`]: the child nats-server of `serve`.
 
@@ -17,6 +19,7 @@ pub mod embedded_nats;
 pub mod fusion;
 pub mod job;
 pub mod pipeline;
+pub mod plan;
 pub mod queues;
 pub mod revisions;
 pub mod worker;

@@ -5,10 +5,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use embedfleet_fusion::{FuseMoe, FuseMoeConfig, FusionError};
-use embedfleet_models::{
-    catalogue, EmbedOptions, ModelError, ModelInput, ModelRegistry, ModelSpec,
-};
+use embedfleet_fusion::{FuseMoe, FusionError};
+use embedfleet_models::{EmbedOptions, ModelError, ModelInput, ModelRegistry, ModelSpec};
 use embedfleet_proto::{EmbeddingData, ErrorKind, ExpertSelection, ProtoError};
 
 /// Seed of the untrained fusion weights. Fixed so that every node of a fleet, and every run of
@@ -81,17 +79,8 @@ impl Pipeline {
         model_names: &[String],
         fusion_weights: Option<&Path>,
     ) -> Result<Self, PipelineError> {
-        let specs = model_names
-            .iter()
-            .map(|name| embedfleet_models::registry::lookup(name))
-            .collect::<Result<Vec<_>, _>>()?;
-        let models = catalogue::in_slot_order(specs);
-        let config =
-            FuseMoeConfig::for_input_dims(models.iter().map(|spec| spec.dim).collect::<Vec<_>>());
-        let fusion = match fusion_weights {
-            Some(path) => FuseMoe::load_expecting(path, &config)?,
-            None => embedfleet_fusion::shipped::default_layer(config, DEFAULT_FUSION_SEED)?,
-        };
+        let models = crate::plan::resolve_models(model_names)?;
+        let fusion = crate::fusion::build_layer(&models, fusion_weights)?;
         Ok(Self {
             registry,
             models,
@@ -122,21 +111,13 @@ impl Pipeline {
         request: &PipelineRequest,
         first_index: usize,
     ) -> Result<PipelineOutput, PipelineError> {
-        for (index, input) in inputs.iter().enumerate() {
-            if !self.models.iter().any(|spec| spec.takes(input.modality())) {
-                let models = self
-                    .models
-                    .iter()
-                    .map(|spec| spec.name)
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                return Err(PipelineError::NoModelTakesInput {
-                    index: first_index + index,
-                    modality: input.modality(),
-                    models,
-                });
+        crate::plan::check_modalities(inputs, &self.models).map_err(|untaken| {
+            PipelineError::NoModelTakesInput {
+                index: first_index + untaken.index,
+                modality: untaken.modality,
+                models: untaken.models,
             }
-        }
+        })?;
 
         // partials[slot][input]: None where the slot's model does not take the input's modality.
         let mut partials: Vec<Vec<Option<Vec<f32>>>> = Vec::with_capacity(self.models.len());

@@ -192,6 +192,10 @@ pub const CATALOGUE: &[ModelSpec] = &[
         modalities: &[Text, Code],
         parameters: 335_141_888,
     },
+    // 7.11 B parameters: 26.5 GiB of weights in f32 (the CPU path widens the fp16 checkpoint to
+    // f32), 13.2 GiB in bf16/f16 (other devices run bf16). Activations per forward pass of at
+    // most 4,096 tokens add about 1 GiB (decoder_embedder.rs). Tiny test checkpoints load in this
+    // slot with their own width.
     ModelSpec {
         name: "e5-mistral",
         ordinal: 12,

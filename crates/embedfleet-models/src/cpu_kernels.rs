@@ -149,6 +149,44 @@ fn layer_norm_row(row: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
     }
 }
 
+/// T5's RMS LayerNorm of each row into a new buffer (the residual stream stays as it is):
+/// `x / sqrt(mean(x²) + eps) * weight`, no mean subtracted, no bias.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+    let width = weight.len();
+    let mut out = vec![0f32; x.len()];
+    let chunk = rows_per_task(width) * width;
+    out.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .for_each(|(out, x)| {
+            for (out, row) in out.chunks_exact_mut(width).zip(x.chunks_exact(width)) {
+                let mean_square = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
+                let inv = 1.0 / (mean_square + eps).sqrt();
+                for ((o, v), w) in out.iter_mut().zip(row).zip(weight) {
+                    *o = v * inv * w;
+                }
+            }
+        });
+    out
+}
+
+/// `x += y` element-wise, in parallel (the pre-norm residual connections).
+pub fn add_in_place(x: &mut [f32], y: &[f32]) {
+    x.par_chunks_mut(16 * 1024)
+        .zip(y.par_chunks(16 * 1024))
+        .for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(x, y)| *x += y));
+}
+
+/// The tanh approximation of GELU (`gelu_new`, T5 v1.1's gated feed-forward), with tanh built on
+/// the vectorisable [`exp`].
+#[inline(always)]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    let y = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+    // tanh(y) = 1 - 2 / (e^{2y} + 1); exp saturates cleanly at both ends.
+    let tanh = 1.0 - 2.0 / (exp(2.0 * y) + 1.0);
+    0.5 * x * (1.0 + tanh)
+}
+
 /// Exact (erf) GELU in place, in parallel, with the widest vector unit the CPU has.
 pub fn gelu_erf(x: &mut [f32]) {
     x.par_chunks_mut(16 * 1024).for_each(gelu_erf_chunk);
@@ -272,6 +310,27 @@ mod tests {
         let mean: f32 = x.iter().sum::<f32>() / 4.0;
         let var: f32 = x.iter().map(|v| v * v).sum::<f32>() / 4.0;
         assert!(mean.abs() < 1e-6 && (var - 1.0).abs() < 1e-5, "{x:?}");
+    }
+
+    #[test]
+    fn rms_norm_and_tanh_gelu_match_their_definitions() {
+        let x = [1.0f32, -2.0, 3.0, 0.5, 0.0, 4.0];
+        let out = rms_norm(&x, &[1.0, 2.0, 0.5], 1e-6);
+        for (row, out) in x.chunks(3).zip(out.chunks(3)) {
+            let rms = (row.iter().map(|v| v * v).sum::<f32>() / 3.0 + 1e-6).sqrt();
+            for ((v, o), w) in row.iter().zip(out).zip([1.0, 2.0, 0.5]) {
+                assert!((v / rms * w - o).abs() < 1e-6, "{out:?}");
+            }
+        }
+        for i in -600..600 {
+            let v = i as f32 / 50.0;
+            let want = 0.5 * v * (1.0 + (0.797_884_6 * (v + 0.044_715 * v * v * v)).tanh());
+            assert!(
+                (gelu_tanh(v) - want).abs() < 2e-6,
+                "{v}: {} vs {want}",
+                gelu_tanh(v)
+            );
+        }
     }
 
     #[test]

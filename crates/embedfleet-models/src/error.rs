@@ -40,6 +40,16 @@ pub enum ModelError {
         max: usize,
     },
 
+    #[error(
+        "the instruction is {tokens} tokens; `{model}` reads at most {max} tokens, and the \
+         instruction must leave room for the text"
+    )]
+    InstructionTooLong {
+        model: String,
+        tokens: usize,
+        max: usize,
+    },
+
     #[error("`{model}` ({architecture}) has no implementation in this build yet")]
     ArchitectureUnavailable { model: String, architecture: String },
 
@@ -61,7 +71,7 @@ impl ModelError {
             Self::UnknownModel { .. } => ErrorKind::UnknownModel,
             Self::UnsupportedModality { .. } => ErrorKind::UnsupportedModality,
             Self::EmptyInput { .. } => ErrorKind::EmptyInput,
-            Self::InputTooLong { .. } => ErrorKind::InputTooLong,
+            Self::InputTooLong { .. } | Self::InstructionTooLong { .. } => ErrorKind::InputTooLong,
             // The model exists in the catalogue but this node cannot serve it: another node may.
             Self::WeightsNotFound { .. } | Self::ArchitectureUnavailable { .. } => {
                 ErrorKind::NoWorker
@@ -83,6 +93,7 @@ impl ModelError {
             Self::UnsupportedModality { .. }
                 | Self::EmptyInput { .. }
                 | Self::InputTooLong { .. }
+                | Self::InstructionTooLong { .. }
                 | Self::Tokenize { .. }
         )
     }

@@ -7,28 +7,38 @@
 //! - [`registry`]: models by name, loaded lazily and once.
 //! - [`resolve`]: where weights come from (local directory, HF cache, hub).
 //! - [`text`]: tokenizer + encoder + pooling for transformer text encoders.
-//! - [`arch`]: one file per architecture (`bert.rs`, `mpnet.rs`) over shared layers.
+//! - [`arch`]: one file per architecture (`bert.rs`, `mpnet.rs`, `t5.rs`, `mistral.rs`) over shared layers.
+//! - [`t5_embedder`]: the T5 sentence encoders (sentence-t5, INSTRUCTOR and its instructions).
+//! - [`st_modules`]: sentence-transformers module folders (pooling, `Dense` heads, `Normalize`).
+//! - [`decoder_embedder`]: e5-mistral: query template, EOS, decoder, last-token pooling.
 //! - [`packed`]: padding-free batches and the attention that runs on them.
 //! - [`cpu_kernels`]: fused CPU kernels the shared encoder layer runs on.
+//! - [`decoder_kernels`]: CPU kernels of the decoder layer (RMSNorm, RoPE, SwiGLU, causal GQA).
 //! - [`tokenize`], [`pooling`]: shared steps around the encoders.
 //! - [`error`]: [`ModelError`] and its wire codes.
 
 pub mod arch;
 pub mod catalogue;
 pub mod cpu_kernels;
+pub mod decoder_embedder;
+pub mod decoder_kernels;
 pub mod error;
 pub mod model;
 pub mod packed;
 pub mod pooling;
 pub mod registry;
 pub mod resolve;
+pub mod st_modules;
+pub mod t5_embedder;
 pub mod text;
 pub mod tokenize;
 
 pub use candle_core::Device;
 pub use catalogue::{ModelSpec, Pooling, CATALOGUE};
+pub use decoder_embedder::DecoderEmbedder;
 pub use error::ModelError;
 pub use model::{EmbedOptions, EmbeddingModel, ModelEmbedding, ModelInput};
 pub use registry::ModelRegistry;
 pub use resolve::{ModelFiles, WeightFiles, WeightResolver};
+pub use t5_embedder::T5Embedder;
 pub use text::TextEmbedder;

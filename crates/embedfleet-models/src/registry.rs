@@ -9,9 +9,11 @@ use candle_core::Device;
 use once_cell::sync::OnceCell;
 
 use crate::catalogue::{self, Architecture, ModelSpec};
+use crate::decoder_embedder::DecoderEmbedder;
 use crate::error::ModelError;
 use crate::model::EmbeddingModel;
 use crate::resolve::WeightResolver;
+use crate::t5_embedder::T5Embedder;
 use crate::text::TextEmbedder;
 
 type Slot = Arc<OnceCell<Arc<dyn EmbeddingModel>>>;
@@ -80,6 +82,14 @@ fn load(
         Architecture::Bert | Architecture::Roberta | Architecture::MpNet => {
             let files = resolver.resolve(spec)?;
             Ok(Arc::new(TextEmbedder::load(spec, &files, device)?))
+        }
+        Architecture::T5Encoder => {
+            let files = resolver.resolve(spec)?;
+            Ok(Arc::new(T5Embedder::load(spec, &files, device)?))
+        }
+        Architecture::Mistral => {
+            let files = resolver.resolve(spec)?;
+            Ok(Arc::new(DecoderEmbedder::load(spec, &files, device)?))
         }
         other => Err(ModelError::ArchitectureUnavailable {
             model: spec.name.to_string(),

@@ -154,7 +154,7 @@ impl EmbeddingModel for TextEmbedder {
 
 /// Consecutive runs of `order` whose token counts fit the budget (a single sequence longer than
 /// the budget still gets a pass of its own).
-fn split_by_token_budget<'a>(
+pub(crate) fn split_by_token_budget<'a>(
     order: &'a [usize],
     ids: &'a [Vec<u32>],
     budget: usize,

@@ -159,7 +159,8 @@ struct CpuLayer {
     output_norm: CpuNorm,
 }
 
-struct CpuLinear {
+/// A linear layer in the layout the CPU kernels want; also used by the T5 encoder.
+pub(crate) struct CpuLinear {
     /// `[in, out]` row-major: the checkpoint's `[out, in]` transposed once at load.
     weight_t: Vec<f32>,
     bias: Vec<f32>,
@@ -173,7 +174,7 @@ struct CpuNorm {
 }
 
 impl CpuLinear {
-    fn new(linear: &Linear) -> Result<Self> {
+    pub(crate) fn new(linear: &Linear) -> Result<Self> {
         let (_, in_dim) = linear.weight().dims2()?;
         let bias = match linear.bias() {
             Some(bias) => bias.to_vec1::<f32>()?,
@@ -191,7 +192,7 @@ impl CpuLinear {
         })
     }
 
-    fn forward(&self, x: &[f32]) -> Vec<f32> {
+    pub(crate) fn forward(&self, x: &[f32]) -> Vec<f32> {
         cpu_kernels::linear(
             x,
             x.len() / self.in_dim,

@@ -3,7 +3,9 @@
 
 pub mod bert;
 pub mod layers;
+pub mod mistral;
 pub mod mpnet;
+pub mod t5;
 
 use candle_core::{Result, Tensor};
 use serde::Deserialize;
