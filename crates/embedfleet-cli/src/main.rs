@@ -15,13 +15,20 @@
 
 mod bench;
 mod coordinator;
+mod default_fusion;
 mod embed;
+mod eval;
 mod fetch;
 mod fleet_args;
+mod fusion_cmd;
+mod fusion_train;
 mod http_args;
 mod models;
+mod pair_data;
+mod partial_cache;
 mod plan;
 mod probe;
+mod quantized_search;
 mod serve;
 mod worker;
 
@@ -62,6 +69,10 @@ enum Command {
     Fetch(fetch::FetchArgs),
     /// GET a role's /readyz (or --url) and exit 0 on 200: a health check for containers.
     Probe(probe::ProbeArgs),
+    /// Evaluate every model, their concatenation and the fused vector on STS and BEIR sets.
+    Eval(eval::EvalArgs),
+    /// Fusion training tools: prepare pair data, fill the partial cache, train the layer.
+    Fusion(fusion_cmd::FusionArgs),
 }
 
 fn main() -> ExitCode {
@@ -100,6 +111,8 @@ fn main() -> ExitCode {
         Command::Fetch(args) => fetch::run(args),
         Command::Probe(args) => probe::run(args),
         Command::Plan(args) => plan::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Fusion(args) => fusion_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

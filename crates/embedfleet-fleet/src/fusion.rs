@@ -48,7 +48,7 @@ pub fn build_layer(
     let config = layer_config(models);
     match weights {
         Some(path) => FuseMoe::load_expecting(path, &config),
-        None => FuseMoe::from_seed(config, DEFAULT_FUSION_SEED),
+        None => embedfleet_fusion::shipped::default_layer(config, DEFAULT_FUSION_SEED),
     }
 }
 

@@ -72,7 +72,8 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// A pipeline over `model_names` (any order; slot order is restored) with fusion weights from
-    /// `fusion_weights`, or seeded from [`DEFAULT_FUSION_SEED`] when there is no file.
+    /// `fusion_weights`, or the default layer when there is no file: the shipped trained weights
+    /// for minilm + mpnet, else seeded from [`DEFAULT_FUSION_SEED`].
     pub fn new(
         registry: Arc<ModelRegistry>,
         model_names: &[String],

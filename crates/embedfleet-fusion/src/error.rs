@@ -102,6 +102,10 @@ pub enum FusionError {
     #[error("tensor {name}: non-finite value at index {index}")]
     NonFiniteWeight { name: String, index: usize },
 
+    /// Training data or settings that cannot train (an empty held-out split, no pairs, ...).
+    #[error("training: {0}")]
+    Training(String),
+
     /// No CUDA driver or NVRTC library could be loaded, or no device is present.
     #[error("CUDA unavailable: {0}")]
     CudaUnavailable(String),

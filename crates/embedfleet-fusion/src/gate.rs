@@ -52,6 +52,22 @@ pub(crate) fn route(
     gate_inputs: &[f32],
     rows: usize,
 ) -> Vec<Routing> {
+    let hidden = gate_hidden(cfg, gate, gate_inputs, rows);
+    let logits = router_logits(cfg, gate, &hidden, rows);
+    logits
+        .chunks_exact(cfg.num_experts)
+        .map(|row_logits| top_k(row_logits, cfg.top_k, cfg.temperature))
+        .collect()
+}
+
+/// The gate's hidden state (projection → LayerNorm → GELU) of `rows` assembled rows: the
+/// router's input, which training keeps fixed and reads once.
+pub(crate) fn gate_hidden(
+    cfg: &FuseMoeConfig,
+    gate: &GateWeights,
+    gate_inputs: &[f32],
+    rows: usize,
+) -> Vec<f32> {
     let in_dim = cfg.gate_input_dim();
     let hidden_dim = cfg.gate_hidden;
     let mut hidden = vec![0.0f32; rows * hidden_dim];
@@ -68,11 +84,7 @@ pub(crate) fn route(
     for h in hidden.chunks_exact_mut(hidden_dim) {
         layer_norm_gelu(h, &gate.norm_weight, &gate.norm_bias, cfg.layer_norm_eps);
     }
-    let logits = router_logits(cfg, gate, &hidden, rows);
-    logits
-        .chunks_exact(cfg.num_experts)
-        .map(|row_logits| top_k(row_logits, cfg.top_k, cfg.temperature))
-        .collect()
+    hidden
 }
 
 /// LayerNorm (statistics in f64, in index order) followed by GELU, in place.

@@ -78,7 +78,7 @@ pub(crate) fn initialize(
 }
 
 /// The keyed stream for one tensor family.
-fn stream(seed: u64, id: u64) -> ChaCha8Rng {
+pub(crate) fn stream(seed: u64, id: u64) -> ChaCha8Rng {
     let mut key = [0u8; 32];
     key[..8].copy_from_slice(&seed.to_le_bytes());
     key[8..16].copy_from_slice(b"FuseMoE1");
@@ -129,7 +129,7 @@ fn init_gate(cfg: &FuseMoeConfig, seed: u64) -> GateWeights {
 
 /// The shared factors `R` (`half × input_dim`, row-major) and `S` (`output × half`) with
 /// `S·R = M` ([`target_map_columns`]), where `half = expert_hidden / 2`.
-fn shared_factors(cfg: &FuseMoeConfig, seed: u64) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn shared_factors(cfg: &FuseMoeConfig, seed: u64) -> (Vec<f32>, Vec<f32>) {
     let d = cfg.input_dim();
     let half = cfg.expert_hidden / 2;
     let out = cfg.output_dim;

@@ -50,12 +50,16 @@ pub mod config;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub mod delta;
 pub mod error;
 mod expert;
 pub mod gate;
 pub mod init;
 pub mod linear;
+pub mod metrics;
 mod model;
+pub mod shipped;
+pub mod train;
 pub mod weights;
 
 pub use config::{FuseMoeConfig, GatingKind};

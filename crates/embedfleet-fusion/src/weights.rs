@@ -252,6 +252,15 @@ pub(crate) fn load(path: &Path, expected: Option<&FuseMoeConfig>) -> Result<Fuse
     }
 
     let file_tensors = SafeTensors::deserialize(&buffer)?;
+    if let Some(seed) = metadata.get(crate::delta::BASE_SEED_KEY) {
+        // A trained delta file: the seeded base layer plus the trained parts (crate::delta).
+        let seed: u64 = seed.parse().map_err(|_| {
+            FusionError::Metadata(format!("{}: not an integer", crate::delta::BASE_SEED_KEY))
+        })?;
+        let parts = crate::delta::DeltaParts::read(&cfg, &file_tensors)?;
+        let model = parts.materialize(&cfg, seed)?;
+        return check_recorded_version(metadata, model);
+    }
     let specs = tensor_specs(&cfg);
     if let Some(extra) = file_tensors
         .names()
@@ -311,6 +320,14 @@ pub(crate) fn load(path: &Path, expected: Option<&FuseMoeConfig>) -> Result<Fuse
         .collect::<Result<Vec<_>, FusionError>>()?;
 
     let model = FuseMoe::from_parts(cfg, gate, experts)?;
+    check_recorded_version(metadata, model)
+}
+
+/// The version recorded in the file, when there is one, must be the loaded layer's.
+fn check_recorded_version(
+    metadata: &HashMap<String, String>,
+    model: FuseMoe,
+) -> Result<FuseMoe, FusionError> {
     if let Some(recorded) = metadata.get(VERSION_KEY) {
         if *recorded != model.version() {
             return Err(FusionError::Metadata(format!(
