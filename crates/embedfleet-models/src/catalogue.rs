@@ -4,7 +4,7 @@
 //! Public names are part of the wire contract: clients select models by them, cache keys and
 //! queue subjects embed them. Never rename one; add a new entry instead.
 
-use embedfleet_proto::Modality;
+use embedfleet_proto::{InputType, Modality};
 
 /// How token states become one vector. Kept next to the catalogue because it is a property of the
 /// checkpoint's training recipe, not of its architecture (BERT is pooled both ways below).
@@ -19,6 +19,59 @@ pub enum Pooling {
     /// The model's own projection head (CLIP).
     Projection,
 }
+
+/// How a model reads a request's `instruction` and `input_type`. Part of the wire contract
+/// (docs/protocol.md): it decides which models' vectors, cache keys and batches the two options
+/// change, and for every other model they change nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prompting {
+    /// Symmetric: every input is embedded as it is; `instruction` and `input_type` are ignored.
+    Plain,
+    /// Asymmetric with a fixed query instruction (bge): queries get it prepended, documents are
+    /// embedded as they are; `instruction` is ignored.
+    QueryPrefix(&'static str),
+    /// Instruction-tuned (INSTRUCTOR): every input is embedded with the request's instruction
+    /// (the model's own default without one); `input_type` is ignored.
+    Instruction,
+    /// Instructed queries (e5-mistral): queries are embedded with the request's instruction as
+    /// the task in the model's template (its default task without one); documents as they are.
+    InstructedQuery,
+}
+
+impl Prompting {
+    /// Whether `instruction` can change this model's vectors.
+    pub fn uses_instruction(self) -> bool {
+        matches!(self, Self::Instruction | Self::InstructedQuery)
+    }
+
+    /// Whether `input_type` can change this model's vectors.
+    pub fn uses_input_type(self) -> bool {
+        matches!(self, Self::QueryPrefix(_) | Self::InstructedQuery)
+    }
+
+    /// The part of a request's (`instruction`, `input_type`) that reaches this model; the rest
+    /// is dropped, so that models which ignore an option share cache entries and batches
+    /// whatever it is set to. Cache keys and job messages carry these effective values.
+    pub fn effective(
+        self,
+        instruction: Option<&str>,
+        input_type: InputType,
+    ) -> (Option<&str>, InputType) {
+        match self {
+            Self::Plain => (None, InputType::Document),
+            Self::QueryPrefix(_) => (None, input_type),
+            Self::Instruction => (instruction, InputType::Document),
+            Self::InstructedQuery => match input_type {
+                InputType::Query => (instruction, InputType::Query),
+                InputType::Document => (None, InputType::Document),
+            },
+        }
+    }
+}
+
+/// bge-large-en-v1.5's query instruction, from its model card: prepended to short queries for
+/// query-to-passage retrieval, never to the passages.
+pub const BGE_QUERY_INSTRUCTION: &str = "Represent this sentence for searching relevant passages: ";
 
 /// The architecture family of a checkpoint; one file per family under `arch/`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +105,14 @@ pub struct ModelSpec {
     pub modalities: &'static [Modality],
     /// Parameter count, for placement: memory needed is this times the bytes per weight.
     pub parameters: u64,
+    /// How `instruction` and `input_type` reach the model.
+    pub prompting: Prompting,
+    /// Whether the upstream recipe (model card, sentence-transformers `Normalize` module)
+    /// L2-normalises the vectors. Informational: embedfleet normalises by the request's
+    /// `normalize` (default on) for every model, since fusion compares in cosine space; callers
+    /// who want an unnormalised model's raw scale (contriever, dragon-plus: dot-product
+    /// retrievers) ask with `normalize: false`.
+    pub normalized_upstream: bool,
 }
 
 impl ModelSpec {
@@ -81,6 +142,8 @@ pub const CATALOGUE: &[ModelSpec] = &[
         architecture: Architecture::Bert,
         modalities: &[Text, Code],
         parameters: 22_713_216,
+        prompting: Prompting::Plain,
+        normalized_upstream: true,
     },
     ModelSpec {
         name: "bge-large",
@@ -92,6 +155,8 @@ pub const CATALOGUE: &[ModelSpec] = &[
         architecture: Architecture::Bert,
         modalities: &[Text, Code],
         parameters: 335_141_888,
+        prompting: Prompting::QueryPrefix(BGE_QUERY_INSTRUCTION),
+        normalized_upstream: true,
     },
     ModelSpec {
         name: "instructor-xl",
@@ -103,6 +168,8 @@ pub const CATALOGUE: &[ModelSpec] = &[
         architecture: Architecture::T5Encoder,
         modalities: &[Text],
         parameters: 1_241_000_000,
+        prompting: Prompting::Instruction,
+        normalized_upstream: true,
     },
     ModelSpec {
         name: "clip-vit-l",
@@ -114,6 +181,8 @@ pub const CATALOGUE: &[ModelSpec] = &[
         architecture: Architecture::Clip,
         modalities: &[Image, Text],
         parameters: 427_616_513,
+        prompting: Prompting::Plain,
+        normalized_upstream: false,
     },
     ModelSpec {
         name: "whisper-large",
@@ -125,6 +194,8 @@ pub const CATALOGUE: &[ModelSpec] = &[
         architecture: Architecture::WhisperEncoder,
         modalities: &[Audio],
         parameters: 637_000_000,
+        prompting: Prompting::Plain,
+        normalized_upstream: false,
     },
     ModelSpec {
         name: "codebert",
@@ -136,6 +207,8 @@ pub const CATALOGUE: &[ModelSpec] = &[
         architecture: Architecture::Roberta,
         modalities: &[Code, Text],
         parameters: 124_645_632,
+        prompting: Prompting::Plain,
+        normalized_upstream: false,
     },
     ModelSpec {
         name: "sentence-t5-xxl",
@@ -147,6 +220,8 @@ pub const CATALOGUE: &[ModelSpec] = &[
         architecture: Architecture::T5Encoder,
         modalities: &[Text],
         parameters: 4_865_000_000,
+        prompting: Prompting::Plain,
+        normalized_upstream: true,
     },
     ModelSpec {
         name: "mpnet",
@@ -158,6 +233,8 @@ pub const CATALOGUE: &[ModelSpec] = &[
         architecture: Architecture::MpNet,
         modalities: &[Text, Code],
         parameters: 109_486_464,
+        prompting: Prompting::Plain,
+        normalized_upstream: true,
     },
     ModelSpec {
         name: "contriever",
@@ -169,6 +246,8 @@ pub const CATALOGUE: &[ModelSpec] = &[
         architecture: Architecture::Bert,
         modalities: &[Text],
         parameters: 109_482_240,
+        prompting: Prompting::Plain,
+        normalized_upstream: false,
     },
     ModelSpec {
         name: "dragon-plus",
@@ -180,6 +259,8 @@ pub const CATALOGUE: &[ModelSpec] = &[
         architecture: Architecture::Bert,
         modalities: &[Text],
         parameters: 109_482_240,
+        prompting: Prompting::Plain,
+        normalized_upstream: false,
     },
     ModelSpec {
         name: "gte-large",
@@ -191,6 +272,8 @@ pub const CATALOGUE: &[ModelSpec] = &[
         architecture: Architecture::Bert,
         modalities: &[Text, Code],
         parameters: 335_141_888,
+        prompting: Prompting::Plain,
+        normalized_upstream: true,
     },
     ModelSpec {
         name: "e5-mistral",
@@ -202,6 +285,8 @@ pub const CATALOGUE: &[ModelSpec] = &[
         architecture: Architecture::Mistral,
         modalities: &[Text, Code],
         parameters: 7_110_660_096,
+        prompting: Prompting::InstructedQuery,
+        normalized_upstream: true,
     },
 ];
 

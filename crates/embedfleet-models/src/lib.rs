@@ -26,7 +26,10 @@ pub mod text;
 pub mod tokenize;
 
 pub use candle_core::Device;
-pub use catalogue::{ModelSpec, Pooling, CATALOGUE};
+pub use catalogue::{ModelSpec, Pooling, Prompting, CATALOGUE};
+/// The type of [`EmbedOptions::input_type`], re-exported so model users need not name the proto
+/// crate.
+pub use embedfleet_proto::InputType;
 pub use error::ModelError;
 pub use model::{EmbedOptions, EmbeddingModel, ModelEmbedding, ModelInput};
 pub use registry::ModelRegistry;

@@ -71,6 +71,15 @@ pub fn lookup(name: &str) -> Result<&'static ModelSpec, ModelError> {
     })
 }
 
+/// Whether this build can load checkpoints of `architecture` (the `runs` column of
+/// `embedfleet models`); the arms of [`load`] below, kept next to them.
+pub fn runs(architecture: Architecture) -> bool {
+    matches!(
+        architecture,
+        Architecture::Bert | Architecture::Roberta | Architecture::MpNet
+    )
+}
+
 fn load(
     spec: &'static ModelSpec,
     resolver: &WeightResolver,

@@ -2,12 +2,14 @@
 //! the catalogue. This is the `EmbeddingModel` the registry hands out for minilm, mpnet and the
 //! other BERT-family checkpoints.
 
+use std::borrow::Cow;
 use std::cmp::Reverse;
 
 use candle_core::{DType, Device};
+use embedfleet_proto::InputType;
 
 use crate::arch::{TextEncoder, TextEncoderConfig};
-use crate::catalogue::{Architecture, ModelSpec};
+use crate::catalogue::{Architecture, ModelSpec, Prompting};
 use crate::error::ModelError;
 use crate::model::{l2_normalize, EmbedOptions, EmbeddingModel, ModelEmbedding, ModelInput};
 use crate::packed::PackedBatch;
@@ -25,6 +27,24 @@ pub struct TextEmbedder {
     revision: String,
     tokenizer: TextTokenizer,
     encoder: TextEncoder,
+    /// The checkpoint's hidden size: the width of its pooled vectors (see [`warn_if_width_differs`]).
+    dim: usize,
+}
+
+/// The width rule: a checkpoint may be narrower or wider than its catalogue slot (a smaller
+/// sibling of the family, bge-base in the `bge-large` slot, or a tiny test checkpoint). It loads,
+/// with a warning, and reports its own width through [`EmbeddingModel::dim`]; fusion is built for
+/// the widths actually loaded, so nothing downstream assumes the catalogue's.
+pub fn warn_if_width_differs(spec: &ModelSpec, width: usize, config: &std::path::Path) {
+    if width != spec.dim {
+        tracing::warn!(
+            model = spec.name,
+            width,
+            catalogue_dim = spec.dim,
+            config = %config.display(),
+            "checkpoint width differs from the catalogue's; serving its vectors as they are"
+        );
+    }
 }
 
 impl TextEmbedder {
@@ -65,20 +85,15 @@ impl TextEmbedder {
             | TextEncoderConfig::XlmRoberta(c) => c.hidden_size,
             TextEncoderConfig::Mpnet(c) => c.hidden_size,
         };
-        if hidden != spec.dim {
-            return Err(bad_config(format!(
-                "hidden_size {hidden} does not match `{}`'s dim {}",
-                spec.name, spec.dim
-            )));
-        }
+        warn_if_width_differs(spec, hidden, &files.config);
         let max_len = spec.max_seq_len.min(encoder.max_positions());
-        let tokenizer_json = files.require("tokenizer.json", "the tokenizer")?;
-        let tokenizer = TextTokenizer::load(&tokenizer_json, spec.name, max_len)?;
+        let tokenizer = TextTokenizer::from_files(files, spec.name, max_len)?;
         Ok(Self {
             spec,
             revision: files.revision.clone(),
             tokenizer,
             encoder,
+            dim: hidden,
         })
     }
 
@@ -98,7 +113,7 @@ impl EmbeddingModel for TextEmbedder {
     }
 
     fn dim(&self) -> usize {
-        self.spec.dim
+        self.dim
     }
 
     fn embed_batch(
@@ -106,6 +121,7 @@ impl EmbeddingModel for TextEmbedder {
         inputs: &[ModelInput],
         options: &EmbedOptions,
     ) -> Result<Vec<ModelEmbedding>, ModelError> {
+        // Code goes through as its text; `language` is for the cache key, not the encoder.
         let texts = inputs
             .iter()
             .map(|input| match input.text() {
@@ -116,6 +132,12 @@ impl EmbeddingModel for TextEmbedder {
                 }),
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // Blank is blank before any prefix is added.
+        if let Some(index) = texts.iter().position(|text| text.trim().is_empty()) {
+            return Err(ModelError::EmptyInput { index });
+        }
+        let texts = prompted(self.spec.prompting, options.input_type, texts);
+        let texts: Vec<&str> = texts.iter().map(|text| text.as_ref()).collect();
         let ids = self.tokenizer.encode(&texts, options.truncate, 0)?;
 
         // Longest first, so each forward pass packs sequences of similar length and the token
@@ -149,6 +171,18 @@ impl EmbeddingModel for TextEmbedder {
                 tokens: ids.len(),
             })
             .collect())
+    }
+}
+
+/// The texts as the model reads them under its [`Prompting`]. Encoders here are plain or take a
+/// fixed query prefix; instruction-tuned models have their own files (t5.rs, mistral.rs).
+fn prompted(prompting: Prompting, input_type: InputType, texts: Vec<&str>) -> Vec<Cow<'_, str>> {
+    match (prompting, input_type) {
+        (Prompting::QueryPrefix(prefix), InputType::Query) => texts
+            .into_iter()
+            .map(|text| Cow::Owned(format!("{prefix}{text}")))
+            .collect(),
+        _ => texts.into_iter().map(Cow::Borrowed).collect(),
     }
 }
 
