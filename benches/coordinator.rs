@@ -201,7 +201,9 @@ impl InProcess {
                 .iter()
                 .map(|spec| FixedVectorModel::new(spec.name).expect("fixed model"))
                 .collect(),
-            layer: FusionStage::seeded().layer(specs).expect("fusion layer"),
+            layer: FusionStage::seeded()
+                .layer(specs, &embedfleet_fleet::fusion::catalogue_widths(specs))
+                .expect("fusion layer"),
         }
     }
 

@@ -24,7 +24,7 @@ pub struct CoordinatorRoleArgs {
 
 pub fn run(args: CoordinatorRoleArgs) -> anyhow::Result<()> {
     let specs = fleet_args::model_specs(&args.models)?;
-    let fusion = args.coordinator.fusion_stage(&specs)?;
+    let fusion = args.coordinator.fusion_stage(&specs, None)?;
     fleet_args::runtime()?.block_on(async {
         let shutdown = fleet_args::shutdown_on_signals()?;
         let client = fleet_args::connect(&args.nats.nats_url, "embedfleet-coordinator").await?;

@@ -11,7 +11,7 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 
 use embedfleet_cache::{CacheConfig, VectorCache};
-use embedfleet_fleet::fusion::FusionStage;
+use embedfleet_fleet::fusion::{catalogue_widths, FusionStage};
 use embedfleet_fleet::{BatchConfig, CoordinatorConfig, QueueConfig};
 use embedfleet_models::{catalogue, ModelSpec};
 
@@ -74,18 +74,28 @@ impl CoordinatorArgs {
     }
 
     /// The fusion stage, with the default set's layer built now (seconds for large sets) so
-    /// the first request does not pay for it.
+    /// the first request does not pay for it. `loaded_widths` are the widths the default set's
+    /// checkpoints produce, when this process loads them (`serve`): a weights file that does
+    /// not fit them fails here. A lone coordinator learns them from the workers, so it builds
+    /// for the catalogue widths and checks a file on each request.
     pub fn fusion_stage(
         &self,
         default_models: &[&'static ModelSpec],
+        loaded_widths: Option<&[usize]>,
     ) -> anyhow::Result<FusionStage> {
         let stage = match &self.fusion_weights {
             Some(path) => FusionStage::from_file(path, default_models)
                 .with_context(|| format!("fusion weights {}", path.display()))?,
             None => FusionStage::seeded(),
         };
+        let assumed = catalogue_widths(default_models);
+        let widths = match (loaded_widths, &self.fusion_weights) {
+            (Some(widths), _) => widths,
+            (None, Some(_)) => return Ok(stage),
+            (None, None) => &assumed,
+        };
         stage
-            .layer(default_models)
+            .layer(default_models, widths)
             .map_err(|e| anyhow::anyhow!("fusion layer: {e}"))?;
         Ok(stage)
     }

@@ -1,7 +1,8 @@
 //! `embedfleet models`: the catalogue, as a table or JSON lines.
 
 use clap::Args;
-use embedfleet_models::catalogue::{fusion_input_width, CATALOGUE};
+use embedfleet_models::catalogue::{fusion_input_width, Prompting, CATALOGUE};
+use embedfleet_models::registry::runs;
 
 #[derive(Args)]
 pub struct ModelsArgs {
@@ -19,19 +20,21 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
                 "max_seq_len": spec.max_seq_len, "pooling": format!("{:?}", spec.pooling).to_lowercase(),
                 "architecture": format!("{:?}", spec.architecture), "modalities": modalities,
                 "parameters": spec.parameters, "f16_bytes": spec.weight_bytes(2),
+                "runs": runs(spec.architecture), "prompting": prompting(spec.prompting),
+                "normalized_upstream": spec.normalized_upstream,
             });
             println!("{line}");
         }
         return Ok(());
     }
     println!(
-        "{:<4} {:<16} {:>5} {:>6} {:<10} {:<12} {:>9}  hf repo",
-        "id", "name", "dim", "maxlen", "pooling", "takes", "f16 GiB"
+        "{:<4} {:<16} {:>5} {:>6} {:<10} {:<12} {:>9} {:<4} {:<12}  hf repo",
+        "id", "name", "dim", "maxlen", "pooling", "takes", "f16 GiB", "runs", "prompting"
     );
     for spec in CATALOGUE {
         let takes: Vec<String> = spec.modalities.iter().map(ToString::to_string).collect();
         println!(
-            "E{:<3} {:<16} {:>5} {:>6} {:<10} {:<12} {:>9.2}  {}",
+            "E{:<3} {:<16} {:>5} {:>6} {:<10} {:<12} {:>9.2} {:<4} {:<12}  {}",
             spec.ordinal,
             spec.name,
             spec.dim,
@@ -39,6 +42,8 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
             format!("{:?}", spec.pooling).to_lowercase(),
             takes.join(","),
             spec.weight_bytes(2) as f64 / (1u64 << 30) as f64,
+            if runs(spec.architecture) { "yes" } else { "no" },
+            prompting(spec.prompting),
             spec.hf_repo
         );
     }
@@ -48,4 +53,14 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
         fusion_input_width(CATALOGUE)
     );
     Ok(())
+}
+
+/// How the model reads `instruction` / `input_type`, in a word (docs/protocol.md has the rules).
+fn prompting(prompting: Prompting) -> &'static str {
+    match prompting {
+        Prompting::Plain => "-",
+        Prompting::QueryPrefix(_) => "query-prefix",
+        Prompting::Instruction => "instruction",
+        Prompting::InstructedQuery => "query-task",
+    }
 }

@@ -28,9 +28,9 @@ use embedfleet_cache::{CacheKey, CacheStats, VectorCache};
 use embedfleet_models::{catalogue, ModelSpec};
 use embedfleet_proto::{
     model_consumer_name, model_job_subject, ContentKey, EmbedReply, EmbedRequest, EmbeddingData,
-    Encoding, ErrorBody, ErrorKind, ExpertSelection, Input, ProtoError, Usage, CONTENT_TYPE,
-    CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, EMBED_ENDPOINT, FUSED_MODEL_NAME, NATS_MSG_ID,
-    SERVICE_ERROR, SERVICE_ERROR_CODE, SERVICE_NAME, SERVICE_VERSION,
+    Encoding, ErrorBody, ErrorKind, ExpertSelection, Input, InputType, ProtoError, Usage,
+    CONTENT_TYPE, CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, EMBED_ENDPOINT, FUSED_MODEL_NAME,
+    NATS_MSG_ID, SERVICE_ERROR, SERVICE_ERROR_CODE, SERVICE_NAME, SERVICE_VERSION,
 };
 
 use crate::config::{CoordinatorConfig, QueueConfig};
@@ -99,6 +99,10 @@ pub struct Coordinator {
     /// before a job runs; they are learnt from partials (or primed by `serve`, which hosts the
     /// workers). Until then a model's inputs skip the cache lookup, never serve a stale vector.
     revisions: RwLock<HashMap<String, String>>,
+    /// Model → width of the vectors its workers' checkpoint produces (the width rule: it may
+    /// differ from the catalogue's), announced with the revision and confirmed by every vector
+    /// seen. Fusion is built for these; the catalogue width stands in until one is known.
+    widths: RwLock<HashMap<String, usize>>,
     /// Jobs waiting for their partial, by job id.
     pending: Mutex<HashMap<u64, oneshot::Sender<PartialResult>>>,
     next_job: AtomicU64,
@@ -126,6 +130,7 @@ impl Coordinator {
             cache,
             fusion: Arc::new(fusion),
             revisions: RwLock::new(HashMap::new()),
+            widths: RwLock::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             next_job: AtomicU64::new(1),
             stats: CoordinatorStats::default(),
@@ -139,6 +144,11 @@ impl Coordinator {
             .write()
             .expect("revisions poisoned")
             .insert(model.to_string(), revision.to_string());
+    }
+
+    /// Tells the coordinator the width `model`'s loaded checkpoint produces (`serve` knows).
+    pub fn prime_width(&self, model: &str, width: usize) {
+        self.learn_width(model, width);
     }
 
     pub fn id(&self) -> &str {
@@ -186,9 +196,12 @@ impl Coordinator {
         let revision_watch = tokio::spawn(revisions::watch(
             self.js.clone(),
             stop_watch.clone(),
-            move |model, revision| {
+            move |model, announcement| {
                 if let Some(coordinator) = learner.upgrade() {
-                    coordinator.learn_revision(model, revision);
+                    coordinator.learn_revision(model, &announcement.revision);
+                    if let Some(width) = announcement.dim {
+                        coordinator.learn_width(model, width);
+                    }
                 }
             },
         ));
@@ -380,6 +393,7 @@ impl Coordinator {
             inputs,
             models,
             instruction: request.effective_instruction().map(str::to_string),
+            input_type: request.input_type,
             fuse: request.fuse,
             partials: request.wants_partials(),
             normalize: request.normalize,
@@ -410,17 +424,10 @@ impl Coordinator {
 
         // A fused layer exists only for sets this coordinator can fuse; fail before any work.
         // (Building a seeded layer the first time takes a while: off the async threads.)
-        let layer = match (work.fuse, self.fusion.ready_layer(&work.models)) {
-            (false, _) => None,
-            (true, Some(ready)) => Some(ready?),
-            (true, None) => {
-                let (stage, models) = (self.fusion.clone(), work.models.clone());
-                Some(
-                    tokio::task::spawn_blocking(move || stage.layer(&models))
-                        .await
-                        .map_err(|e| ProtoError::internal(format!("fusion layer task: {e}")))??,
-                )
-            }
+        let widths = self.known_widths(&work.models);
+        let mut layer = match work.fuse {
+            false => None,
+            true => Some(self.fusion_layer(&work.models, &widths).await?),
         };
 
         // 1. Fused vectors, when that is all the reply needs.
@@ -458,6 +465,25 @@ impl Coordinator {
                 deadline,
             )
             .await?;
+        }
+
+        // The vectors in hand say how wide each checkpoint really is; on first contact with one
+        // narrower than its catalogue slot the layer chosen above was for the wrong widths.
+        let seen = partials.widths();
+        for (spec, width) in work.models.iter().zip(&seen) {
+            if let Some(width) = width {
+                self.learn_width(spec.name, *width);
+            }
+        }
+        if let Some(current) = &layer {
+            let actual: Vec<usize> = seen
+                .iter()
+                .zip(&current.config().input_dims)
+                .map(|(seen, assumed)| seen.unwrap_or(*assumed))
+                .collect();
+            if actual != current.config().input_dims {
+                layer = Some(self.fusion_layer(&work.models, &actual).await?);
+            }
         }
 
         // 3. Normalise (the cache keeps raw vectors; see job.rs), fuse what is open.
@@ -549,7 +575,7 @@ impl Coordinator {
             if let (true, Some(revision)) = (read_cache, revisions.get(spec.name)) {
                 let keys: Vec<CacheKey> = taken
                     .iter()
-                    .map(|&i| partial_key(work, spec.name, revision, &work.inputs[i]))
+                    .map(|&i| partial_key(work, spec, revision, &work.inputs[i]))
                     .collect();
                 let found = self.cache.get_many(&keys).await;
                 open.clear();
@@ -595,7 +621,7 @@ impl Coordinator {
                     for (&i, v) in indices.iter().zip(vectors) {
                         partials.tokens += u64::from(v.tokens);
                         writes.entries.push((
-                            partial_key(work, spec.name, &partial.revision, &work.inputs[i]),
+                            partial_key(work, spec, &partial.revision, &work.inputs[i]),
                             v.vector.clone(),
                         ));
                         partials.set(slot, i, v.vector, Source::Fresh);
@@ -645,11 +671,13 @@ impl Coordinator {
         };
 
         let remaining = deadline.saturating_duration_since(Instant::now());
+        let (instruction, input_type) = work.options_for(spec);
         let job = ModelJob {
             job_id,
             model: spec.name.to_string(),
             inputs,
-            instruction: work.instruction.clone(),
+            instruction: instruction.map(str::to_string),
+            input_type,
             truncate: work.truncate,
             reply_to: job::partial_subject(&self.id, job_id),
             deadline_unix_ms: job::unix_ms_now() + remaining.as_millis() as u64,
@@ -782,6 +810,47 @@ impl Coordinator {
         }
     }
 
+    /// The fusion layer for `models` of these widths, built off the async threads when it is
+    /// new (building a seeded layer takes a while).
+    async fn fusion_layer(
+        &self,
+        models: &[&'static ModelSpec],
+        widths: &[usize],
+    ) -> Result<Arc<embedfleet_fusion::FuseMoe>, ProtoError> {
+        if let Some(ready) = self.fusion.ready_layer(models, widths) {
+            return ready;
+        }
+        let (stage, models, widths) = (self.fusion.clone(), models.to_vec(), widths.to_vec());
+        tokio::task::spawn_blocking(move || stage.layer(&models, &widths))
+            .await
+            .map_err(|e| ProtoError::internal(format!("fusion layer task: {e}")))?
+    }
+
+    /// Each model's width as far as this coordinator knows: learnt, or the catalogue's.
+    fn known_widths(&self, models: &[&'static ModelSpec]) -> Vec<usize> {
+        let widths = self.widths.read().expect("widths poisoned");
+        models
+            .iter()
+            .map(|spec| widths.get(spec.name).copied().unwrap_or(spec.dim))
+            .collect()
+    }
+
+    fn learn_width(&self, model: &str, width: usize) {
+        let known = self
+            .widths
+            .read()
+            .expect("widths poisoned")
+            .get(model)
+            .copied();
+        if known != Some(width) {
+            tracing::info!(model, width, "model width learnt");
+            self.widths
+                .write()
+                .expect("widths poisoned")
+                .insert(model.to_string(), width);
+        }
+    }
+
     /// The revision cache keys use for `model` now (announced by a worker or seen in a partial).
     pub fn revision_of(&self, model: &str) -> Option<String> {
         self.revisions
@@ -832,10 +901,37 @@ struct RequestWork {
     inputs: Vec<Input>,
     models: Vec<&'static ModelSpec>,
     instruction: Option<String>,
+    input_type: InputType,
     fuse: bool,
     partials: bool,
     normalize: bool,
     truncate: bool,
+}
+
+impl RequestWork {
+    /// (`instruction`, `input_type`) as `spec`'s model reads them: what its jobs carry and its
+    /// partials are keyed by, so models that ignore an option share entries whatever it is.
+    fn options_for(&self, spec: &ModelSpec) -> (Option<&str>, InputType) {
+        spec.prompting
+            .effective(self.instruction.as_deref(), self.input_type)
+    }
+
+    /// The options that reach any model of the set, for the fused key: the instruction if some
+    /// model reads it, `query` if some model reads the input type as one.
+    fn fused_options(&self) -> (Option<&str>, InputType) {
+        let each: Vec<_> = self
+            .models
+            .iter()
+            .map(|spec| self.options_for(spec))
+            .collect();
+        let instruction = each.iter().find_map(|(instruction, _)| *instruction);
+        let input_type = each
+            .iter()
+            .map(|(_, input_type)| *input_type)
+            .find(|input_type| *input_type == InputType::Query)
+            .unwrap_or(InputType::Document);
+        (instruction, input_type)
+    }
 }
 
 struct Answer {
@@ -889,6 +985,14 @@ impl PartialTable {
             .collect()
     }
 
+    /// Per slot, the width of the vectors it holds (`None` for a slot with none).
+    fn widths(&self) -> Vec<Option<usize>> {
+        self.cells
+            .iter()
+            .map(|slot| slot.iter().flatten().map(|(v, _)| v.len()).next())
+            .collect()
+    }
+
     fn all_cached(&self, input: usize) -> bool {
         let mut present = self
             .cells
@@ -927,13 +1031,14 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
-/// Cache key of one model's raw partial for one input.
-fn partial_key(work: &RequestWork, model: &str, revision: &str, input: &Input) -> CacheKey {
-    let content = ContentKey::new(input, work.instruction.as_deref(), model, revision);
-    CacheKey::partial(model, revision, &content)
+/// Cache key of one model's raw partial for one input, under the options the model reads.
+fn partial_key(work: &RequestWork, spec: &ModelSpec, revision: &str, input: &Input) -> CacheKey {
+    let (instruction, input_type) = work.options_for(spec);
+    let content = ContentKey::new(input, instruction, input_type, spec.name, revision);
+    CacheKey::partial(spec.name, revision, &content)
 }
 
-/// Cache key of a fused vector: the input and instruction, the whole model set with each
+/// Cache key of a fused vector: the input and the options any of its models read, the whole model set with each
 /// model's revision, whether the partials were normalised before fusion, and (in the key's
 /// namespace) the fusion layer's version. Anything that changes the vector changes the key.
 fn fused_key(
@@ -952,12 +1057,8 @@ fn fused_key(
         "{set}:{}",
         if work.normalize { "normalized" } else { "raw" }
     );
-    let content = ContentKey::new(
-        input,
-        work.instruction.as_deref(),
-        &model,
-        &revisions.join("+"),
-    );
+    let (instruction, input_type) = work.fused_options();
+    let content = ContentKey::new(input, instruction, input_type, &model, &revisions.join("+"));
     CacheKey::fused(fusion_version, &content)
 }
 

@@ -1,10 +1,12 @@
 //! The fusion stage: one FuseMoE layer per active model set, built on first use.
 //!
 //! A request may name any subset of the catalogue, and the layer's input width depends on the
-//! set, so the stage keeps the layers it has built, keyed by the set in slot order. Seeded layers
-//! are deterministic (same set, same seed → same weights and version on every node), so
-//! coordinators never need to agree on anything but the seed. A weights file fixes one set: a
-//! trained layer cannot be stretched to other models, so other sets are refused.
+//! set and on the width each model's loaded checkpoint produces (the width rule: a checkpoint
+//! may be narrower than its catalogue slot), so the stage keeps the layers it has built, keyed by
+//! the set in slot order and those widths. Seeded layers are deterministic (same set, widths and
+//! seed → same weights and version on every node), so coordinators never need to agree on
+//! anything but the seed. A weights file fixes one set and its widths: a trained layer cannot be
+//! stretched to other models or widths, so anything else is refused with an error naming both.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -22,18 +24,22 @@ use crate::pipeline::DEFAULT_FUSION_SEED;
 /// grow without limit on a client that cycles through subsets.
 const MAX_CACHED_LAYERS: usize = 16;
 
-/// Builds or loads the FuseMoE layer for `models` (slot order).
-pub fn build_layer(
-    models: &[&'static ModelSpec],
-    weights: Option<&Path>,
-) -> Result<FuseMoe, FusionError> {
-    let config =
-        FuseMoeConfig::for_input_dims(models.iter().map(|spec| spec.dim).collect::<Vec<_>>());
-    match weights {
-        Some(path) => FuseMoe::load_expecting(path, &config),
-        None => FuseMoe::from_seed(config, DEFAULT_FUSION_SEED),
-    }
+/// The seeded FuseMoE layer for partials of these widths (one per model, slot order).
+pub fn build_layer(widths: &[usize]) -> Result<FuseMoe, FusionError> {
+    FuseMoe::from_seed(
+        FuseMoeConfig::for_input_dims(widths.to_vec()),
+        DEFAULT_FUSION_SEED,
+    )
 }
+
+/// The catalogue widths of `models`: what a coordinator assumes until workers tell it the
+/// widths their checkpoints produce.
+pub fn catalogue_widths(models: &[&'static ModelSpec]) -> Vec<usize> {
+    models.iter().map(|spec| spec.dim).collect()
+}
+
+/// A seeded layer's identity: the model set (slot order) and each model's width.
+type LayerKey = (Vec<&'static str>, Vec<usize>);
 
 /// A seeded layer, built once however many requests ask for it at the same time: the first
 /// builds while holding the slot's own lock, the others wait there for its result.
@@ -42,9 +48,10 @@ type LayerSlot = Arc<Mutex<Option<Arc<FuseMoe>>>>;
 /// The layers of one coordinator.
 pub struct FusionStage {
     weights: Option<PathBuf>,
-    /// With a weights file: the one set it covers, loaded at start.
+    /// With a weights file: the one set it covers, loaded at start (its widths are in its
+    /// config).
     fixed: Option<(Vec<&'static str>, Arc<FuseMoe>)>,
-    seeded: Mutex<HashMap<Vec<&'static str>, LayerSlot>>,
+    seeded: Mutex<HashMap<LayerKey, LayerSlot>>,
     /// Seeded layers built so far.
     builds: AtomicU64,
 }
@@ -61,9 +68,19 @@ impl FusionStage {
     }
 
     /// The layer in `path`, trained for `models` (slot order); loaded now so that a bad file
-    /// fails at start, not on the first request.
+    /// fails at start, not on the first request. Its widths are checked against the loaded
+    /// checkpoints' on each request (a coordinator does not know them at start).
     pub fn from_file(path: &Path, models: &[&'static ModelSpec]) -> Result<Self, FusionError> {
-        let layer = build_layer(models, Some(path))?;
+        let layer = FuseMoe::load(path)?;
+        if layer.config().num_slots() != models.len() {
+            return Err(FusionError::ConfigMismatch(format!(
+                "{} has {} slots; the model set [{}] has {}",
+                path.display(),
+                layer.config().num_slots(),
+                names(models).join(", "),
+                models.len()
+            )));
+        }
         Ok(FusionStage {
             weights: Some(path.to_path_buf()),
             fixed: Some((names(models), Arc::new(layer))),
@@ -72,20 +89,22 @@ impl FusionStage {
         })
     }
 
-    /// The layer for `models` when it needs no building: the weights file's set (or the refusal
-    /// of any other set), or a seeded layer built before. Cheap; fine on an async thread.
+    /// The layer for `models` of these `widths` when it needs no building: the weights file's
+    /// set (or the refusal of any other set or widths), or a seeded layer built before. Cheap;
+    /// fine on an async thread.
     pub fn ready_layer(
         &self,
         models: &[&'static ModelSpec],
+        widths: &[usize],
     ) -> Option<Result<Arc<FuseMoe>, ProtoError>> {
         if self.fixed.is_some() {
-            return Some(self.layer(models));
+            return Some(self.layer(models, widths));
         }
         let slot = self
             .seeded
             .lock()
             .expect("fusion map poisoned")
-            .get(&names(models))
+            .get(&(names(models), widths.to_vec()))
             .cloned()?;
         // try_lock: a slot being built is locked, and is not ready.
         let built = slot.try_lock().ok()?.clone();
@@ -97,23 +116,37 @@ impl FusionStage {
         self.builds.load(Ordering::Relaxed)
     }
 
-    /// The layer for `models` (slot order). Building a seeded layer takes milliseconds to
-    /// seconds depending on the set: call from a blocking context.
-    pub fn layer(&self, models: &[&'static ModelSpec]) -> Result<Arc<FuseMoe>, ProtoError> {
-        let key = names(models);
-        if let Some((set, layer)) = &self.fixed {
-            return if *set == key {
-                Ok(layer.clone())
-            } else {
-                Err(ProtoError::bad_request(format!(
-                    "the fusion weights {} were trained for models [{}]; this request names [{}] \
-                     (ask with `fuse: false` for other sets)",
-                    self.weights.as_deref().unwrap_or(Path::new("?")).display(),
-                    set.join(", "),
-                    key.join(", ")
-                )))
-            };
+    /// The layer for `models` (slot order) whose partials are `widths` wide. Building a seeded
+    /// layer takes milliseconds to seconds depending on the set: call from a blocking context.
+    pub fn layer(
+        &self,
+        models: &[&'static ModelSpec],
+        widths: &[usize],
+    ) -> Result<Arc<FuseMoe>, ProtoError> {
+        let set = names(models);
+        if let Some((fixed_set, layer)) = &self.fixed {
+            let path = self.weights.as_deref().unwrap_or(Path::new("?")).display();
+            if *fixed_set != set {
+                return Err(ProtoError::bad_request(format!(
+                    "the fusion weights {path} were trained for models [{}]; this request names \
+                     [{}] (ask with `fuse: false` for other sets)",
+                    fixed_set.join(", "),
+                    set.join(", ")
+                )));
+            }
+            // The fleet's fault, not the caller's: the workers load checkpoints of other widths
+            // than the layer was trained for.
+            if layer.config().input_dims != widths {
+                return Err(ProtoError::internal(format!(
+                    "the fusion weights {path} were trained for widths {:?} of [{}]; the loaded \
+                     checkpoints give {widths:?}",
+                    layer.config().input_dims,
+                    set.join(", ")
+                )));
+            }
+            return Ok(layer.clone());
         }
+        let key = (set, widths.to_vec());
         let slot = {
             let mut seeded = self.seeded.lock().expect("fusion map poisoned");
             if seeded.len() >= MAX_CACHED_LAYERS && !seeded.contains_key(&key) {
@@ -129,7 +162,7 @@ impl FusionStage {
             return Ok(layer.clone());
         }
         let layer = Arc::new(
-            build_layer(models, None)
+            build_layer(widths)
                 .map_err(|e| ProtoError::internal(format!("building the fusion layer: {e}")))?,
         );
         self.builds.fetch_add(1, Ordering::Relaxed);
@@ -166,31 +199,60 @@ mod tests {
     fn seeded_layers_are_shared_per_set_and_a_file_fixes_its_set() {
         let minilm = catalogue::find("minilm").unwrap();
         let mpnet = catalogue::find("mpnet").unwrap();
+        let both_models = [minilm, mpnet];
+        let widths = catalogue_widths(&both_models);
         let stage = FusionStage::seeded();
         assert!(
-            stage.ready_layer(&[minilm, mpnet]).is_none(),
+            stage.ready_layer(&both_models, &widths).is_none(),
             "nothing built yet"
         );
-        let both = stage.layer(&[minilm, mpnet]).unwrap();
-        assert!(Arc::ptr_eq(&both, &stage.layer(&[minilm, mpnet]).unwrap()));
+        let both = stage.layer(&both_models, &widths).unwrap();
         assert!(Arc::ptr_eq(
             &both,
-            &stage.ready_layer(&[minilm, mpnet]).unwrap().unwrap()
+            &stage.layer(&both_models, &widths).unwrap()
         ));
-        let one = stage.layer(&[minilm]).unwrap();
+        assert!(Arc::ptr_eq(
+            &both,
+            &stage.ready_layer(&both_models, &widths).unwrap().unwrap()
+        ));
+        let one = stage.layer(&[minilm], &[384]).unwrap();
         assert_ne!(one.version(), both.version());
         assert_eq!(stage.layers_built(), 2);
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("fusion.safetensors");
         both.save(&path).unwrap();
-        let fixed = FusionStage::from_file(&path, &[minilm, mpnet]).unwrap();
+        let fixed = FusionStage::from_file(&path, &both_models).unwrap();
         assert_eq!(
-            fixed.layer(&[minilm, mpnet]).unwrap().version(),
+            fixed.layer(&both_models, &widths).unwrap().version(),
             both.version()
         );
-        let refused = fixed.ready_layer(&[minilm]).unwrap().unwrap_err();
+        let refused = fixed.ready_layer(&[minilm], &[384]).unwrap().unwrap_err();
         assert_eq!(refused.kind, embedfleet_proto::ErrorKind::BadRequest);
+        assert!(FusionStage::from_file(&path, &[minilm]).is_err());
+    }
+
+    #[test]
+    fn a_narrower_checkpoint_gets_its_own_layer_and_a_trained_file_refuses_it() {
+        let minilm = catalogue::find("minilm").unwrap();
+        let mpnet = catalogue::find("mpnet").unwrap();
+        let models = [minilm, mpnet];
+        let stage = FusionStage::seeded();
+        let catalogue_layer = stage.layer(&models, &[384, 768]).unwrap();
+        let narrow = stage.layer(&models, &[384, 48]).unwrap();
+        assert_eq!(narrow.config().input_dims, [384, 48]);
+        assert_ne!(narrow.version(), catalogue_layer.version());
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fusion.safetensors");
+        catalogue_layer.save(&path).unwrap();
+        let fixed = FusionStage::from_file(&path, &models).unwrap();
+        let error = fixed.layer(&models, &[384, 48]).unwrap_err();
+        assert_eq!(error.kind, embedfleet_proto::ErrorKind::Internal);
+        assert!(
+            error.message.contains("[384, 768]") && error.message.contains("[384, 48]"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -203,7 +265,7 @@ mod tests {
         let stage = FusionStage::seeded();
         let layers: Vec<Arc<FuseMoe>> = std::thread::scope(|scope| {
             let racers: Vec<_> = (0..6)
-                .map(|_| scope.spawn(|| stage.layer(&specs).unwrap()))
+                .map(|_| scope.spawn(|| stage.layer(&specs, &catalogue_widths(&specs)).unwrap()))
                 .collect();
             racers.into_iter().map(|r| r.join().unwrap()).collect()
         });

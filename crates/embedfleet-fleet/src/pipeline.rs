@@ -2,8 +2,8 @@
 //! reply.
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use embedfleet_fusion::{FuseMoe, FuseMoeConfig, FusionError};
 use embedfleet_models::{
@@ -21,6 +21,18 @@ pub enum PipelineError {
     Model(#[from] ModelError),
     #[error("fusion: {0}")]
     Fusion(#[from] FusionError),
+    /// A trained fusion layer whose slots do not fit the checkpoints loaded (the width rule:
+    /// a checkpoint may be narrower than its catalogue slot, and the layer must match it).
+    #[error(
+        "the fusion weights {} do not fit the loaded models [{models}] of widths {widths:?}: {source}",
+        path.display()
+    )]
+    FusionWeights {
+        path: PathBuf,
+        models: String,
+        widths: Vec<usize>,
+        source: FusionError,
+    },
     #[error("input {index} ({modality}) is taken by none of the active models ({models})")]
     NoModelTakesInput {
         index: usize,
@@ -34,7 +46,7 @@ impl PipelineError {
         match self {
             Self::Model(error) => error.kind(),
             Self::Fusion(error) if error.is_bad_input() => ErrorKind::BadRequest,
-            Self::Fusion(_) => ErrorKind::Internal,
+            Self::Fusion(_) | Self::FusionWeights { .. } => ErrorKind::Internal,
             Self::NoModelTakesInput { .. } => ErrorKind::UnsupportedModality,
         }
     }
@@ -68,13 +80,17 @@ pub struct Pipeline {
     registry: Arc<ModelRegistry>,
     /// The active models in fusion slot order.
     models: Vec<&'static ModelSpec>,
-    /// Sized for the active set; fuses every request of this pipeline.
-    fusion: FuseMoe,
+    /// Trained fusion weights, or `None` for the seeded layer.
+    fusion_weights: Option<PathBuf>,
+    /// Sized for the widths the active models' checkpoints produce, which are known once they
+    /// load: built by [`Pipeline::warm_up`] or the first fused request.
+    fusion: OnceLock<FuseMoe>,
 }
 
 impl Pipeline {
     /// A pipeline over `model_names` (any order; slot order is restored) with fusion weights from
-    /// `fusion_weights`, or seeded from [`DEFAULT_FUSION_SEED`] when there is no file.
+    /// `fusion_weights`, or seeded from [`DEFAULT_FUSION_SEED`] when there is no file. Nothing
+    /// loads yet: [`Pipeline::warm_up`] loads the models and builds the fusion layer for them.
     pub fn new(
         registry: Arc<ModelRegistry>,
         model_names: &[String],
@@ -84,34 +100,58 @@ impl Pipeline {
             .iter()
             .map(|name| embedfleet_models::registry::lookup(name))
             .collect::<Result<Vec<_>, _>>()?;
-        let models = catalogue::in_slot_order(specs);
-        let config =
-            FuseMoeConfig::for_input_dims(models.iter().map(|spec| spec.dim).collect::<Vec<_>>());
-        let fusion = match fusion_weights {
-            Some(path) => FuseMoe::load_expecting(path, &config)?,
-            None => FuseMoe::from_seed(config, DEFAULT_FUSION_SEED)?,
-        };
         Ok(Self {
             registry,
-            models,
-            fusion,
+            models: catalogue::in_slot_order(specs),
+            fusion_weights: fusion_weights.map(Path::to_path_buf),
+            fusion: OnceLock::new(),
         })
+    }
+
+    /// The width each active model's checkpoint produces, in slot order (loads the models).
+    pub fn widths(&self) -> Result<Vec<usize>, PipelineError> {
+        self.models
+            .iter()
+            .map(|spec| Ok(self.registry.get(spec.name)?.dim()))
+            .collect()
     }
 
     pub fn models(&self) -> &[&'static ModelSpec] {
         &self.models
     }
 
-    pub fn fusion(&self) -> &FuseMoe {
-        &self.fusion
+    /// The fusion layer for the loaded widths, built on first use. A weights file that does
+    /// not fit them is a [`PipelineError::FusionWeights`] naming both.
+    pub fn fusion(&self) -> Result<&FuseMoe, PipelineError> {
+        if let Some(layer) = self.fusion.get() {
+            return Ok(layer);
+        }
+        let widths = self.widths()?;
+        let config = FuseMoeConfig::for_input_dims(widths.clone());
+        let layer = match &self.fusion_weights {
+            Some(path) => FuseMoe::load_expecting(path, &config).map_err(|source| {
+                PipelineError::FusionWeights {
+                    path: path.clone(),
+                    models: self.names().join(", "),
+                    widths,
+                    source,
+                }
+            })?,
+            None => FuseMoe::from_seed(config, DEFAULT_FUSION_SEED)?,
+        };
+        // Two first calls may both build; the layers are identical and one is kept.
+        Ok(self.fusion.get_or_init(|| layer))
     }
 
-    /// Loads every active model now rather than on the first request.
+    /// Loads every active model and builds the fusion layer now rather than on the first
+    /// request, so a missing checkpoint or a fusion file that does not fit fails at start.
     pub fn warm_up(&self) -> Result<(), PipelineError> {
-        for spec in &self.models {
-            self.registry.get(spec.name)?;
-        }
+        self.fusion()?;
         Ok(())
+    }
+
+    fn names(&self) -> Vec<&'static str> {
+        self.models.iter().map(|spec| spec.name).collect()
     }
 
     /// Embeds a batch; `first_index` numbers the output (`index` of each `data` element).
@@ -123,12 +163,7 @@ impl Pipeline {
     ) -> Result<PipelineOutput, PipelineError> {
         for (index, input) in inputs.iter().enumerate() {
             if !self.models.iter().any(|spec| spec.takes(input.modality())) {
-                let models = self
-                    .models
-                    .iter()
-                    .map(|spec| spec.name)
-                    .collect::<Vec<_>>()
-                    .join(", ");
+                let models = self.names().join(", ");
                 return Err(PipelineError::NoModelTakesInput {
                     index: first_index + index,
                     modality: input.modality(),
@@ -171,7 +206,7 @@ impl Pipeline {
             let rows: Vec<Vec<Option<&[f32]>>> = (0..inputs.len())
                 .map(|i| partials.iter().map(|slot| slot[i].as_deref()).collect())
                 .collect();
-            Some(self.fusion.fuse_batch(&rows)?)
+            Some(self.fusion()?.fuse_batch(&rows)?)
         } else {
             None
         };
