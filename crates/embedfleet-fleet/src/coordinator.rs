@@ -34,7 +34,6 @@ use serde::Serialize;
 use tokio::sync::{oneshot, Semaphore};
 
 use embedfleet_cache::{CacheStats, VectorCache};
-use embedfleet_models::ModelSpec;
 
 use crate::config::{CoordinatorConfig, QueueConfig};
 use crate::fusion::FusionStage;
