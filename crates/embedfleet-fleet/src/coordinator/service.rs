@@ -13,9 +13,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use embedfleet_proto::{
-    Encoding, ErrorBody, ProtoError, CONTENT_TYPE, CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK,
-    EMBED_ENDPOINT, SERVICE_ERROR, SERVICE_ERROR_CODE, SERVICE_NAME, SERVICE_VERSION,
-    TIMEOUT_HEADER, TIMINGS_HEADER,
+    Encoding, ProtoError, CONTENT_TYPE, CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, EMBED_ENDPOINT,
+    SERVICE_NAME, SERVICE_VERSION, TIMEOUT_HEADER, TIMINGS_HEADER,
 };
 
 use super::cache_keys::CacheWrites;
