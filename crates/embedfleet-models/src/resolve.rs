@@ -197,7 +197,7 @@ fn local_files(dir: &Path) -> Result<ModelFiles, ModelError> {
     } else {
         return Err(missing(
             dir.join(SAFETENSORS),
-            "no weights in the model directory (looked for model.safetensors, \
+            "weights missing from the model directory (looked for model.safetensors, \
              model.safetensors.index.json, pytorch_model.bin)",
         ));
     };
