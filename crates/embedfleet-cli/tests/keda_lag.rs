@@ -92,7 +92,7 @@ async fn keda_lag_is_the_queued_jobs_of_a_stopped_worker_and_falls_to_zero_when_
     let client = client(&url).await;
     let js = async_nats::jetstream::new(client.clone());
     let mut partials = client
-        .subscribe("embedfleet.test.partial.>")
+        .subscribe(job::partial_wildcard("keda-lag-test"))
         .await
         .expect("subscribe");
     for job_id in 0..JOBS {
@@ -102,7 +102,8 @@ async fn keda_lag_is_the_queued_jobs_of_a_stopped_worker_and_falls_to_zero_when_
             inputs: vec![Input::Text(format!("queued job number {job_id}"))],
             instruction: None,
             truncate: true,
-            reply_to: format!("embedfleet.test.partial.{job_id}"),
+            // Workers answer only on the fleet's partial subjects (a coordinator id, a job id).
+            reply_to: job::partial_subject("keda-lag-test", job_id),
             deadline_unix_ms: job::unix_ms_now() + 600_000,
         };
         js.publish(model_job_subject(MODEL), job::encode(&job).into())
