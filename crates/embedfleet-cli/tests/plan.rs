@@ -76,7 +76,7 @@ fn bad_flags_and_impossible_plans_are_one_line_errors() {
             vec!["--gpus", "2GB", "--models", "e5-mistral"],
             "e5-mistral",
         ),
-        (vec!["--gpus", "16GB", "--dtype", "f32"], "do not fit"),
+        (vec!["--gpus", "16GB", "--dtype", "f32"], "GiB"),
     ] {
         let output = run(&args);
         let stderr = String::from_utf8_lossy(&output.stderr);
