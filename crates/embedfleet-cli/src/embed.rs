@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use embedfleet_client::{ClientError, EmbedClient};
 use embedfleet_fleet::{Pipeline, PipelineRequest};
-use embedfleet_models::{Device, EmbedOptions, ModelInput, ModelRegistry, WeightResolver};
+use embedfleet_models::{DeviceName, EmbedOptions, ModelInput, ModelRegistry, WeightResolver};
 use embedfleet_proto::{EmbedRequest, EmbeddingData};
 
 /// The models `embed` runs in this process when `--models` is not given. With `--nats-url` the
@@ -39,6 +39,9 @@ pub struct EmbedArgs {
     /// Directory with one checkpoint directory per model (`<dir>/minilm/config.json`, ...).
     #[arg(long, env = "EMBEDFLEET_MODELS_DIR")]
     model_dir: Option<PathBuf>,
+    /// Where the models run: `cpu`, or `cuda:N` in a CUDA build (`--features cuda`).
+    #[arg(long, env = "EMBEDFLEET_DEVICE", default_value = "cpu")]
+    device: DeviceName,
     /// Reject input longer than a model's limit instead of truncating it.
     #[arg(long)]
     no_truncate: bool,
@@ -68,7 +71,7 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         None => DEFAULT_MODELS.map(String::from).to_vec(),
     };
     let resolver = WeightResolver::from_env(args.model_dir.clone());
-    let registry = Arc::new(ModelRegistry::new(resolver, Device::Cpu));
+    let registry = Arc::new(ModelRegistry::new(resolver, args.device.open()?));
     let pipeline = Pipeline::new(registry, &models, args.fusion_weights.as_deref())?;
     pipeline.warm_up()?;
     let request = PipelineRequest {

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use embedfleet_cache::{CacheConfig, VectorCache};
 use embedfleet_fleet::fusion::FusionStage;
 use embedfleet_fleet::{BatchConfig, CoordinatorConfig, QueueConfig};
-use embedfleet_models::{catalogue, ModelSpec};
+use embedfleet_models::{catalogue, DeviceName, ModelSpec};
 
 /// Where NATS is.
 #[derive(Args, Debug, Clone)]
@@ -175,6 +175,11 @@ pub struct WorkerArgs {
     /// Directory with one checkpoint directory per model (`<dir>/minilm/config.json`, ...).
     #[arg(long, env = "EMBEDFLEET_MODELS_DIR")]
     pub model_dir: Option<PathBuf>,
+    /// Where the models run: `cpu`, or `cuda:N` in a CUDA build (`--features cuda`); one worker
+    /// per GPU (`embedfleet plan` says which models go where). A model that does not fit in the
+    /// GPU's free memory is refused at start.
+    #[arg(long, env = "EMBEDFLEET_DEVICE", default_value = "cpu")]
+    pub device: DeviceName,
     /// Most inputs in one forward batch.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub max_batch: u64,

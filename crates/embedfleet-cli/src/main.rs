@@ -27,6 +27,7 @@ mod models;
 mod pair_data;
 mod partial_cache;
 mod plan;
+mod plan_file;
 mod probe;
 mod quantized_search;
 mod serve;

@@ -1,5 +1,8 @@
 //! `embedfleet serve`: the whole fleet in one process — coordinator, fusion and a worker for
-//! the given models — on a given NATS, or on a child nats-server it starts itself.
+//! the given models — on a given NATS, or on a child nats-server it starts itself. With
+//! `--plan`, one worker per GPU of a placement plan (`embedfleet plan --format json`).
+
+use std::path::PathBuf;
 
 use clap::Args;
 
@@ -10,6 +13,7 @@ use embedfleet_fleet::worker::{ModelWorker, WorkerConfig};
 
 use crate::coordinator::{FUSION_BUILT, SERVING};
 use crate::fleet_args::{self, CacheArgs, CoordinatorArgs, QueueArgs, WorkerArgs};
+use crate::plan_file::{read_plan, DeviceGroup};
 use crate::http_args::{HttpArgs, RoleHttp};
 use crate::worker::{declare_queues, load_models, CONSUMERS_BOUND, MODELS_LOADED};
 
@@ -18,6 +22,11 @@ pub struct ServeArgs {
     /// Models to host and to run for requests that name none, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "minilm,mpnet")]
     models: Vec<String>,
+    /// A placement plan (`embedfleet plan --format json --out plan.json`): one worker per GPU
+    /// it uses, each hosting the models the plan put there; the plan's models are the default
+    /// set. Replaces --models and --device.
+    #[arg(long, conflicts_with = "models")]
+    plan: Option<PathBuf>,
     /// NATS server with JetStream. Without it, serve starts its own `nats-server -js` on a free
     /// loopback port with a temporary store, and prints its URL.
     #[arg(long, env = "EMBEDFLEET_NATS_URL")]
@@ -37,8 +46,24 @@ pub struct ServeArgs {
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let conditions = [MODELS_LOADED, CONSUMERS_BOUND, FUSION_BUILT, SERVING];
     let http = RoleHttp::start(&args.http, "serve", &conditions)?;
-    let specs = fleet_args::model_specs(&args.models)?;
-    let models = load_models(&args.models, &args.worker)?;
+    let groups = match &args.plan {
+        Some(path) => read_plan(path)?,
+        None => vec![DeviceGroup {
+            device: args.worker.device,
+            models: args.models.clone(),
+            dtypes: Vec::new(),
+        }],
+    };
+    let default_models = plan_models(&groups);
+    let specs = fleet_args::model_specs(&default_models)?;
+    let mut hosted = Vec::with_capacity(groups.len());
+    for group in &groups {
+        let worker = WorkerArgs {
+            device: group.device,
+            ..args.worker.clone()
+        };
+        hosted.push(load_models(&group.models, &worker)?);
+    }
     http.ready(MODELS_LOADED);
     let fusion = args.coordinator.fusion_stage(&specs)?;
     http.ready(FUSION_BUILT);
@@ -66,32 +91,37 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let queues = args.queues.config();
         let coordinator = Coordinator::new(
             coordinator_client.clone(),
-            args.coordinator.config(&args.models),
+            args.coordinator.config(&default_models),
             queues.clone(),
             cache,
             fusion,
         );
-        for model in &models {
+        for model in hosted.iter().flatten() {
             coordinator.prime_revision(model.spec().name, model.revision());
         }
-        declare_queues(&worker_client, &models, &queues).await?;
+        for models in &hosted {
+            declare_queues(&worker_client, models, &queues).await?;
+        }
         http.ready(CONSUMERS_BOUND);
         http.collect(CoordinatorCollector::new(&coordinator));
 
         // The workers stop only after the coordinator has answered everything it admitted,
         // since those answers need them.
         let stop_workers = tokio_util::sync::CancellationToken::new();
-        let worker = ModelWorker::new(
-            worker_client.clone(),
-            models,
-            WorkerConfig {
-                queues,
-                batch: args.worker.batch_config(),
-            },
-        )?;
-        http.collect(WorkerCollector::new(worker.stats()));
-        let worker = tokio::spawn(worker.run(stop_workers.clone()));
-        let detail = format!("models={}", args.models.join(","));
+        let mut workers = Vec::with_capacity(hosted.len());
+        for models in hosted {
+            let worker = ModelWorker::new(
+                worker_client.clone(),
+                models,
+                WorkerConfig {
+                    queues: queues.clone(),
+                    batch: args.worker.batch_config(),
+                },
+            )?;
+            http.collect(WorkerCollector::new(worker.stats()));
+            workers.push(tokio::spawn(worker.run(stop_workers.clone())));
+        }
+        let detail = format!("models={}", default_models.join(","));
         let served = coordinator
             .run(shutdown, || {
                 http.ready(SERVING);
@@ -99,14 +129,30 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             })
             .await;
         stop_workers.cancel();
-        let report = worker.await?;
+        let mut reports = Vec::with_capacity(workers.len());
+        for worker in workers {
+            reports.push(worker.await?);
+        }
         fleet_args::drain(coordinator_client).await;
         fleet_args::drain(worker_client).await;
         served?;
-        let report = report?;
-        tracing::info!(?report, "workers stopped");
+        for report in reports {
+            let report = report?;
+            tracing::info!(?report, "worker stopped");
+        }
         anyhow::Ok(())
     });
     drop(embedded);
     result
+}
+
+/// Every model of the plan once, in the order the plan names them.
+fn plan_models(groups: &[DeviceGroup]) -> Vec<String> {
+    let mut models: Vec<String> = Vec::new();
+    for model in groups.iter().flat_map(|group| &group.models) {
+        if !models.contains(model) {
+            models.push(model.clone());
+        }
+    }
+    models
 }

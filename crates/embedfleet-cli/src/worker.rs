@@ -6,7 +6,7 @@ use clap::Args;
 
 use embedfleet_fleet::metrics::{self, WorkerCollector};
 use embedfleet_fleet::worker::{ModelWorker, WorkerConfig};
-use embedfleet_models::{Device, EmbedOptions, EmbeddingModel, ModelRegistry, WeightResolver};
+use embedfleet_models::{EmbedOptions, EmbeddingModel, ModelRegistry, WeightResolver};
 use embedfleet_proto::{Input, Modality};
 
 use crate::fleet_args::{self, NatsArgs, QueueArgs, WorkerArgs};
@@ -37,14 +37,12 @@ pub fn load_models(
     worker: &WorkerArgs,
 ) -> anyhow::Result<Vec<Arc<dyn EmbeddingModel>>> {
     let specs = fleet_args::model_specs(names)?;
-    let registry = ModelRegistry::new(
-        WeightResolver::from_env(worker.model_dir.clone()),
-        Device::Cpu,
-    );
+    let device = worker.device.open()?;
+    let registry = ModelRegistry::new(WeightResolver::from_env(worker.model_dir.clone()), device);
     specs
         .iter()
         .map(|spec| {
-            eprintln!("embedfleet: loading {}", spec.name);
+            eprintln!("embedfleet: loading {} on {}", spec.name, worker.device);
             let started = std::time::Instant::now();
             let model = registry.get(spec.name).map_err(anyhow::Error::from)?;
             warm_up(model.as_ref())?;

@@ -47,13 +47,12 @@ pub enum WeightPrecision {
 
 /// Whether a CUDA driver and NVRTC can be loaded here. Never panics.
 pub fn cuda_available() -> Result<(), FusionError> {
-    // SAFETY: both only try to dlopen the library names cudarc itself would load.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+    if !driver_library_present() {
         return Err(FusionError::CudaUnavailable(
             "no CUDA driver library (libcuda) could be loaded".into(),
         ));
     }
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+    if !nvrtc_library_present() {
         return Err(FusionError::CudaUnavailable(
             "no NVRTC library (libnvrtc) could be loaded".into(),
         ));
@@ -61,11 +60,33 @@ pub fn cuda_available() -> Result<(), FusionError> {
     Ok(())
 }
 
+// Loaded at run time (this crate built on its own): cudarc panics when it first touches a
+// library that is absent, so look before touching.
+#[cfg(not(feature = "cuda-linked"))]
+fn driver_library_present() -> bool {
+    // SAFETY: only tries to dlopen the library names cudarc itself would load.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+#[cfg(not(feature = "cuda-linked"))]
+fn nvrtc_library_present() -> bool {
+    // SAFETY: as above.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+// Linked (built with candle's CUDA backend): the dynamic loader has already found both
+// libraries, or the process would not have started.
+#[cfg(feature = "cuda-linked")]
+fn driver_library_present() -> bool {
+    true
+}
+#[cfg(feature = "cuda-linked")]
+fn nvrtc_library_present() -> bool {
+    true
+}
+
 /// Compiles `kernels/fusemoe.cu` with NVRTC and returns the PTX. Needs only libnvrtc, no GPU
 /// or driver, so a machine with NVRTC can check the kernels without a device.
 pub fn compile_kernels() -> Result<String, FusionError> {
-    // SAFETY: only tries to dlopen the library names cudarc itself would load.
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+    if !nvrtc_library_present() {
         return Err(FusionError::CudaUnavailable(
             "no NVRTC library (libnvrtc) could be loaded".into(),
         ));

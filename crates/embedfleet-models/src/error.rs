@@ -53,6 +53,20 @@ pub enum ModelError {
     #[error("`{model}` ({architecture}) has no implementation in this build yet")]
     ArchitectureUnavailable { model: String, architecture: String },
 
+    #[error("device {device} is not usable: {reason}")]
+    DeviceUnavailable { device: String, reason: String },
+
+    #[error(
+        "`{model}` needs about {need_mib} MiB on {device}, which has {free_mib} MiB free \
+         (place it on another device, or pick a smaller --dtype)"
+    )]
+    DeviceMemory {
+        model: String,
+        device: String,
+        need_mib: u64,
+        free_mib: u64,
+    },
+
     #[error("tokenizing for `{model}` failed: {reason}")]
     Tokenize { model: String, reason: String },
 
@@ -73,9 +87,10 @@ impl ModelError {
             Self::EmptyInput { .. } => ErrorKind::EmptyInput,
             Self::InputTooLong { .. } | Self::InstructionTooLong { .. } => ErrorKind::InputTooLong,
             // The model exists in the catalogue but this node cannot serve it: another node may.
-            Self::WeightsNotFound { .. } | Self::ArchitectureUnavailable { .. } => {
-                ErrorKind::NoWorker
-            }
+            Self::WeightsNotFound { .. }
+            | Self::ArchitectureUnavailable { .. }
+            | Self::DeviceUnavailable { .. }
+            | Self::DeviceMemory { .. } => ErrorKind::NoWorker,
             Self::MissingFile { .. }
             | Self::CorruptWeights { .. }
             | Self::BadConfig { .. }

@@ -15,6 +15,7 @@
 //! - [`cpu_kernels`]: fused CPU kernels the shared encoder layer runs on.
 //! - [`decoder_kernels`]: CPU kernels of the decoder layer (RMSNorm, RoPE, SwiGLU, causal GQA).
 //! - [`tokenize`], [`pooling`]: shared steps around the encoders.
+//! - [`device`]: `cpu` / `cuda:N`, and the free-memory check before a GPU load.
 //! - [`error`]: [`ModelError`] and its wire codes.
 
 pub mod arch;
@@ -22,6 +23,7 @@ pub mod catalogue;
 pub mod cpu_kernels;
 pub mod decoder_embedder;
 pub mod decoder_kernels;
+pub mod device;
 pub mod error;
 pub mod model;
 pub mod packed;
@@ -36,6 +38,7 @@ pub mod tokenize;
 pub use candle_core::Device;
 pub use catalogue::{ModelSpec, Pooling, CATALOGUE};
 pub use decoder_embedder::DecoderEmbedder;
+pub use device::DeviceName;
 pub use error::ModelError;
 pub use model::{EmbedOptions, EmbeddingModel, ModelEmbedding, ModelInput};
 pub use registry::ModelRegistry;

@@ -85,6 +85,60 @@ impl PackedBatch {
         Tensor::from_vec(rows, self.sequences(), device)
     }
 
+    /// For a `[sequences, max_len]` padded layout: the packed row each slot takes, or
+    /// `pad_row` for slots past a sequence's end.
+    pub fn padded_rows(&self, pad_row: u32) -> Vec<u32> {
+        let len = self.max_len();
+        let mut rows = vec![pad_row; self.sequences() * len];
+        for s in 0..self.sequences() {
+            for (p, row) in rows[s * len..][..self.len_of(s)].iter_mut().enumerate() {
+                *row = (self.offsets[s] + p) as u32;
+            }
+        }
+        rows
+    }
+
+    /// The inverse of [`Self::padded_rows`]: for each packed row, its slot in the padded layout.
+    pub fn unpadded_slots(&self) -> Vec<u32> {
+        let len = self.max_len();
+        (0..self.sequences())
+            .flat_map(|s| (0..self.len_of(s)).map(move |p| (s * len + p) as u32))
+            .collect()
+    }
+
+    /// The sequences `range` as a batch of their own, for running a large batch in parts.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> PackedBatch {
+        let (start, end) = (self.offsets[range.start], self.offsets[range.end]);
+        PackedBatch {
+            ids: self.ids[start..end].to_vec(),
+            offsets: self.offsets[range.start..=range.end]
+                .iter()
+                .map(|o| o - start)
+                .collect(),
+        }
+    }
+
+    /// Consecutive runs of sequences whose padded score tensors (`heads × count × max_len²`)
+    /// stay within `budget` elements; a sequence too long for the budget alone gets a run.
+    pub fn groups_within(&self, heads: usize, budget: usize) -> Vec<std::ops::Range<usize>> {
+        let mut groups = Vec::new();
+        let (mut start, mut longest) = (0, 0);
+        for s in 0..self.sequences() {
+            let candidate = longest.max(self.len_of(s));
+            if s > start && heads * (s + 1 - start) * candidate * candidate > budget {
+                groups.push(start..s);
+                start = s;
+                longest = self.len_of(s);
+            } else {
+                longest = candidate;
+            }
+        }
+        if start < self.sequences() {
+            groups.push(start..self.sequences());
+        }
+        groups
+    }
+
     /// Row index of each sequence's last token.
     pub fn last_rows(&self, device: &Device) -> Result<Tensor> {
         let rows: Vec<u32> = self.offsets[1..].iter().map(|&o| o as u32 - 1).collect();
@@ -196,47 +250,84 @@ pub fn packed_attention_f32(
     context
 }
 
-/// The device-generic path (GPU, or non-f32 dtypes): the same computation in tensor ops, one
-/// sequence at a time.
+/// Most attention scores (`sequences × heads × max_len²`) one padded pass holds: 64 Mi elements,
+/// 256 MiB in f32. Longer batches run in groups of sequences.
+const PADDED_SCORES_BUDGET: usize = 64 << 20;
+
+/// The device-generic path (GPU, or non-f32 dtypes): the sequences gathered into a padded
+/// `[sequences, heads, max_len, head_dim]` layout, so each group of sequences is a handful of
+/// batched products instead of a loop (kernel launches, not FLOPs, bound a GPU on short
+/// inputs); padded keys are masked, padded query rows dropped on the way back.
 fn packed_attention_tensor_ops(
     qkv: &Tensor,
     batch: &PackedBatch,
     heads: usize,
     bias: Option<&RelativeBias>,
 ) -> Result<Tensor> {
-    let (_, width) = qkv.dims2()?;
-    let hidden = width / 3;
-    let head_dim = hidden / heads;
-    let scale = 1.0 / (head_dim as f64).sqrt();
-    let mut contexts = Vec::with_capacity(batch.sequences());
-    for s in 0..batch.sequences() {
-        let len = batch.len_of(s);
-        let rows = qkv.narrow(0, batch.offsets[s], len)?;
-        let split = |part: usize| -> Result<Tensor> {
-            rows.narrow(1, part * hidden, hidden)?
-                .reshape((len, heads, head_dim))?
-                .transpose(0, 1)?
-                .contiguous()
-        };
-        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-        let mut scores = (q.matmul(&k.t()?)? * scale)?;
-        if let Some(bias) = bias {
-            let mut values = vec![0f32; heads * len * len];
-            for head in 0..heads {
-                for i in 0..len {
-                    for j in 0..len {
-                        values[(head * len + i) * len + j] = bias.get(head, i, j);
-                    }
-                }
-            }
-            let bias = Tensor::from_vec(values, (heads, len, len), qkv.device())?
-                .to_dtype(scores.dtype())?;
-            scores = (scores + bias)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        contexts.push(probs.matmul(&v)?.transpose(0, 1)?.reshape((len, hidden))?);
+    let groups = batch.groups_within(heads, PADDED_SCORES_BUDGET);
+    if groups.len() == 1 {
+        return padded_attention(qkv, batch, heads, bias);
+    }
+    let mut contexts = Vec::with_capacity(groups.len());
+    for group in groups {
+        let rows = batch.offsets[group.start]..batch.offsets[group.end];
+        let part = qkv.narrow(0, rows.start, rows.len())?;
+        contexts.push(padded_attention(&part, &batch.slice(group), heads, bias)?);
     }
     Tensor::cat(&contexts, 0)
+}
+
+fn padded_attention(
+    qkv: &Tensor,
+    batch: &PackedBatch,
+    heads: usize,
+    bias: Option<&RelativeBias>,
+) -> Result<Tensor> {
+    let (tokens, width) = qkv.dims2()?;
+    let (hidden, device) = (width / 3, qkv.device());
+    let head_dim = hidden / heads;
+    let (sequences, len) = (batch.sequences(), batch.max_len());
+    // Padding slots gather an all-zero row appended after the real ones.
+    let source = Tensor::cat(&[qkv, &Tensor::zeros((1, width), qkv.dtype(), device)?], 0)?;
+    let gather = Tensor::from_vec(batch.padded_rows(tokens as u32), sequences * len, device)?;
+    let padded = source
+        .index_select(&gather, 0)?
+        .reshape((sequences, len, width))?;
+    let split = |part: usize| -> Result<Tensor> {
+        padded
+            .narrow(2, part * hidden, hidden)?
+            .reshape((sequences, len, heads, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let mut scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+    if let Some(bias) = bias {
+        let mut values = vec![0f32; heads * len * len];
+        for head in 0..heads {
+            for i in 0..len {
+                for j in 0..len {
+                    values[(head * len + i) * len + j] = bias.get(head, i, j);
+                }
+            }
+        }
+        let bias = Tensor::from_vec(values, (1, heads, len, len), device)?.to_dtype(scores.dtype())?;
+        scores = scores.broadcast_add(&bias)?;
+    }
+    // Keys past a sequence's end get -inf; every query row keeps at least its first key.
+    let mut mask = vec![0f32; sequences * len];
+    for s in 0..sequences {
+        mask[s * len + batch.len_of(s)..(s + 1) * len].fill(f32::NEG_INFINITY);
+    }
+    let mask = Tensor::from_vec(mask, (sequences, 1, 1, len), device)?.to_dtype(scores.dtype())?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+    let context = probs
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .reshape((sequences * len, hidden))?;
+    let keep = Tensor::from_vec(batch.unpadded_slots(), tokens, device)?;
+    context.index_select(&keep, 0)
 }
 
 #[cfg(test)]
@@ -279,6 +370,33 @@ mod tests {
             for (a, b) in fast.iter().flatten().zip(reference.iter().flatten()) {
                 assert!((a - b).abs() < 1e-5, "{a} vs {b}");
             }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn padded_groups_match_one_pass_and_cover_every_sequence() -> Result<()> {
+        let batch = PackedBatch::new(&[vec![1; 9], vec![2; 6], vec![3; 6], vec![4; 2], vec![5; 1]]);
+        let groups = batch.groups_within(2, 2 * 2 * 9 * 9);
+        assert_eq!(groups, vec![0..2, 2..5]);
+        assert_eq!(batch.slice(2..5).offsets, [0, 6, 8, 9]);
+        let (heads, hidden) = (2, 16);
+        let qkv = Tensor::from_vec(
+            random(batch.tokens() * 3 * hidden, 5),
+            (batch.tokens(), 3 * hidden),
+            &Device::Cpu,
+        )?;
+        let whole = padded_attention(&qkv, &batch, heads, None)?.to_vec2::<f32>()?;
+        let parts = [0..2, 2..5]
+            .into_iter()
+            .map(|group| {
+                let rows = batch.offsets[group.start]..batch.offsets[group.end];
+                padded_attention(&qkv.narrow(0, rows.start, rows.len())?, &batch.slice(group), heads, None)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let parts = Tensor::cat(&parts, 0)?.to_vec2::<f32>()?;
+        for (a, b) in whole.iter().flatten().zip(parts.iter().flatten()) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
         }
         Ok(())
     }

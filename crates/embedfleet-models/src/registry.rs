@@ -10,6 +10,7 @@ use once_cell::sync::OnceCell;
 
 use crate::catalogue::{self, Architecture, ModelSpec};
 use crate::decoder_embedder::DecoderEmbedder;
+use crate::device::check_fits;
 use crate::error::ModelError;
 use crate::model::EmbeddingModel;
 use crate::resolve::WeightResolver;
@@ -73,27 +74,48 @@ pub fn lookup(name: &str) -> Result<&'static ModelSpec, ModelError> {
     })
 }
 
+/// Device memory a load may use beyond its weights: the activations of one forward pass at the
+/// token budget ([`crate::text::MAX_TOKENS_PER_FORWARD`]) and the allocator's slack. The placement
+/// planner (`embedfleet plan`) models this per architecture; here a flat margin is enough to
+/// refuse a load that cannot fit before it starts.
+const ACTIVATION_MARGIN_BYTES: u64 = 512 << 20;
+
 fn load(
     spec: &'static ModelSpec,
     resolver: &WeightResolver,
     device: &Device,
 ) -> Result<Arc<dyn EmbeddingModel>, ModelError> {
-    match spec.architecture {
-        Architecture::Bert | Architecture::Roberta | Architecture::MpNet => {
-            let files = resolver.resolve(spec)?;
-            Ok(Arc::new(TextEmbedder::load(spec, &files, device)?))
-        }
-        Architecture::T5Encoder => {
-            let files = resolver.resolve(spec)?;
-            Ok(Arc::new(T5Embedder::load(spec, &files, device)?))
-        }
-        Architecture::Mistral => {
-            let files = resolver.resolve(spec)?;
-            Ok(Arc::new(DecoderEmbedder::load(spec, &files, device)?))
-        }
-        other => Err(ModelError::ArchitectureUnavailable {
+    let runs = matches!(
+        spec.architecture,
+        Architecture::Bert
+            | Architecture::Roberta
+            | Architecture::MpNet
+            | Architecture::T5Encoder
+            | Architecture::Mistral
+    );
+    if !runs {
+        return Err(ModelError::ArchitectureUnavailable {
             model: spec.name.to_string(),
-            architecture: format!("{other:?}"),
-        }),
+            architecture: format!("{:?}", spec.architecture),
+        });
+    }
+    let files = resolver.resolve(spec)?;
+    if !device.is_cpu() {
+        let need = files.weights.parameters()? * bytes_per_parameter(spec, device)
+            + ACTIVATION_MARGIN_BYTES;
+        check_fits(spec.name, device, need)?;
+    }
+    Ok(match spec.architecture {
+        Architecture::T5Encoder => Arc::new(T5Embedder::load(spec, &files, device)?),
+        Architecture::Mistral => Arc::new(DecoderEmbedder::load(spec, &files, device)?),
+        _ => Arc::new(TextEmbedder::load(spec, &files, device)?),
+    })
+}
+
+/// Bytes a weight takes once loaded: the decoder runs in bf16 off the CPU, the encoders in f32.
+fn bytes_per_parameter(spec: &ModelSpec, device: &Device) -> u64 {
+    match spec.architecture {
+        Architecture::Mistral => crate::arch::mistral::runtime_dtype(device).size_in_bytes() as u64,
+        _ => 4,
     }
 }

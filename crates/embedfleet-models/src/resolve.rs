@@ -53,6 +53,16 @@ impl WeightFiles {
         &self.paths()[0]
     }
 
+    /// How many numbers the weights hold, read from the safetensors headers (no tensor is
+    /// read); a PyTorch pickle is counted from its size as f32. Used to check a load against a
+    /// device's free memory before it starts.
+    pub fn parameters(&self) -> Result<u64, ModelError> {
+        match self {
+            WeightFiles::Safetensors(paths) => paths.iter().map(|path| count_parameters(path)).sum(),
+            WeightFiles::PytorchBin(path) => Ok(file_size(path)? / 4),
+        }
+    }
+
     /// A `VarBuilder` over all the weights, converting to `dtype` on load.
     pub fn var_builder(
         &self,
@@ -477,4 +487,31 @@ mod tests {
         assert_eq!(snapshot_revision(path).as_deref(), Some("0123abcd"));
         assert_eq!(snapshot_revision(Path::new("/tmp/model.safetensors")), None);
     }
+}
+
+fn file_size(path: &Path) -> Result<u64, ModelError> {
+    std::fs::metadata(path)
+        .map(|m| m.len())
+        .map_err(|e| ModelError::MissingFile {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+}
+
+/// Elements of every tensor in one safetensors file, from its header alone.
+fn count_parameters(path: &Path) -> Result<u64, ModelError> {
+    let corrupt = |reason: String| ModelError::CorruptWeights {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = std::fs::File::open(path).map_err(|e| corrupt(e.to_string()))?;
+    // SAFETY: read-only map of an immutable checkpoint, as in `var_builder`.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| corrupt(e.to_string()))?;
+    let (_, metadata) =
+        safetensors::SafeTensors::read_metadata(&map).map_err(|e| corrupt(e.to_string()))?;
+    Ok(metadata
+        .tensors()
+        .values()
+        .map(|info| info.shape.iter().product::<usize>() as u64)
+        .sum())
 }

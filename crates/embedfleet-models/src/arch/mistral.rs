@@ -338,9 +338,35 @@ impl TensorLayer {
     }
 }
 
-/// Causal grouped-query attention in tensor ops: per sequence, RoPE, repeated KV heads, an
-/// additive causal (and sliding-window) mask.
+/// Most attention scores (`sequences × q_heads × max_len²`) one padded pass holds (256 MiB in
+/// f32); longer batches run in groups of sequences.
+const PADDED_SCORES_BUDGET: usize = 64 << 20;
+
+/// Causal grouped-query attention in tensor ops: the sequences gathered into a right-padded
+/// `[sequences, heads, max_len, head_dim]` layout (batched products, not a loop: on a GPU kernel
+/// launches bound short inputs), RoPE, repeated KV heads, an additive causal (and
+/// sliding-window) mask. Right padding needs no key mask under a causal one; padded query rows
+/// are dropped on the way back.
 fn tensor_attention(
+    qkv: &Tensor,
+    batch: &PackedBatch,
+    rope: &(Tensor, Tensor),
+    shape: AttentionShape,
+) -> Result<Tensor> {
+    let groups = batch.groups_within(shape.q_heads, PADDED_SCORES_BUDGET);
+    if groups.len() == 1 {
+        return padded_attention(qkv, batch, rope, shape);
+    }
+    let mut contexts = Vec::with_capacity(groups.len());
+    for group in groups {
+        let rows = batch.offsets[group.start]..batch.offsets[group.end];
+        let part = qkv.narrow(0, rows.start, rows.len())?;
+        contexts.push(padded_attention(&part, &batch.slice(group), rope, shape)?);
+    }
+    Tensor::cat(&contexts, 0)
+}
+
+fn padded_attention(
     qkv: &Tensor,
     batch: &PackedBatch,
     (cos, sin): &(Tensor, Tensor),
@@ -352,50 +378,51 @@ fn tensor_attention(
         head_dim,
         window,
     } = shape;
+    let (tokens, width) = qkv.dims2()?;
+    let device = qkv.device();
+    let (sequences, len) = (batch.sequences(), batch.max_len());
     let group = q_heads / kv_heads;
     let scale = 1.0 / (head_dim as f64).sqrt();
-    let mut contexts = Vec::with_capacity(batch.sequences());
-    for s in 0..batch.sequences() {
-        let len = batch.len_of(s);
-        let rows = qkv.narrow(0, batch.offsets[s], len)?;
-        let heads = |offset: usize, count: usize| -> Result<Tensor> {
-            rows.narrow(1, offset * head_dim, count * head_dim)?
-                .reshape((len, count, head_dim))?
-                .transpose(0, 1)?
-                .unsqueeze(0)?
-                .contiguous()
-        };
-        let (cos, sin) = (cos.narrow(0, 0, len)?, sin.narrow(0, 0, len)?);
-        let q = candle_nn::rotary_emb::rope(&heads(0, q_heads)?, &cos, &sin)?;
-        let k = candle_nn::rotary_emb::rope(&heads(q_heads, kv_heads)?, &cos, &sin)?;
-        let v = heads(q_heads + kv_heads, kv_heads)?;
-        let repeat = |t: Tensor| -> Result<Tensor> {
-            t.unsqueeze(2)?
-                .expand((1, kv_heads, group, len, head_dim))?
-                .reshape((1, q_heads, len, head_dim))
-        };
-        let (k, v) = (repeat(k)?, repeat(v)?);
-        let mut mask = vec![0f32; len * len];
-        for i in 0..len {
-            for j in 0..len {
-                let visible = j <= i && window.is_none_or(|w| j + w > i);
-                if !visible {
-                    mask[i * len + j] = f32::NEG_INFINITY;
-                }
+    let source = Tensor::cat(&[qkv, &Tensor::zeros((1, width), qkv.dtype(), device)?], 0)?;
+    let gather = Tensor::from_vec(batch.padded_rows(tokens as u32), sequences * len, device)?;
+    let padded = source
+        .index_select(&gather, 0)?
+        .reshape((sequences, len, width))?;
+    let heads = |offset: usize, count: usize| -> Result<Tensor> {
+        padded
+            .narrow(2, offset * head_dim, count * head_dim)?
+            .reshape((sequences, len, count, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let (cos, sin) = (cos.narrow(0, 0, len)?, sin.narrow(0, 0, len)?);
+    let q = candle_nn::rotary_emb::rope(&heads(0, q_heads)?, &cos, &sin)?;
+    let k = candle_nn::rotary_emb::rope(&heads(q_heads, kv_heads)?, &cos, &sin)?;
+    let v = heads(q_heads + kv_heads, kv_heads)?;
+    let repeat = |t: Tensor| -> Result<Tensor> {
+        t.unsqueeze(2)?
+            .expand((sequences, kv_heads, group, len, head_dim))?
+            .reshape((sequences, q_heads, len, head_dim))
+    };
+    let (k, v) = (repeat(k)?, repeat(v)?);
+    let mut mask = vec![0f32; len * len];
+    for i in 0..len {
+        for j in 0..len {
+            let visible = j <= i && window.is_none_or(|w| j + w > i);
+            if !visible {
+                mask[i * len + j] = f32::NEG_INFINITY;
             }
         }
-        let mask = Tensor::from_vec(mask, (len, len), qkv.device())?.to_dtype(q.dtype())?;
-        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        contexts.push(
-            probs
-                .matmul(&v)?
-                .squeeze(0)?
-                .transpose(0, 1)?
-                .reshape((len, q_heads * head_dim))?,
-        );
     }
-    Tensor::cat(&contexts, 0)
+    let mask = Tensor::from_vec(mask, (1, 1, len, len), device)?.to_dtype(q.dtype())?;
+    let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&mask)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let context = probs
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .reshape((sequences * len, q_heads * head_dim))?;
+    let keep = Tensor::from_vec(batch.unpadded_slots(), tokens, device)?;
+    context.index_select(&keep, 0)
 }
 
 /// The sizes every layer's forward needs.
