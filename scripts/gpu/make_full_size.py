@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-# The real models' shapes (from their config.json on the hub).
+# The real models' shapes (from their config.json on the hub). Every size field the templates
+# set is overridden here: a template's own (tiny) value left in place makes a different model.
 BERT_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                   intermediate_size=4096, vocab_size=30522, max_position_embeddings=512,
                   type_vocab_size=2)
@@ -49,9 +50,9 @@ SHAPES = {
                                    relative_attention_max_distance=128)),
     "e5-mistral": ("mistral", dict(hidden_size=4096, num_hidden_layers=32,
                                    num_attention_heads=32, num_key_value_heads=8,
-                                   intermediate_size=14336, vocab_size=32000,
+                                   head_dim=128, intermediate_size=14336, vocab_size=32000,
                                    max_position_embeddings=32768, rope_theta=10000.0,
-                                   rms_norm_eps=1e-5, sliding_window=None)),
+                                   rms_norm_eps=1e-5, sliding_window=4096)),
 }
 # The sentence-transformers Dense head of the T5 models maps to this width.
 DENSE_OUT = 768
