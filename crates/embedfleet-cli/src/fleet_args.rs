@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use embedfleet_cache::{CacheConfig, VectorCache};
 use embedfleet_fleet::fusion::FusionStage;
+use embedfleet_fleet::fusion_device::FusionDevice;
 use embedfleet_fleet::{BatchConfig, CoordinatorConfig, QueueConfig};
 use embedfleet_models::{catalogue, DeviceName, ModelSpec};
 
@@ -79,6 +80,10 @@ pub struct CoordinatorArgs {
     /// weights every node shares.
     #[arg(long, env = "EMBEDFLEET_FUSION_WEIGHTS")]
     pub fusion_weights: Option<PathBuf>,
+    /// Where FuseMoE runs: `cpu`, or `cuda:N` in a CUDA build; without a usable GPU at start the
+    /// coordinator says so and fuses on the CPU.
+    #[arg(long, env = "EMBEDFLEET_FUSION_DEVICE", default_value = "cpu")]
+    pub fusion_device: DeviceName,
 }
 
 impl CoordinatorArgs {
@@ -117,7 +122,8 @@ impl CoordinatorArgs {
             Some(path) => FusionStage::from_file(path, default_models)
                 .with_context(|| format!("fusion weights {}", path.display()))?,
             None => FusionStage::seeded(),
-        };
+        }
+        .with_device(FusionDevice::open(self.fusion_device));
         stage
             .layer(default_models)
             .map_err(|e| anyhow::anyhow!("fusion layer: {e}"))?;

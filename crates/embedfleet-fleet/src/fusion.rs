@@ -19,6 +19,8 @@ use std::sync::{Arc, Mutex};
 
 use embedfleet_fusion::weights::tensor_specs;
 use embedfleet_fusion::{FuseMoe, FuseMoeConfig, FusedEmbedding, FusionError};
+
+use crate::fusion_device::FusionDevice;
 use embedfleet_models::ModelSpec;
 use embedfleet_proto::{ErrorKind, ProtoError};
 
@@ -81,6 +83,8 @@ pub struct FusionStage {
     budget_bytes: usize,
     /// Seeded layers built so far.
     builds: AtomicU64,
+    /// Where the layers run.
+    device: Arc<FusionDevice>,
 }
 
 impl FusionStage {
@@ -92,7 +96,19 @@ impl FusionStage {
             seeded: Mutex::default(),
             budget_bytes: DEFAULT_LAYER_BUDGET_BYTES,
             builds: AtomicU64::new(0),
+            device: Arc::new(FusionDevice::cpu()),
         }
+    }
+
+    /// The same stage fusing on `device` (`--fusion-device`).
+    pub fn with_device(mut self, device: FusionDevice) -> Self {
+        self.device = Arc::new(device);
+        self
+    }
+
+    /// Where this stage fuses.
+    pub fn device(&self) -> Arc<FusionDevice> {
+        self.device.clone()
     }
 
     /// The same stage with another bound on the seeded layers' bytes.
@@ -116,6 +132,7 @@ impl FusionStage {
             seeded: Mutex::default(),
             budget_bytes: DEFAULT_LAYER_BUDGET_BYTES,
             builds: AtomicU64::new(0),
+            device: Arc::new(FusionDevice::cpu()),
         })
     }
 
@@ -241,10 +258,11 @@ impl FusionStage {
 /// Fuses rows of partials (one slot per model of the layer, `None` where a model does not take
 /// the input), mapping a fusion failure onto the wire.
 pub fn fuse_rows(
-    layer: &FuseMoe,
+    device: &FusionDevice,
+    layer: &Arc<FuseMoe>,
     rows: &[Vec<Option<&[f32]>>],
 ) -> Result<Vec<FusedEmbedding>, ProtoError> {
-    layer.fuse_batch(rows).map_err(|e| {
+    device.fuse_batch(layer, rows).map_err(|e| {
         if e.is_bad_input() {
             ProtoError::bad_request(format!("fusion: {e}"))
         } else {

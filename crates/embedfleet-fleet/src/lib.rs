@@ -7,7 +7,8 @@
 //!   job per model, gather, fuse, reply.
 //! - [`worker`]: a model worker: pulls one model's jobs from JetStream, batches, embeds,
 //!   publishes partials, acks.
-//! - [`fusion`]: the fusion stage, FuseMoE per active model set (in the coordinator process).
+//! - [`fusion`]: the fusion stage, FuseMoE per active model set (in the coordinator process);
+//!   [`fusion_device`]: where it runs (CPU, or a GPU with the CPU as the fallback).
 //! - [`plan`]: request planning shared by the pipeline and the coordinator (model set,
 //!   modality check; the layer build is [`fusion::build_layer`]).
 //! - [`job`]: what the roles say to each other; [`queues`]: the JetStream stream and consumers;
@@ -20,6 +21,7 @@ pub mod config;
 pub mod coordinator;
 pub mod embedded_nats;
 pub mod fusion;
+pub mod fusion_device;
 pub mod http;
 pub mod job;
 pub mod metrics;

@@ -229,12 +229,13 @@ impl Coordinator {
             // FuseMoE costs milliseconds per row on a CPU: a blocking thread, with the table
             // moved there and back rather than copied.
             let (task_layer, rows_of) = (layer.clone(), open.clone());
+            let device = self.fusion.device();
             let started = Instant::now();
             let (table, results) = tokio::task::spawn_blocking(move || {
                 let _timer = crate::metrics::global().fusion_timer();
                 let rows: Vec<Vec<Option<&[f32]>>> =
                     rows_of.iter().map(|&i| partials.row(i, &slot_of)).collect();
-                let results = fuse_rows(&task_layer, &rows);
+                let results = fuse_rows(&device, &task_layer, &rows);
                 drop(rows);
                 (partials, results)
             })
