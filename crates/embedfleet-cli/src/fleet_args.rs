@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use embedfleet_cache::{CacheConfig, VectorCache};
 use embedfleet_fleet::fusion::FusionStage;
 use embedfleet_fleet::{BatchConfig, CoordinatorConfig, QueueConfig};
-use embedfleet_models::{catalogue, ModelSpec};
+use embedfleet_models::{catalogue, ModelDtypes, ModelSpec};
 
 /// Where NATS is.
 #[derive(Args, Debug, Clone)]
@@ -175,6 +175,11 @@ pub struct WorkerArgs {
     /// Directory with one checkpoint directory per model (`<dir>/minilm/config.json`, ...).
     #[arg(long, env = "EMBEDFLEET_MODELS_DIR")]
     pub model_dir: Option<PathBuf>,
+    /// Weight dtype (f32, f16, bf16, q8_0, q4k) of every model (`q8_0`), per model
+    /// (`e5-mistral=q4k,minilm=f32`, as `embedfleet plan` prints it), or both (`f32,e5-mistral=q4k`).
+    /// q8_0/q4k quantise the linear layers at load. Default: f32 on a CPU. T5 refuses f16.
+    #[arg(long)]
+    pub dtype: Option<ModelDtypes>,
     /// Most inputs in one forward batch.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub max_batch: u64,

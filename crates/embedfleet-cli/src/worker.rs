@@ -40,11 +40,16 @@ pub fn load_models(
     let registry = ModelRegistry::new(
         WeightResolver::from_env(worker.model_dir.clone()),
         Device::Cpu,
-    );
+    )
+    .with_dtypes(worker.dtype.clone().unwrap_or_default());
     specs
         .iter()
         .map(|spec| {
-            eprintln!("embedfleet: loading {}", spec.name);
+            eprintln!(
+                "embedfleet: loading {} ({})",
+                spec.name,
+                registry.dtype_of(spec)
+            );
             let started = std::time::Instant::now();
             let model = registry.get(spec.name).map_err(anyhow::Error::from)?;
             warm_up(model.as_ref())?;

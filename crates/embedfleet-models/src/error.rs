@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use embedfleet_proto::{ErrorKind, Modality};
 
+use crate::dtype::Dtype;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("unknown model `{name}` (known: {known})")]
@@ -53,6 +55,13 @@ pub enum ModelError {
     #[error("`{model}` ({architecture}) has no implementation in this build yet")]
     ArchitectureUnavailable { model: String, architecture: String },
 
+    #[error("`{model}` cannot run at {dtype}: {reason}")]
+    UnsupportedDtype {
+        model: String,
+        dtype: Dtype,
+        reason: String,
+    },
+
     #[error("tokenizing for `{model}` failed: {reason}")]
     Tokenize { model: String, reason: String },
 
@@ -73,9 +82,9 @@ impl ModelError {
             Self::EmptyInput { .. } => ErrorKind::EmptyInput,
             Self::InputTooLong { .. } | Self::InstructionTooLong { .. } => ErrorKind::InputTooLong,
             // The model exists in the catalogue but this node cannot serve it: another node may.
-            Self::WeightsNotFound { .. } | Self::ArchitectureUnavailable { .. } => {
-                ErrorKind::NoWorker
-            }
+            Self::WeightsNotFound { .. }
+            | Self::ArchitectureUnavailable { .. }
+            | Self::UnsupportedDtype { .. } => ErrorKind::NoWorker,
             Self::MissingFile { .. }
             | Self::CorruptWeights { .. }
             | Self::BadConfig { .. }

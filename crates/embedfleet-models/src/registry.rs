@@ -1,5 +1,5 @@
 //! Loaded models by name: each loads on first use, exactly once even when many threads ask at
-//! the same moment, and is shared from then on.
+//! the same moment, and is shared from then on, at the dtype `--dtype` gave it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,6 +10,7 @@ use once_cell::sync::OnceCell;
 
 use crate::catalogue::{self, Architecture, ModelSpec};
 use crate::decoder_embedder::DecoderEmbedder;
+use crate::dtype::{Dtype, ModelDtypes};
 use crate::error::ModelError;
 use crate::model::EmbeddingModel;
 use crate::resolve::WeightResolver;
@@ -21,6 +22,8 @@ type Slot = Arc<OnceCell<Arc<dyn EmbeddingModel>>>;
 pub struct ModelRegistry {
     resolver: WeightResolver,
     device: Device,
+    /// The dtype of each model; by default the device's (f32 on a CPU).
+    dtypes: ModelDtypes,
     /// One cell per model name. The map lock is held only to find the cell; the load itself runs
     /// under the cell, so loading one model never blocks users of another.
     slots: Mutex<HashMap<&'static str, Slot>>,
@@ -33,9 +36,21 @@ impl ModelRegistry {
         Self {
             resolver,
             device,
+            dtypes: ModelDtypes::default(),
             slots: Mutex::default(),
             loads: AtomicUsize::new(0),
         }
+    }
+
+    /// Loads each model at the dtype `dtypes` gives it.
+    pub fn with_dtypes(mut self, dtypes: ModelDtypes) -> Self {
+        self.dtypes = dtypes;
+        self
+    }
+
+    /// The dtype `name` loads (or was loaded) at.
+    pub fn dtype_of(&self, spec: &ModelSpec) -> Dtype {
+        self.dtypes.for_model(spec, self.device.is_cpu())
     }
 
     /// The model, loading it if this is the first call. A failed load is not remembered, so a
@@ -47,10 +62,11 @@ impl ModelRegistry {
             slots.entry(spec.name).or_default().clone()
         };
         slot.get_or_try_init(|| {
-            let model = load(spec, &self.resolver, &self.device)?;
+            let model = load(spec, &self.resolver, &self.device, self.dtype_of(spec))?;
             self.loads.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
                 model = spec.name,
+                dtype = %model.dtype(),
                 revision = model.revision(),
                 "model loaded"
             );
@@ -77,19 +93,20 @@ fn load(
     spec: &'static ModelSpec,
     resolver: &WeightResolver,
     device: &Device,
+    dtype: Dtype,
 ) -> Result<Arc<dyn EmbeddingModel>, ModelError> {
     match spec.architecture {
         Architecture::Bert | Architecture::Roberta | Architecture::MpNet => {
             let files = resolver.resolve(spec)?;
-            Ok(Arc::new(TextEmbedder::load(spec, &files, device)?))
+            Ok(Arc::new(TextEmbedder::load_at(spec, &files, device, dtype)?))
         }
         Architecture::T5Encoder => {
             let files = resolver.resolve(spec)?;
-            Ok(Arc::new(T5Embedder::load(spec, &files, device)?))
+            Ok(Arc::new(T5Embedder::load_at(spec, &files, device, dtype)?))
         }
         Architecture::Mistral => {
             let files = resolver.resolve(spec)?;
-            Ok(Arc::new(DecoderEmbedder::load(spec, &files, device)?))
+            Ok(Arc::new(DecoderEmbedder::load_at(spec, &files, device, dtype)?))
         }
         other => Err(ModelError::ArchitectureUnavailable {
             model: spec.name.to_string(),
