@@ -139,6 +139,7 @@ impl MpNetModel {
                 (buckets, cfg.num_attention_heads),
                 "encoder.relative_attention_bias.weight",
             )?
+            .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
         let max_offset = cfg.max_position_embeddings;
