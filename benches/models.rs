@@ -14,6 +14,10 @@
 //! T5 path's own cost (kernels, packing, instruction handling) from change to change, and say
 //! nothing about instructor-xl's or sentence-t5-xxl's real speed.
 //!
+//! `per_model_dtype` runs minilm and mpnet at every weight dtype (`<model>/<dtype>/single` and
+//! `/batch32`): f32 on the packed CPU kernels, f16/bf16/q8_0/q4k on candle tensor ops and its
+//! quantised matmul. What each costs in quality: docs/benchmarks.md, "Quantised weights".
+//!
 //! `e5-mistral` has no real weights here: its groups run the decoder on the small random fixture
 //! checkpoint (`e5-mistral-fixture`, labelled so: its speed says nothing about a 7B model) and on
 //! SmolLM2-135M, a real Llama in the e5-mistral slot when `scripts/fetch-models.sh` made it
@@ -26,13 +30,17 @@ use embedfleet_benches::{models_dir, sentences};
 use embedfleet_models::arch::mistral::{MistralConfig, MistralModel};
 use embedfleet_models::packed::PackedBatch;
 use embedfleet_models::{
-    catalogue, DecoderEmbedder, Device, EmbedOptions, EmbeddingModel, ModelInput, T5Embedder,
-    TextEmbedder, WeightResolver,
+    catalogue, DecoderEmbedder, Device, Dtype, EmbedOptions, EmbeddingModel, ModelInput,
+    T5Embedder, TextEmbedder, WeightResolver,
 };
 
 const BATCH: usize = 32;
 
 fn load(name: &str) -> TextEmbedder {
+    load_at(name, Dtype::F32)
+}
+
+fn load_at(name: &str, dtype: Dtype) -> TextEmbedder {
     let spec = catalogue::find(name).expect("catalogue model");
     let resolver = WeightResolver {
         models_dir: Some(models_dir()),
@@ -41,7 +49,41 @@ fn load(name: &str) -> TextEmbedder {
     let files = resolver
         .resolve(spec)
         .unwrap_or_else(|e| panic!("{e}\nrun scripts/fetch-models.sh first"));
-    TextEmbedder::load(spec, &files, &Device::Cpu).expect("model loads")
+    TextEmbedder::load_at(spec, &files, &Device::Cpu, dtype).expect("model loads")
+}
+
+/// Each real model at each weight dtype: one sentence per call, and batch 32.
+fn bench_dtypes(c: &mut Criterion) {
+    let sentences: Vec<ModelInput> = sentences().into_iter().map(ModelInput::Text).collect();
+    let options = EmbedOptions::default();
+    let mut group = c.benchmark_group("per_model_dtype");
+    group
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4))
+        .sample_size(10);
+    for name in ["minilm", "mpnet"] {
+        for dtype in Dtype::ALL {
+            eprintln!("models bench: loading {name} at {dtype}");
+            let model = load_at(name, dtype);
+            group.throughput(Throughput::Elements(1));
+            let mut next = 0;
+            group.bench_function(BenchmarkId::new(format!("{name}/{dtype}"), "single"), |b| {
+                b.iter(|| {
+                    let input = &sentences[next % sentences.len()];
+                    next += 1;
+                    model
+                        .embed_batch(std::slice::from_ref(input), &options)
+                        .expect("embeds")
+                })
+            });
+            group.throughput(Throughput::Elements(BATCH as u64));
+            let id = BenchmarkId::new(format!("{name}/{dtype}"), format!("batch{BATCH}"));
+            group.bench_with_input(id, &sentences[..BATCH], |b, batch| {
+                b.iter(|| model.embed_batch(batch, &options).expect("embeds"))
+            });
+        }
+    }
+    group.finish();
 }
 
 fn bench_models(c: &mut Criterion) {
@@ -205,5 +247,11 @@ fn bench_decoder(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_models, bench_t5_fixtures, bench_decoder);
+criterion_group!(
+    benches,
+    bench_models,
+    bench_dtypes,
+    bench_t5_fixtures,
+    bench_decoder
+);
 criterion_main!(benches);

@@ -12,7 +12,9 @@ use anyhow::{bail, Context};
 use clap::Args;
 use embedfleet_client::{ClientError, EmbedClient};
 use embedfleet_fleet::{Pipeline, PipelineRequest};
-use embedfleet_models::{DeviceName, EmbedOptions, ModelInput, ModelRegistry, WeightResolver};
+use embedfleet_models::{
+    DeviceName, EmbedOptions, ModelDtypes, ModelInput, ModelRegistry, WeightResolver,
+};
 use embedfleet_proto::{EmbedRequest, EmbeddingData};
 
 /// The models `embed` runs in this process when `--models` is not given. With `--nats-url` the
@@ -42,6 +44,10 @@ pub struct EmbedArgs {
     /// Where the models run: `cpu`, or `cuda:N` in a CUDA build (`--features cuda`).
     #[arg(long, env = "EMBEDFLEET_DEVICE", default_value = "cpu")]
     device: DeviceName,
+    /// Weight dtype of every model (`q8_0`) or per model (`mpnet=q4k,minilm=f32`): f32, f16,
+    /// bf16, q8_0, q4k [default: f32]. In-process only; a fleet's workers have their own.
+    #[arg(long)]
+    dtype: Option<ModelDtypes>,
     /// Reject input longer than a model's limit instead of truncating it.
     #[arg(long)]
     no_truncate: bool,
@@ -71,7 +77,10 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         None => DEFAULT_MODELS.map(String::from).to_vec(),
     };
     let resolver = WeightResolver::from_env(args.model_dir.clone());
-    let registry = Arc::new(ModelRegistry::new(resolver, args.device.open()?));
+    let registry = Arc::new(
+        ModelRegistry::new(resolver, args.device.open()?)
+            .with_dtypes(args.dtype.clone().unwrap_or_default()),
+    );
     let pipeline = Pipeline::new(registry, &models, args.fusion_weights.as_deref())?;
     pipeline.warm_up()?;
     let request = PipelineRequest {

@@ -14,7 +14,7 @@ use embedfleet_cache::{CacheConfig, VectorCache};
 use embedfleet_fleet::fusion::FusionStage;
 use embedfleet_fleet::fusion_device::FusionDevice;
 use embedfleet_fleet::{BatchConfig, CoordinatorConfig, QueueConfig};
-use embedfleet_models::{catalogue, DeviceName, ModelSpec};
+use embedfleet_models::{catalogue, DeviceName, ModelDtypes, ModelSpec};
 
 /// Where NATS is.
 #[derive(Args, Debug, Clone)]
@@ -186,6 +186,11 @@ pub struct WorkerArgs {
     /// GPU's free memory is refused at start.
     #[arg(long, env = "EMBEDFLEET_DEVICE", default_value = "cpu")]
     pub device: DeviceName,
+    /// Weight dtype (f32, f16, bf16, q8_0, q4k) of every model (`q8_0`), per model
+    /// (`e5-mistral=q4k,minilm=f32`, as `embedfleet plan` prints it), or both (`f32,e5-mistral=q4k`).
+    /// q8_0/q4k quantise the linear layers at load. Default: f32 on a CPU. T5 refuses f16.
+    #[arg(long)]
+    pub dtype: Option<ModelDtypes>,
     /// Most inputs in one forward batch.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub max_batch: u64,

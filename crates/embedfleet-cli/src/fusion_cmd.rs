@@ -112,11 +112,20 @@ pub struct CacheArgs {
     /// Directory with one checkpoint directory per model.
     #[arg(long, env = "EMBEDFLEET_MODELS_DIR")]
     pub model_dir: Option<PathBuf>,
+    /// Weight dtype of every model (`q8_0`) or per model (`mpnet=q4k`) [default: f32]. Each
+    /// dtype has its own partials (the revision names it), so dtypes can be compared.
+    #[arg(long)]
+    pub dtype: Option<embedfleet_models::ModelDtypes>,
 }
 
 impl CacheArgs {
     pub fn open(&self) -> anyhow::Result<PartialCache> {
-        PartialCache::open(&self.cache_dir, &self.models, self.model_dir.clone())
+        PartialCache::open(
+            &self.cache_dir,
+            &self.models,
+            self.model_dir.clone(),
+            self.dtype.clone().unwrap_or_default(),
+        )
     }
 }
 

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use embedfleet_models::{
-    catalogue, Device, EmbedOptions, EmbeddingModel, ModelInput, ModelRegistry, ModelSpec,
-    WeightResolver,
+    catalogue, Device, EmbedOptions, EmbeddingModel, ModelDtypes, ModelInput, ModelRegistry,
+    ModelSpec, WeightResolver,
 };
 use embedfleet_proto::InputType;
 
@@ -51,18 +51,20 @@ fn text_key(input_type: InputType, text: &str) -> u128 {
 
 impl PartialCache {
     /// Opens (or creates) the cache for `model_names` (any order; slot order is restored),
-    /// loading the checkpoints from `model_dir` or the usual resolver.
+    /// loading the checkpoints from `model_dir` or the usual resolver, at `dtypes`.
     pub fn open(
         dir: &Path,
         model_names: &[String],
         model_dir: Option<PathBuf>,
+        dtypes: ModelDtypes,
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let specs = model_names
             .iter()
             .map(|name| embedfleet_models::registry::lookup(name))
             .collect::<Result<Vec<_>, _>>()?;
-        let registry = ModelRegistry::new(WeightResolver::from_env(model_dir), Device::Cpu);
+        let registry = ModelRegistry::new(WeightResolver::from_env(model_dir), Device::Cpu)
+            .with_dtypes(dtypes);
         let mut models = Vec::new();
         for spec in catalogue::in_slot_order(specs) {
             let model = registry.get(spec.name)?;

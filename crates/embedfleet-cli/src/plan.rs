@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use embedfleet_models::catalogue::{self, ModelSpec, CATALOGUE};
-use embedfleet_placement::{parse_devices, plan, render, Dtype, MemoryModel, PlanRequest};
+use embedfleet_models::ModelDtypes;
+use embedfleet_placement::{parse_devices, plan, render, MemoryModel, PlanRequest};
 
 #[derive(Args)]
 pub struct PlanArgs {
@@ -19,7 +20,7 @@ pub struct PlanArgs {
     /// Pin dtypes: one for every model (`q8_0`) or per model (`e5-mistral=q4k,minilm=f32`).
     /// Unpinned models start at f16 (T5: bf16) and are quantised, largest first, if needed.
     #[arg(long)]
-    dtype: Option<String>,
+    dtype: Option<ModelDtypes>,
     /// Copies per model, each on its own device: `minilm=2,mpnet=2`.
     #[arg(long)]
     replicas: Option<String>,
@@ -62,33 +63,16 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     if args.token_budget == 0 {
         bail!("--token-budget must be at least 1");
     }
-    let mut pinned = BTreeMap::new();
-    if let Some(dtype) = &args.dtype {
-        if dtype.contains('=') {
-            for (name, value) in pairs(dtype).context("--dtype")? {
-                pinned.insert(
-                    name,
-                    value
-                        .parse::<Dtype>()
-                        .map_err(anyhow::Error::msg)
-                        .context("--dtype")?,
-                );
-            }
-        } else {
-            let all: Dtype = dtype
-                .parse()
-                .map_err(anyhow::Error::msg)
-                .context("--dtype")?;
-            for spec in &models {
-                pinned.insert(spec.name, all);
-            }
+    // Named models are pinned at their dtype, and with a bare default every model is.
+    let dtypes = args.dtype.clone().unwrap_or_default();
+    let mut pinned = dtypes.per_model.clone();
+    if let Some(default) = dtypes.default {
+        for spec in &models {
+            pinned.entry(spec.name).or_insert(default);
         }
     }
     for (name, dtype) in &pinned {
-        let spec = model(name)?;
-        if !dtype.allowed_for(spec) {
-            bail!("--dtype: `{name}` cannot run at {dtype} (T5 overflows in f16: use bf16)");
-        }
+        dtype.check_for(model(name)?).context("--dtype")?;
     }
     let mut replicas = BTreeMap::new();
     for (name, count) in pairs(args.replicas.as_deref().unwrap_or("")).context("--replicas")? {

@@ -24,7 +24,7 @@ pub struct ServeArgs {
     models: Vec<String>,
     /// A placement plan (`embedfleet plan --format json --out plan.json`): one worker per GPU
     /// it uses, each hosting the models the plan put there; the plan's models are the default
-    /// set. Replaces --models and --device.
+    /// set, at the plan's dtypes. Replaces --models, --device and --dtype.
     #[arg(long, conflicts_with = "models")]
     plan: Option<PathBuf>,
     /// NATS server with JetStream. Without it, serve starts its own `nats-server -js` on a free
@@ -58,8 +58,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let specs = fleet_args::model_specs(&default_models)?;
     let mut hosted = Vec::with_capacity(groups.len());
     for group in &groups {
+        let dtype = match group.dtypes.is_empty() {
+            true => args.worker.dtype.clone(),
+            false => Some(group.dtypes.join(",").parse().map_err(|e| {
+                anyhow::anyhow!("--plan: dtypes of {}: {e}", group.device)
+            })?),
+        };
         let worker = WorkerArgs {
             device: group.device,
+            dtype,
             ..args.worker.clone()
         };
         hosted.push(load_models(&group.models, &worker)?);

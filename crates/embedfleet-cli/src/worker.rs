@@ -38,11 +38,17 @@ pub fn load_models(
 ) -> anyhow::Result<Vec<Arc<dyn EmbeddingModel>>> {
     let specs = fleet_args::model_specs(names)?;
     let device = worker.device.open()?;
-    let registry = ModelRegistry::new(WeightResolver::from_env(worker.model_dir.clone()), device);
+    let registry = ModelRegistry::new(WeightResolver::from_env(worker.model_dir.clone()), device)
+        .with_dtypes(worker.dtype.clone().unwrap_or_default());
     specs
         .iter()
         .map(|spec| {
-            eprintln!("embedfleet: loading {} on {}", spec.name, worker.device);
+            eprintln!(
+                "embedfleet: loading {} on {} ({})",
+                spec.name,
+                worker.device,
+                registry.dtype_of(spec)
+            );
             let started = std::time::Instant::now();
             let model = registry.get(spec.name).map_err(anyhow::Error::from)?;
             warm_up(model.as_ref())?;

@@ -16,8 +16,9 @@ use candle_core::{DType, Device};
 use embedfleet_proto::InputType;
 use tokenizers::Tokenizer;
 
-use crate::arch::mistral::{runtime_dtype, MistralConfig, MistralModel};
+use crate::arch::mistral::{MistralConfig, MistralModel};
 use crate::catalogue::ModelSpec;
+use crate::dtype::Dtype;
 use crate::error::ModelError;
 use crate::model::{l2_normalize, EmbedOptions, EmbeddingModel, ModelEmbedding, ModelInput};
 use crate::packed::PackedBatch;
@@ -42,6 +43,7 @@ pub fn query_prompt(task: &str, query: &str) -> String {
 pub struct DecoderEmbedder {
     spec: &'static ModelSpec,
     revision: String,
+    dtype: Dtype,
     /// Cuts at `max_len - 1` when the EOS is appended here, at `max_len` when the template adds it.
     tokenizer: TextTokenizer,
     /// The same tokenizer uncut, to measure an instruction's share of the length limit.
@@ -53,11 +55,24 @@ pub struct DecoderEmbedder {
 }
 
 impl DecoderEmbedder {
+    /// Loads with f32 weights (checkpoints stored as bf16 are widened on load).
     pub fn load(
         spec: &'static ModelSpec,
         files: &ModelFiles,
         device: &Device,
     ) -> Result<Self, ModelError> {
+        Self::load_at(spec, files, device, Dtype::F32)
+    }
+
+    /// Loads with the weights at `dtype` (on CPU: f32 runs the decoder kernels, the others
+    /// candle tensor ops).
+    pub fn load_at(
+        spec: &'static ModelSpec,
+        files: &ModelFiles,
+        device: &Device,
+        dtype: Dtype,
+    ) -> Result<Self, ModelError> {
+        dtype.check_for(spec)?;
         let bad_config = |reason: String| ModelError::BadConfig {
             path: files.config.clone(),
             reason,
@@ -68,11 +83,17 @@ impl DecoderEmbedder {
         config.validate().map_err(bad_config)?;
         check_shard_shapes(&files.weights, &config)?;
 
-        let vb = files.weights.var_builder(runtime_dtype(device), device)?;
-        let model = MistralModel::load(vb, &config).map_err(|e| ModelError::CorruptWeights {
-            path: files.weights.primary().to_path_buf(),
-            reason: e.to_string(),
+        let vb = files
+            .weights
+            .var_builder(dtype.activation_dtype(), device)?;
+        let projections = crate::arch::projection::Projections::new(dtype);
+        let model = MistralModel::load(vb, &config, &projections).map_err(|e| {
+            ModelError::CorruptWeights {
+                path: files.weights.primary().to_path_buf(),
+                reason: e.to_string(),
+            }
         })?;
+        projections.warn_fallbacks(spec.name);
         if config.hidden_size != spec.dim {
             tracing::warn!(
                 model = spec.name,
@@ -123,7 +144,8 @@ impl DecoderEmbedder {
         };
         Ok(Self {
             spec,
-            revision: files.revision.clone(),
+            revision: dtype.revision(&files.revision),
+            dtype,
             tokenizer: TextTokenizer::load(&tokenizer_json, spec.name, cut_at)?,
             counter,
             append_eos: (!template_appends_eos).then_some(eos),
@@ -192,6 +214,10 @@ impl EmbeddingModel for DecoderEmbedder {
 
     fn revision(&self) -> &str {
         &self.revision
+    }
+
+    fn dtype(&self) -> Dtype {
+        self.dtype
     }
 
     fn dim(&self) -> usize {

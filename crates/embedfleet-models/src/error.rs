@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use embedfleet_proto::{ErrorKind, Modality};
 
+use crate::dtype::Dtype;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("unknown model `{name}` (known: {known})")]
@@ -67,6 +69,13 @@ pub enum ModelError {
         free_mib: u64,
     },
 
+    #[error("`{model}` cannot run at {dtype}: {reason}")]
+    UnsupportedDtype {
+        model: String,
+        dtype: Dtype,
+        reason: String,
+    },
+
     #[error("tokenizing for `{model}` failed: {reason}")]
     Tokenize { model: String, reason: String },
 
@@ -90,7 +99,8 @@ impl ModelError {
             Self::WeightsNotFound { .. }
             | Self::ArchitectureUnavailable { .. }
             | Self::DeviceUnavailable { .. }
-            | Self::DeviceMemory { .. } => ErrorKind::NoWorker,
+            | Self::DeviceMemory { .. }
+            | Self::UnsupportedDtype { .. } => ErrorKind::NoWorker,
             Self::MissingFile { .. }
             | Self::CorruptWeights { .. }
             | Self::BadConfig { .. }

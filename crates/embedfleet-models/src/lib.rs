@@ -4,10 +4,12 @@
 //! # Layout
 //! - [`catalogue`]: the twelve models (names, dims, limits, pooling, modalities, memory).
 //! - [`model`]: the [`EmbeddingModel`] trait every architecture implements and roles call.
-//! - [`registry`]: models by name, loaded lazily and once.
+//! - [`registry`]: models by name, loaded lazily and once, each at its [`dtype`].
+//! - [`dtype`]: the weight dtypes (f32, f16, bf16, q8_0, q4k) and the per-model `--dtype` flag.
 //! - [`resolve`]: where weights come from (local directory, HF cache, hub).
 //! - [`text`]: tokenizer + encoder + pooling for transformer text encoders.
-//! - [`arch`]: one file per architecture (`bert.rs`, `mpnet.rs`, `t5.rs`, `mistral.rs`) over shared layers.
+//! - [`arch`]: one file per architecture (`bert.rs`, `mpnet.rs`, `t5.rs`, `mistral.rs`) over shared layers,
+//!   their linear layers dense or quantised (`arch/projection.rs`).
 //! - [`t5_embedder`]: the T5 sentence encoders (sentence-t5, INSTRUCTOR and its instructions).
 //! - [`st_modules`]: sentence-transformers module folders (pooling, `Dense` heads, `Normalize`).
 //! - [`decoder_embedder`]: e5-mistral: query template, EOS, decoder, last-token pooling.
@@ -24,6 +26,7 @@ pub mod cpu_kernels;
 pub mod decoder_embedder;
 pub mod decoder_kernels;
 pub mod device;
+pub mod dtype;
 pub mod error;
 pub mod model;
 pub mod packed;
@@ -39,6 +42,7 @@ pub use candle_core::Device;
 pub use catalogue::{ModelSpec, Pooling, CATALOGUE};
 pub use decoder_embedder::DecoderEmbedder;
 pub use device::DeviceName;
+pub use dtype::{Dtype, DtypeError, ModelDtypes};
 pub use error::ModelError;
 pub use model::{EmbedOptions, EmbeddingModel, ModelEmbedding, ModelInput};
 pub use registry::ModelRegistry;

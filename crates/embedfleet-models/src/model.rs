@@ -4,6 +4,7 @@
 use embedfleet_proto::{Input, InputType};
 
 use crate::catalogue::ModelSpec;
+use crate::dtype::Dtype;
 use crate::error::ModelError;
 
 /// What a model embeds: the decoded wire input.
@@ -54,6 +55,13 @@ pub trait EmbeddingModel: Send + Sync {
     /// Identifies the exact weights (hub commit, or a hash of local files); part of cache keys so
     /// that new weights never serve stale vectors.
     fn revision(&self) -> &str;
+
+    /// The dtype the weights were loaded at; [`EmbeddingModel::revision`] includes it (but for
+    /// f32), so vectors of different dtypes never share cache keys. Models without checkpoint
+    /// weights (test doubles) are f32.
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
 
     /// The width of the vectors this checkpoint produces. Usually `spec().dim`; a narrower
     /// sibling of the family (bge-base in the `bge-large` slot, a small test checkpoint) loads

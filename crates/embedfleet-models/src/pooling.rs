@@ -1,7 +1,7 @@
 //! Token states to one vector per sequence. Architectures return hidden states; pooling lives
 //! here once, for all of them.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 use crate::catalogue::Pooling;
 use crate::packed::PackedBatch;
@@ -10,8 +10,11 @@ use crate::packed::PackedBatch;
 pub fn pool(hidden_states: &Tensor, batch: &PackedBatch, pooling: Pooling) -> Result<Tensor> {
     let device = hidden_states.device();
     match pooling {
-        // One matrix product averages every sequence at once; there is no padding to mask.
-        Pooling::Mean => batch.mean_pooling_matrix(device)?.matmul(hidden_states),
+        // One matrix product averages every sequence at once; there is no padding to mask. The
+        // average is taken in f32 whatever the model computed in (f16/bf16 sums lose digits).
+        Pooling::Mean => batch
+            .mean_pooling_matrix(device)?
+            .matmul(&hidden_states.to_dtype(DType::F32)?),
         Pooling::Cls => hidden_states.index_select(&batch.first_rows(device)?, 0),
         Pooling::LastToken => hidden_states.index_select(&batch.last_rows(device)?, 0),
         Pooling::Projection => {

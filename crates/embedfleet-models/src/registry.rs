@@ -1,5 +1,5 @@
 //! Loaded models by name: each loads on first use, exactly once even when many threads ask at
-//! the same moment, and is shared from then on.
+//! the same moment, and is shared from then on, at the dtype `--dtype` gave it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,6 +11,7 @@ use once_cell::sync::OnceCell;
 use crate::catalogue::{self, Architecture, ModelSpec};
 use crate::decoder_embedder::DecoderEmbedder;
 use crate::device::check_fits;
+use crate::dtype::{Dtype, ModelDtypes};
 use crate::error::ModelError;
 use crate::model::EmbeddingModel;
 use crate::resolve::WeightResolver;
@@ -22,6 +23,8 @@ type Slot = Arc<OnceCell<Arc<dyn EmbeddingModel>>>;
 pub struct ModelRegistry {
     resolver: WeightResolver,
     device: Device,
+    /// The dtype of each model; by default the device's (f32 on a CPU).
+    dtypes: ModelDtypes,
     /// One cell per model name. The map lock is held only to find the cell; the load itself runs
     /// under the cell, so loading one model never blocks users of another.
     slots: Mutex<HashMap<&'static str, Slot>>,
@@ -34,9 +37,21 @@ impl ModelRegistry {
         Self {
             resolver,
             device,
+            dtypes: ModelDtypes::default(),
             slots: Mutex::default(),
             loads: AtomicUsize::new(0),
         }
+    }
+
+    /// Loads each model at the dtype `dtypes` gives it.
+    pub fn with_dtypes(mut self, dtypes: ModelDtypes) -> Self {
+        self.dtypes = dtypes;
+        self
+    }
+
+    /// The dtype `name` loads (or was loaded) at.
+    pub fn dtype_of(&self, spec: &ModelSpec) -> Dtype {
+        self.dtypes.for_model(spec, self.device.is_cpu())
     }
 
     /// The model, loading it if this is the first call. A failed load is not remembered, so a
@@ -48,10 +63,11 @@ impl ModelRegistry {
             slots.entry(spec.name).or_default().clone()
         };
         slot.get_or_try_init(|| {
-            let model = load(spec, &self.resolver, &self.device)?;
+            let model = load(spec, &self.resolver, &self.device, self.dtype_of(spec))?;
             self.loads.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
                 model = spec.name,
+                dtype = %model.dtype(),
                 revision = model.revision(),
                 "model loaded"
             );
@@ -84,6 +100,7 @@ fn load(
     spec: &'static ModelSpec,
     resolver: &WeightResolver,
     device: &Device,
+    dtype: Dtype,
 ) -> Result<Arc<dyn EmbeddingModel>, ModelError> {
     let runs = matches!(
         spec.architecture,
@@ -101,21 +118,12 @@ fn load(
     }
     let files = resolver.resolve(spec)?;
     if !device.is_cpu() {
-        let need = files.weights.parameters()? * bytes_per_parameter(spec, device)
-            + ACTIVATION_MARGIN_BYTES;
-        check_fits(spec.name, device, need)?;
+        let weights = files.weights.parameters()? as f64 * dtype.bytes_per_weight();
+        check_fits(spec.name, device, weights as u64 + ACTIVATION_MARGIN_BYTES)?;
     }
     Ok(match spec.architecture {
-        Architecture::T5Encoder => Arc::new(T5Embedder::load(spec, &files, device)?),
-        Architecture::Mistral => Arc::new(DecoderEmbedder::load(spec, &files, device)?),
-        _ => Arc::new(TextEmbedder::load(spec, &files, device)?),
+        Architecture::T5Encoder => Arc::new(T5Embedder::load_at(spec, &files, device, dtype)?),
+        Architecture::Mistral => Arc::new(DecoderEmbedder::load_at(spec, &files, device, dtype)?),
+        _ => Arc::new(TextEmbedder::load_at(spec, &files, device, dtype)?),
     })
-}
-
-/// Bytes a weight takes once loaded: the decoder runs in bf16 off the CPU, the encoders in f32.
-fn bytes_per_parameter(spec: &ModelSpec, device: &Device) -> u64 {
-    match spec.architecture {
-        Architecture::Mistral => crate::arch::mistral::runtime_dtype(device).size_in_bytes() as u64,
-        _ => 4,
-    }
 }

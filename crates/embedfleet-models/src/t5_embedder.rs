@@ -16,8 +16,10 @@ use std::cmp::Reverse;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::arch::projection::Projections;
 use crate::arch::t5::{T5Config, T5Encoder};
 use crate::catalogue::{Architecture, ModelSpec};
+use crate::dtype::Dtype;
 use crate::error::ModelError;
 use crate::model::{l2_normalize, EmbedOptions, EmbeddingModel, ModelEmbedding, ModelInput};
 use crate::packed::PackedBatch;
@@ -37,6 +39,7 @@ const INSTRUCTOR_MODELS: &[&str] = &["instructor-xl"];
 pub struct T5Embedder {
     spec: &'static ModelSpec,
     revision: String,
+    dtype: Dtype,
     tokenizer: TextTokenizer,
     encoder: T5Encoder,
     modules: SentenceModules,
@@ -53,27 +56,23 @@ impl T5Embedder {
         files: &ModelFiles,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        Self::load_with_dtype(spec, files, device, DType::F32)
+        Self::load_at(spec, files, device, Dtype::F32)
     }
 
-    /// Loads computing in `dtype`: f32, or bf16 (on CPU it runs on tensor ops, not the kernels).
-    /// f16 is refused: T5's activations grow past f16's range (transformers clamps them; the
-    /// result is then not the model's).
-    pub fn load_with_dtype(
+    /// Loads with the weights at `dtype`: f32 (on CPU the packed kernels), bf16 or quantised
+    /// (tensor ops). f16 is refused with [`ModelError::UnsupportedDtype`]: T5's activations grow
+    /// past f16's range (transformers clamps them; the result is then not the model's).
+    pub fn load_at(
         spec: &'static ModelSpec,
         files: &ModelFiles,
         device: &Device,
-        dtype: DType,
+        dtype: Dtype,
     ) -> Result<Self, ModelError> {
         let bad_config = |reason: String| ModelError::BadConfig {
             path: files.config.clone(),
             reason,
         };
-        if !matches!(dtype, DType::F32 | DType::BF16) {
-            return Err(bad_config(format!(
-                "T5 encoders run in f32 or bf16, not {dtype:?}: their activations overflow f16"
-            )));
-        }
+        dtype.check_for(spec)?;
         if spec.architecture != Architecture::T5Encoder {
             return Err(bad_config(format!(
                 "`{}` is a {:?} model, not a T5 encoder",
@@ -113,12 +112,17 @@ impl T5Embedder {
         };
         let tokenizer = TextTokenizer::load(&tokenizer_json, spec.name, max_len)?;
 
-        let vb = files.weights.var_builder(dtype, device)?;
-        let encoder =
-            T5Encoder::load(vb, &config, max_len).map_err(|e| ModelError::CorruptWeights {
+        let vb = files
+            .weights
+            .var_builder(dtype.activation_dtype(), device)?;
+        let projections = Projections::new(dtype);
+        let encoder = T5Encoder::load(vb, &config, max_len, &projections).map_err(|e| {
+            ModelError::CorruptWeights {
                 path: files.weights.primary().to_path_buf(),
                 reason: e.to_string(),
-            })?;
+            }
+        })?;
+        projections.warn_fallbacks(spec.name);
         let dim = modules.output_width(config.d_model);
         if dim != spec.dim {
             tracing::warn!(
@@ -130,7 +134,8 @@ impl T5Embedder {
         }
         Ok(Self {
             spec,
-            revision: files.revision.clone(),
+            revision: dtype.revision(&files.revision),
+            dtype,
             tokenizer,
             encoder,
             modules,
@@ -200,6 +205,10 @@ impl EmbeddingModel for T5Embedder {
 
     fn revision(&self) -> &str {
         &self.revision
+    }
+
+    fn dtype(&self) -> Dtype {
+        self.dtype
     }
 
     fn dim(&self) -> usize {

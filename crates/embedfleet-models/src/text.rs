@@ -6,8 +6,10 @@ use std::cmp::Reverse;
 
 use candle_core::{DType, Device};
 
+use crate::arch::projection::Projections;
 use crate::arch::{TextEncoder, TextEncoderConfig};
 use crate::catalogue::{Architecture, ModelSpec};
+use crate::dtype::Dtype;
 use crate::error::ModelError;
 use crate::model::{l2_normalize, EmbedOptions, EmbeddingModel, ModelEmbedding, ModelInput};
 use crate::packed::PackedBatch;
@@ -23,16 +25,30 @@ pub const MAX_TOKENS_PER_FORWARD: usize = 16_384;
 pub struct TextEmbedder {
     spec: &'static ModelSpec,
     revision: String,
+    dtype: Dtype,
     tokenizer: TextTokenizer,
     encoder: TextEncoder,
 }
 
 impl TextEmbedder {
+    /// Loads with f32 weights.
     pub fn load(
         spec: &'static ModelSpec,
         files: &ModelFiles,
         device: &Device,
     ) -> Result<Self, ModelError> {
+        Self::load_at(spec, files, device, Dtype::F32)
+    }
+
+    /// Loads with the weights at `dtype` (on CPU: f32 runs the packed kernels, the others
+    /// candle tensor ops).
+    pub fn load_at(
+        spec: &'static ModelSpec,
+        files: &ModelFiles,
+        device: &Device,
+        dtype: Dtype,
+    ) -> Result<Self, ModelError> {
+        dtype.check_for(spec)?;
         let bad_config = |reason: String| ModelError::BadConfig {
             path: files.config.clone(),
             reason,
@@ -56,8 +72,10 @@ impl TextEmbedder {
             path: files.weights.primary().to_path_buf(),
             reason: e.to_string(),
         };
-        let vb = files.weights.var_builder(DType::F32, device)?;
-        let encoder = TextEncoder::load(vb, &config).map_err(corrupt)?;
+        let vb = files.weights.var_builder(dtype.activation_dtype(), device)?;
+        let projections = Projections::new(dtype);
+        let encoder = TextEncoder::load(vb, &config, &projections).map_err(corrupt)?;
+        projections.warn_fallbacks(spec.name);
 
         let hidden = match &config {
             TextEncoderConfig::Bert(c)
@@ -76,7 +94,8 @@ impl TextEmbedder {
         let tokenizer = TextTokenizer::load(&tokenizer_json, spec.name, max_len)?;
         Ok(Self {
             spec,
-            revision: files.revision.clone(),
+            revision: dtype.revision(&files.revision),
+            dtype,
             tokenizer,
             encoder,
         })
@@ -95,6 +114,10 @@ impl EmbeddingModel for TextEmbedder {
 
     fn revision(&self) -> &str {
         &self.revision
+    }
+
+    fn dtype(&self) -> Dtype {
+        self.dtype
     }
 
     fn dim(&self) -> usize {

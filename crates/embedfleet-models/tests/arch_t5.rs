@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use embedfleet_models::{
-    catalogue, Device, EmbedOptions, EmbeddingModel, ModelError, ModelInput, ModelRegistry,
-    T5Embedder, WeightResolver,
+    catalogue, Device, Dtype, EmbedOptions, EmbeddingModel, ModelError, ModelInput,
+    ModelRegistry, T5Embedder, WeightResolver,
 };
 use embedfleet_proto::{ErrorKind, InputType};
 use serde_json::Value;
@@ -221,15 +221,16 @@ fn bf16_compute_stays_close_and_f16_is_refused() {
         offline: true,
     };
     let files = resolver.resolve(spec).unwrap();
-    let error = T5Embedder::load_with_dtype(spec, &files, &Device::Cpu, candle_core::DType::F16)
+    let error = T5Embedder::load_at(spec, &files, &Device::Cpu, Dtype::F16)
         .err()
         .expect("f16 must be refused");
     assert!(
-        matches!(&error, ModelError::BadConfig { reason, .. } if reason.contains("f16")),
+        matches!(&error, ModelError::UnsupportedDtype { dtype: Dtype::F16, reason, .. }
+            if reason.contains("f16")),
         "{error}"
     );
-    let bf16 =
-        T5Embedder::load_with_dtype(spec, &files, &Device::Cpu, candle_core::DType::BF16).unwrap();
+    let bf16 = T5Embedder::load_at(spec, &files, &Device::Cpu, Dtype::Bf16).unwrap();
+    assert_eq!(bf16.dtype(), Dtype::Bf16);
     let reference = reference("t5-relu", "sentence-t5-xxl");
     let inputs = inputs(&reference);
     let got = embed(&bf16, &inputs[..6], &EmbedOptions::default());

@@ -12,13 +12,12 @@
 //! (see docs/architecture.md, "Placement").
 
 pub mod devices;
-pub mod dtype;
 pub mod memory;
 pub mod plan;
 pub mod render;
 pub mod shapes;
 
 pub use devices::{parse_devices, Device};
-pub use dtype::Dtype;
+pub use embedfleet_models::dtype::{self, Dtype};
 pub use memory::{MemoryModel, ModelNeed};
 pub use plan::{plan, Assignment, DevicePlan, Plan, PlanError, PlanRequest};

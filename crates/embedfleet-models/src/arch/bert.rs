@@ -9,12 +9,14 @@
 //! `encoder.layer.N.attention.self.query`, ...).
 
 use candle_core::{Result, Tensor};
-use candle_nn::{layer_norm, linear, VarBuilder};
+use candle_nn::{layer_norm, VarBuilder};
 use serde::Deserialize;
 
 use super::layers::{
-    check_heads, fused_qkv, EmbeddingSizes, HiddenAct, LayerWeights, PostNormLayer, TokenEmbeddings,
+    check_heads, fused_qkv, linear, EmbeddingSizes, HiddenAct, LayerWeights, PostNormLayer,
+    TokenEmbeddings,
 };
+use super::projection::Projections;
 use crate::packed::PackedBatch;
 
 fn default_layer_norm_eps() -> f64 {
@@ -54,7 +56,7 @@ pub enum PositionScheme {
     Roberta,
 }
 
-fn load_layer(vb: VarBuilder, cfg: &BertConfig) -> Result<PostNormLayer> {
+fn load_layer(vb: VarBuilder, cfg: &BertConfig, projections: &Projections) -> Result<PostNormLayer> {
     let hidden = cfg.hidden_size;
     let attention = vb.pp("attention");
     let self_attention = attention.pp("self");
@@ -64,11 +66,17 @@ fn load_layer(vb: VarBuilder, cfg: &BertConfig) -> Result<PostNormLayer> {
             self_attention.pp("key"),
             self_attention.pp("value"),
             hidden,
+            projections,
         )?,
-        attention_out: linear(hidden, hidden, attention.pp("output.dense"))?,
+        attention_out: linear(hidden, hidden, attention.pp("output.dense"), projections)?,
         attention_norm: layer_norm(hidden, cfg.layer_norm_eps, attention.pp("output.LayerNorm"))?,
-        intermediate: linear(hidden, cfg.intermediate_size, vb.pp("intermediate.dense"))?,
-        output: linear(cfg.intermediate_size, hidden, vb.pp("output.dense"))?,
+        intermediate: linear(
+            hidden,
+            cfg.intermediate_size,
+            vb.pp("intermediate.dense"),
+            projections,
+        )?,
+        output: linear(cfg.intermediate_size, hidden, vb.pp("output.dense"), projections)?,
         output_norm: layer_norm(hidden, cfg.layer_norm_eps, vb.pp("output.LayerNorm"))?,
     };
     PostNormLayer::new(weights, cfg.num_attention_heads, cfg.hidden_act)
@@ -93,7 +101,12 @@ impl BertModel {
         }
     }
 
-    pub fn load(vb: VarBuilder, cfg: &BertConfig, scheme: PositionScheme) -> Result<Self> {
+    pub fn load(
+        vb: VarBuilder,
+        cfg: &BertConfig,
+        scheme: PositionScheme,
+        projections: &Projections,
+    ) -> Result<Self> {
         // Checkpoints saved from a task head nest the encoder under `bert.` / `roberta.`.
         let vb = ["bert", "roberta"]
             .into_iter()
@@ -102,7 +115,7 @@ impl BertModel {
             })
             .map_or(vb.clone(), |prefix| vb.pp(prefix));
         let layers = (0..cfg.num_hidden_layers)
-            .map(|index| load_layer(vb.pp(format!("encoder.layer.{index}")), cfg))
+            .map(|index| load_layer(vb.pp(format!("encoder.layer.{index}")), cfg, projections))
             .collect::<Result<Vec<_>>>()?;
         let first_position = match scheme {
             PositionScheme::Bert => 0,

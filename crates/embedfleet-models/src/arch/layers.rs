@@ -7,6 +7,7 @@
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, Linear, Module, VarBuilder};
 
+use super::projection::{Projection, Projections};
 use crate::cpu_kernels;
 use crate::packed::{packed_attention, packed_attention_f32, PackedBatch, RelativeBias};
 
@@ -39,7 +40,8 @@ pub fn fused_qkv(
     key: VarBuilder,
     value: VarBuilder,
     hidden: usize,
-) -> Result<Linear> {
+    projections: &Projections,
+) -> Result<Projection> {
     let weight = Tensor::cat(
         &[
             query.get((hidden, hidden), "weight")?,
@@ -56,7 +58,19 @@ pub fn fused_qkv(
         ],
         0,
     )?;
-    Ok(Linear::new(weight, Some(bias)))
+    projections.build(weight, Some(bias))
+}
+
+/// A checkpoint's `nn.Linear(in_dim, out_dim)` (`weight`, `bias`) as a projection.
+pub fn linear(
+    in_dim: usize,
+    out_dim: usize,
+    vb: VarBuilder,
+    projections: &Projections,
+) -> Result<Projection> {
+    let weight = vb.get((out_dim, in_dim), "weight")?;
+    let bias = vb.get(out_dim, "bias")?;
+    projections.build(weight, Some(bias))
 }
 
 /// Token + absolute position embeddings (+ one token-type row), then LayerNorm: the input block
@@ -125,12 +139,13 @@ impl TokenEmbeddings {
 }
 
 /// The tensors of one layer as the checkpoint stores them (QKV already fused).
+#[derive(Clone)]
 pub struct LayerWeights {
-    pub qkv: Linear,
-    pub attention_out: Linear,
+    pub qkv: Projection,
+    pub attention_out: Projection,
     pub attention_norm: LayerNorm,
-    pub intermediate: Linear,
-    pub output: Linear,
+    pub intermediate: Projection,
+    pub output: Projection,
     pub output_norm: LayerNorm,
 }
 
@@ -141,9 +156,9 @@ pub struct PostNormLayer {
     act: HiddenAct,
 }
 
-/// On a CPU with f32 weights the layer runs on [`crate::cpu_kernels`]; anywhere else (GPU,
-/// half precision) on candle tensor ops. One computation, two executors; the parity test in
-/// this file keeps them equal.
+/// On a CPU with dense f32 weights the layer runs on [`crate::cpu_kernels`]; anywhere else (GPU,
+/// half precision, quantised weights) on candle tensor ops. One computation, two executors; the
+/// parity test in this file keeps them equal.
 enum LayerImpl {
     Cpu(Box<CpuLayer>),
     Tensor(LayerWeights),
@@ -174,7 +189,15 @@ struct CpuNorm {
 }
 
 impl CpuLinear {
-    pub(crate) fn new(linear: &Linear) -> Result<Self> {
+    /// The layer in the kernels' layout; the projection must be dense f32 on the CPU.
+    pub(crate) fn from_projection(projection: &Projection) -> Result<Self> {
+        match projection.cpu_f32() {
+            Some(linear) => Self::new(linear),
+            None => candle_core::bail!("the CPU kernels take dense f32 layers only"),
+        }
+    }
+
+    fn new(linear: &Linear) -> Result<Self> {
         let (_, in_dim) = linear.weight().dims2()?;
         let bias = match linear.bias() {
             Some(bias) => bias.to_vec1::<f32>()?,
@@ -220,16 +243,19 @@ impl CpuNorm {
 
 impl PostNormLayer {
     pub fn new(weights: LayerWeights, heads: usize, act: HiddenAct) -> Result<Self> {
-        let weight = weights.qkv.weight();
-        let weights = if weight.device().is_cpu() && weight.dtype() == DType::F32 {
+        let w = &weights;
+        let all_cpu_f32 = [&w.qkv, &w.attention_out, &w.intermediate, &w.output]
+            .iter()
+            .all(|p| p.cpu_f32().is_some());
+        let weights = if all_cpu_f32 && w.attention_norm.weight().dtype() == DType::F32 {
             LayerImpl::Cpu(Box::new(CpuLayer {
-                hidden: weights.attention_out.weight().dim(0)?,
-                qkv: CpuLinear::new(&weights.qkv)?,
-                attention_out: CpuLinear::new(&weights.attention_out)?,
-                attention_norm: CpuNorm::new(&weights.attention_norm)?,
-                intermediate: CpuLinear::new(&weights.intermediate)?,
-                output: CpuLinear::new(&weights.output)?,
-                output_norm: CpuNorm::new(&weights.output_norm)?,
+                hidden: w.attention_norm.weight().dim(0)?,
+                qkv: CpuLinear::from_projection(&w.qkv)?,
+                attention_out: CpuLinear::from_projection(&w.attention_out)?,
+                attention_norm: CpuNorm::new(&w.attention_norm)?,
+                intermediate: CpuLinear::from_projection(&w.intermediate)?,
+                output: CpuLinear::from_projection(&w.output)?,
+                output_norm: CpuNorm::new(&w.output_norm)?,
             }))
         } else {
             LayerImpl::Tensor(weights)
@@ -333,10 +359,10 @@ mod tests {
 
     fn weights(hidden: usize, intermediate: usize, seed: u64) -> Result<LayerWeights> {
         let device = Device::Cpu;
-        let linear = |out: usize, inp: usize, salt: u64| -> Result<Linear> {
+        let linear = |out: usize, inp: usize, salt: u64| -> Result<Projection> {
             let w = Tensor::randn(0f32, 0.2, (out, inp), &device)?;
             let b = (Tensor::randn(0f32, 0.1, out, &device)? + salt as f64 * 0.0)?;
-            Ok(Linear::new(w, Some(b)))
+            Ok(Projection::Dense(Linear::new(w, Some(b))))
         };
         let norm = || -> Result<LayerNorm> {
             Ok(LayerNorm::new(
@@ -355,17 +381,6 @@ mod tests {
         })
     }
 
-    fn clone_weights(w: &LayerWeights) -> LayerWeights {
-        LayerWeights {
-            qkv: w.qkv.clone(),
-            attention_out: w.attention_out.clone(),
-            attention_norm: w.attention_norm.clone(),
-            intermediate: w.intermediate.clone(),
-            output: w.output.clone(),
-            output_norm: w.output_norm.clone(),
-        }
-    }
-
     #[test]
     fn cpu_kernels_match_tensor_ops() -> Result<()> {
         let (hidden, intermediate, heads) = (64, 256, 4);
@@ -373,7 +388,7 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (batch.tokens(), hidden), &Device::Cpu)?;
         for act in [HiddenAct::Gelu, HiddenAct::GeluApproximate, HiddenAct::Relu] {
             let w = weights(hidden, intermediate, 1)?;
-            let reference = PostNormLayer::with_tensor_ops(clone_weights(&w), heads, act)
+            let reference = PostNormLayer::with_tensor_ops(w.clone(), heads, act)
                 .forward(&x, &batch, None)?;
             let cpu = PostNormLayer::new(w, heads, act)?;
             assert!(matches!(cpu.weights, LayerImpl::Cpu(_)));

@@ -15,10 +15,12 @@
 //! Tensor names follow the checkpoint: `layers.N.self_attn.q_proj`, ... as e5-mistral stores
 //! its `MistralModel`, or the same under `model.` as a causal-LM checkpoint stores them.
 
-use candle_core::{DType, Device, Result, Tensor, D};
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_core::{DType, Result, Tensor, D};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use super::projection::{Projection, Projections};
+use crate::dtype::Dtype;
 use crate::cpu_kernels;
 use crate::decoder_kernels::{
     add_in_place, apply_rope, packed_causal_attention, rms_norm, silu_mul, AttentionShape,
@@ -214,40 +216,46 @@ impl MistralConfig {
 struct LayerWeights {
     input_norm: Tensor,
     /// `[q + 2 kv, hidden]`: q_proj, k_proj, v_proj stacked.
-    qkv: Tensor,
-    o_proj: Tensor,
+    qkv: Projection,
+    o_proj: Projection,
     post_attention_norm: Tensor,
     /// `[2 intermediate, hidden]`: gate_proj then up_proj.
-    gate_up: Tensor,
-    down: Tensor,
+    gate_up: Projection,
+    down: Projection,
 }
 
 impl LayerWeights {
-    fn load(vb: VarBuilder, cfg: &MistralConfig) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &MistralConfig, projections: &Projections) -> Result<Self> {
         let (hidden, inter, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
         let (q, kv) = (cfg.num_attention_heads * hd, cfg.kv_heads() * hd);
         let attn = vb.pp("self_attn");
         let mlp = vb.pp("mlp");
         Ok(Self {
             input_norm: vb.get(hidden, "input_layernorm.weight")?,
-            qkv: Tensor::cat(
-                &[
-                    attn.get((q, hidden), "q_proj.weight")?,
-                    attn.get((kv, hidden), "k_proj.weight")?,
-                    attn.get((kv, hidden), "v_proj.weight")?,
-                ],
-                0,
+            qkv: projections.build(
+                Tensor::cat(
+                    &[
+                        attn.get((q, hidden), "q_proj.weight")?,
+                        attn.get((kv, hidden), "k_proj.weight")?,
+                        attn.get((kv, hidden), "v_proj.weight")?,
+                    ],
+                    0,
+                )?,
+                None,
             )?,
-            o_proj: attn.get((hidden, q), "o_proj.weight")?,
+            o_proj: projections.build(attn.get((hidden, q), "o_proj.weight")?, None)?,
             post_attention_norm: vb.get(hidden, "post_attention_layernorm.weight")?,
-            gate_up: Tensor::cat(
-                &[
-                    mlp.get((inter, hidden), "gate_proj.weight")?,
-                    mlp.get((inter, hidden), "up_proj.weight")?,
-                ],
-                0,
+            gate_up: projections.build(
+                Tensor::cat(
+                    &[
+                        mlp.get((inter, hidden), "gate_proj.weight")?,
+                        mlp.get((inter, hidden), "up_proj.weight")?,
+                    ],
+                    0,
+                )?,
+                None,
             )?,
-            down: mlp.get((hidden, inter), "down_proj.weight")?,
+            down: projections.build(mlp.get((hidden, inter), "down_proj.weight")?, None)?,
         })
     }
 }
@@ -262,7 +270,11 @@ struct CpuLinear {
 }
 
 impl CpuLinear {
-    fn new(weight: &Tensor) -> Result<Self> {
+    fn new(projection: &Projection) -> Result<Self> {
+        let Some(linear) = projection.cpu_f32() else {
+            candle_core::bail!("the CPU kernels take dense f32 layers only");
+        };
+        let weight = linear.weight();
         let (out_dim, in_dim) = weight.dims2()?;
         Ok(Self {
             weight_t: weight.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
@@ -312,7 +324,8 @@ impl CpuLayer {
     }
 }
 
-/// The same layer in candle tensor ops, for GPUs and half precision; one sequence at a time
+/// The same layer in candle tensor ops, for GPUs, half precision and quantised weights; one
+/// sequence at a time
 /// through attention, everything else over the whole packed batch.
 struct TensorLayer(LayerWeights);
 
@@ -326,15 +339,15 @@ impl TensorLayer {
     ) -> Result<Tensor> {
         let w = &self.0;
         let h = candle_nn::ops::rms_norm(x, &w.input_norm, dims.eps)?;
-        let qkv = Linear::new(w.qkv.clone(), None).forward(&h)?;
+        let qkv = w.qkv.forward(&h)?;
         let context = tensor_attention(&qkv, batch, rope, dims.attention)?;
-        let x = (x + Linear::new(w.o_proj.clone(), None).forward(&context)?)?;
+        let x = (x + w.o_proj.forward(&context)?)?;
         let h = candle_nn::ops::rms_norm(&x, &w.post_attention_norm, dims.eps)?;
-        let gate_up = Linear::new(w.gate_up.clone(), None).forward(&h)?;
+        let gate_up = w.gate_up.forward(&h)?;
         let gate = gate_up.narrow(D::Minus1, 0, dims.intermediate)?;
         let up = gate_up.narrow(D::Minus1, dims.intermediate, dims.intermediate)?;
         let act = (candle_nn::ops::silu(&gate)? * up)?;
-        x + Linear::new(w.down.clone(), None).forward(&act)?
+        x + w.down.forward(&act)?
     }
 }
 
@@ -433,7 +446,7 @@ struct Dims {
     rope_theta: f64,
 }
 
-/// On a CPU with f32 weights the layers run on the CPU kernels; anywhere else on tensor ops.
+/// On a CPU with dense f32 weights the layers run on the CPU kernels; anywhere else on tensor ops.
 /// One computation, two executors; the parity test below keeps them equal.
 enum Layers {
     Cpu(Vec<CpuLayer>),
@@ -451,14 +464,28 @@ pub struct MistralModel {
 }
 
 impl MistralModel {
-    pub fn load(vb: VarBuilder, cfg: &MistralConfig) -> Result<Self> {
-        let cpu_kernels = vb.device().is_cpu() && vb.dtype() == DType::F32;
-        Self::load_with(vb, cfg, cpu_kernels)
+    /// Loads the decoder with its linear layers built by `projections` (`vb` holds the weights
+    /// at the dtype's [`Dtype::activation_dtype`]): dense f32 on a CPU runs on the CPU kernels.
+    pub fn load(vb: VarBuilder, cfg: &MistralConfig, projections: &Projections) -> Result<Self> {
+        let cpu_kernels = projections.dtype() == Dtype::F32
+            && vb.device().is_cpu()
+            && vb.dtype() == DType::F32;
+        Self::build(vb, cfg, projections, cpu_kernels)
     }
 
-    /// [`MistralModel::load`] with the executor chosen by the caller: `cpu_kernels` false runs
-    /// candle tensor ops even on CPU (parity tests, and the bench that compares the two).
+    /// [`MistralModel::load`] of dense weights with the executor chosen by the caller:
+    /// `cpu_kernels` false runs candle tensor ops even on CPU (parity tests, and the bench that
+    /// compares the two).
     pub fn load_with(vb: VarBuilder, cfg: &MistralConfig, cpu_kernels: bool) -> Result<Self> {
+        Self::build(vb, cfg, &Projections::dense(), cpu_kernels)
+    }
+
+    fn build(
+        vb: VarBuilder,
+        cfg: &MistralConfig,
+        projections: &Projections,
+        cpu_kernels: bool,
+    ) -> Result<Self> {
         if cpu_kernels && !(vb.device().is_cpu() && vb.dtype() == DType::F32) {
             candle_core::bail!("the CPU kernels need f32 weights on the CPU");
         }
@@ -471,7 +498,7 @@ impl MistralModel {
         let mut weights = Vec::with_capacity(cfg.num_hidden_layers);
         let mut cpu_layers = Vec::new();
         for index in 0..cfg.num_hidden_layers {
-            let layer = LayerWeights::load(vb.pp(format!("layers.{index}")), cfg)?;
+            let layer = LayerWeights::load(vb.pp(format!("layers.{index}")), cfg, projections)?;
             if cpu_kernels {
                 // Converted one layer at a time, so the tensor copy never exists for all layers.
                 cpu_layers.push(CpuLayer::new(&layer)?);
@@ -543,19 +570,12 @@ impl MistralModel {
     }
 }
 
-/// The device and dtype the decoder runs in: f32 on CPU (the CPU kernels; bf16/f16 checkpoints
-/// are widened on load), bf16 elsewhere.
-pub fn runtime_dtype(device: &Device) -> DType {
-    if device.is_cpu() {
-        DType::F32
-    } else {
-        DType::BF16
-    }
-}
 
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
+
+    use candle_core::Device;
 
     use super::*;
 

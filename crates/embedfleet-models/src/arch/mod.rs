@@ -5,6 +5,7 @@ pub mod bert;
 pub mod layers;
 pub mod mistral;
 pub mod mpnet;
+pub mod projection;
 pub mod t5;
 
 use candle_core::{Result, Tensor};
@@ -52,15 +53,29 @@ pub enum TextEncoder {
 }
 
 impl TextEncoder {
-    pub fn load(vb: candle_nn::VarBuilder, config: &TextEncoderConfig) -> Result<Self> {
+    pub fn load(
+        vb: candle_nn::VarBuilder,
+        config: &TextEncoderConfig,
+        projections: &projection::Projections,
+    ) -> Result<Self> {
         Ok(match config {
-            TextEncoderConfig::Bert(cfg) => {
-                Self::Bert(bert::BertModel::load(vb, cfg, bert::PositionScheme::Bert)?)
+            TextEncoderConfig::Bert(cfg) => Self::Bert(bert::BertModel::load(
+                vb,
+                cfg,
+                bert::PositionScheme::Bert,
+                projections,
+            )?),
+            TextEncoderConfig::Roberta(cfg) | TextEncoderConfig::XlmRoberta(cfg) => {
+                Self::Bert(bert::BertModel::load(
+                    vb,
+                    cfg,
+                    bert::PositionScheme::Roberta,
+                    projections,
+                )?)
             }
-            TextEncoderConfig::Roberta(cfg) | TextEncoderConfig::XlmRoberta(cfg) => Self::Bert(
-                bert::BertModel::load(vb, cfg, bert::PositionScheme::Roberta)?,
-            ),
-            TextEncoderConfig::Mpnet(cfg) => Self::MpNet(mpnet::MpNetModel::load(vb, cfg)?),
+            TextEncoderConfig::Mpnet(cfg) => {
+                Self::MpNet(mpnet::MpNetModel::load(vb, cfg, projections)?)
+            }
         })
     }
 

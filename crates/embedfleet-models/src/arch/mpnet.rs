@@ -8,12 +8,14 @@
 //! attention scores.
 
 use candle_core::{Result, Tensor};
-use candle_nn::{layer_norm, linear, VarBuilder};
+use candle_nn::{layer_norm, VarBuilder};
 use serde::Deserialize;
 
 use super::layers::{
-    check_heads, fused_qkv, EmbeddingSizes, HiddenAct, LayerWeights, PostNormLayer, TokenEmbeddings,
+    check_heads, fused_qkv, linear, EmbeddingSizes, HiddenAct, LayerWeights, PostNormLayer,
+    TokenEmbeddings,
 };
+use super::projection::Projections;
 use crate::packed::{PackedBatch, RelativeBias};
 
 fn default_buckets() -> usize {
@@ -69,15 +71,20 @@ fn relative_position_bucket(relative_position: i64, num_buckets: usize) -> usize
     bucket as usize
 }
 
-fn load_layer(vb: VarBuilder, cfg: &MpNetConfig) -> Result<PostNormLayer> {
+fn load_layer(vb: VarBuilder, cfg: &MpNetConfig, projections: &Projections) -> Result<PostNormLayer> {
     let hidden = cfg.hidden_size;
     let attn = vb.pp("attention.attn");
     let weights = LayerWeights {
-        qkv: fused_qkv(attn.pp("q"), attn.pp("k"), attn.pp("v"), hidden)?,
-        attention_out: linear(hidden, hidden, attn.pp("o"))?,
+        qkv: fused_qkv(attn.pp("q"), attn.pp("k"), attn.pp("v"), hidden, projections)?,
+        attention_out: linear(hidden, hidden, attn.pp("o"), projections)?,
         attention_norm: layer_norm(hidden, cfg.layer_norm_eps, vb.pp("attention.LayerNorm"))?,
-        intermediate: linear(hidden, cfg.intermediate_size, vb.pp("intermediate.dense"))?,
-        output: linear(cfg.intermediate_size, hidden, vb.pp("output.dense"))?,
+        intermediate: linear(
+            hidden,
+            cfg.intermediate_size,
+            vb.pp("intermediate.dense"),
+            projections,
+        )?,
+        output: linear(cfg.intermediate_size, hidden, vb.pp("output.dense"), projections)?,
         output_norm: layer_norm(hidden, cfg.layer_norm_eps, vb.pp("output.LayerNorm"))?,
     };
     PostNormLayer::new(weights, cfg.num_attention_heads, cfg.hidden_act)
@@ -107,7 +114,7 @@ impl MpNetModel {
         Ok(())
     }
 
-    pub fn load(vb: VarBuilder, cfg: &MpNetConfig) -> Result<Self> {
+    pub fn load(vb: VarBuilder, cfg: &MpNetConfig, projections: &Projections) -> Result<Self> {
         let vb = if vb.contains_tensor("mpnet.embeddings.word_embeddings.weight") {
             vb.pp("mpnet")
         } else {
@@ -124,7 +131,7 @@ impl MpNetModel {
         };
         let embeddings = TokenEmbeddings::load(vb.pp("embeddings"), &sizes)?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|index| load_layer(vb.pp(format!("encoder.layer.{index}")), cfg))
+            .map(|index| load_layer(vb.pp(format!("encoder.layer.{index}")), cfg, projections))
             .collect::<Result<Vec<_>>>()?;
         let buckets = cfg.relative_attention_num_buckets;
         let bias_table = vb
@@ -132,6 +139,7 @@ impl MpNetModel {
                 (buckets, cfg.num_attention_heads),
                 "encoder.relative_attention_bias.weight",
             )?
+            .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
         let max_offset = cfg.max_position_embeddings;

@@ -13,11 +13,12 @@
 //! checkpoint (`shared`, `encoder.block.N.layer.0.SelfAttention.q`, ...).
 
 use candle_core::{DType, Result, Tensor};
-use candle_nn::{Embedding, Linear, Module, VarBuilder};
+use candle_nn::{Embedding, Module, VarBuilder};
 use rayon::prelude::*;
 use serde::Deserialize;
 
 use super::layers::CpuLinear;
+use super::projection::{Projection, Projections};
 use crate::cpu_kernels;
 use crate::packed::{packed_attention, packed_attention_f32, PackedBatch, RelativeBias};
 
@@ -132,13 +133,13 @@ pub fn relative_position_bucket(
 /// One encoder block as the checkpoint stores it, with q, k and v fused.
 struct BlockWeights {
     /// `[3 * inner, d_model]`: q (pre-scaled, see `load_block`), k, v.
-    qkv: Linear,
+    qkv: Projection,
     /// `[d_model, inner]`.
-    o: Linear,
+    o: Projection,
     attention_norm: Tensor,
     /// `[d_ff, d_model]` (relu) or `[2 * d_ff, d_model]`: `wi_0` rows, then `wi_1` rows.
-    wi: Linear,
-    wo: Linear,
+    wi: Projection,
+    wo: Projection,
     feed_forward_norm: Tensor,
 }
 
@@ -152,8 +153,8 @@ struct CpuBlock {
     feed_forward_norm: Vec<f32>,
 }
 
-/// On a CPU with f32 weights the blocks run on [`crate::cpu_kernels`]; anywhere else (GPU, bf16)
-/// on candle tensor ops. One computation, two executors; a test keeps them equal.
+/// On a CPU with dense f32 weights the blocks run on [`crate::cpu_kernels`]; anywhere else (GPU,
+/// bf16, quantised weights) on candle tensor ops. One computation, two executors; a test keeps them equal.
 enum Blocks {
     Cpu(Vec<CpuBlock>, Vec<f32>),
     Tensor(Vec<BlockWeights>, Tensor),
@@ -163,7 +164,12 @@ fn no_bias_linear(vb: &VarBuilder, out: usize, inp: usize, name: &str) -> Result
     vb.get((out, inp), &format!("{name}.weight"))
 }
 
-fn load_block(vb: VarBuilder, cfg: &T5Config, feed_forward: FeedForward) -> Result<BlockWeights> {
+fn load_block(
+    vb: VarBuilder,
+    cfg: &T5Config,
+    feed_forward: FeedForward,
+    projections: &Projections,
+) -> Result<BlockWeights> {
     let (d_model, inner) = (cfg.d_model, cfg.inner());
     let attention = vb.pp("layer.0");
     let sa = attention.pp("SelfAttention");
@@ -192,11 +198,11 @@ fn load_block(vb: VarBuilder, cfg: &T5Config, feed_forward: FeedForward) -> Resu
         )?,
     };
     Ok(BlockWeights {
-        qkv: Linear::new(qkv, None),
-        o: Linear::new(no_bias_linear(&sa, d_model, inner, "o")?, None),
+        qkv: projections.build(qkv, None)?,
+        o: projections.build(no_bias_linear(&sa, d_model, inner, "o")?, None)?,
         attention_norm: attention.get(d_model, "layer_norm.weight")?,
-        wi: Linear::new(wi, None),
-        wo: Linear::new(no_bias_linear(&dense, d_model, cfg.d_ff, "wo")?, None),
+        wi: projections.build(wi, None)?,
+        wo: projections.build(no_bias_linear(&dense, d_model, cfg.d_ff, "wo")?, None)?,
         feed_forward_norm: ff.get(d_model, "layer_norm.weight")?,
     })
 }
@@ -219,9 +225,14 @@ pub struct T5Encoder {
 
 impl T5Encoder {
     /// Loads the encoder for sequences of up to `max_len` tokens (the relative-bias lookup table
-    /// covers exactly that range).
-    pub fn load(vb: VarBuilder, cfg: &T5Config, max_len: usize) -> Result<Self> {
-        Self::load_with(vb, cfg, max_len, true)
+    /// covers exactly that range), its linear layers built by `projections`.
+    pub fn load(
+        vb: VarBuilder,
+        cfg: &T5Config,
+        max_len: usize,
+        projections: &Projections,
+    ) -> Result<Self> {
+        Self::load_with(vb, cfg, max_len, projections, true)
     }
 
     /// `use_cpu_kernels: false` keeps the tensor-op executor even for f32 on CPU (the parity test).
@@ -229,6 +240,7 @@ impl T5Encoder {
         vb: VarBuilder,
         cfg: &T5Config,
         max_len: usize,
+        projections: &Projections,
         use_cpu_kernels: bool,
     ) -> Result<Self> {
         let feed_forward = cfg.feed_forward().map_err(candle_core::Error::msg)?;
@@ -245,7 +257,14 @@ impl T5Encoder {
         );
         let encoder = vb.pp("encoder");
         let blocks = (0..cfg.num_layers)
-            .map(|index| load_block(encoder.pp(format!("block.{index}")), cfg, feed_forward))
+            .map(|index| {
+                load_block(
+                    encoder.pp(format!("block.{index}")),
+                    cfg,
+                    feed_forward,
+                    projections,
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         let final_norm = encoder.get(cfg.d_model, "final_layer_norm.weight")?;
         let buckets = cfg.relative_attention_num_buckets;
@@ -267,18 +286,25 @@ impl T5Encoder {
                 )
             })
             .collect();
-        let on_cpu_f32 =
-            use_cpu_kernels && final_norm.device().is_cpu() && final_norm.dtype() == DType::F32;
+        let dense_f32 = blocks.iter().all(|b| {
+            [&b.qkv, &b.o, &b.wi, &b.wo]
+                .iter()
+                .all(|p| p.cpu_f32().is_some())
+        });
+        let on_cpu_f32 = use_cpu_kernels
+            && dense_f32
+            && final_norm.device().is_cpu()
+            && final_norm.dtype() == DType::F32;
         let blocks = if on_cpu_f32 {
             let cpu = blocks
                 .iter()
                 .map(|b| {
                     Ok(CpuBlock {
-                        qkv: CpuLinear::new(&b.qkv)?,
-                        o: CpuLinear::new(&b.o)?,
+                        qkv: CpuLinear::from_projection(&b.qkv)?,
+                        o: CpuLinear::from_projection(&b.o)?,
                         attention_norm: b.attention_norm.to_vec1::<f32>()?,
-                        wi: CpuLinear::new(&b.wi)?,
-                        wo: CpuLinear::new(&b.wo)?,
+                        wi: CpuLinear::from_projection(&b.wi)?,
+                        wo: CpuLinear::from_projection(&b.wo)?,
                         feed_forward_norm: b.feed_forward_norm.to_vec1::<f32>()?,
                     })
                 })
@@ -537,9 +563,10 @@ mod tests {
             let batch =
                 PackedBatch::new(&[vec![3u32, 7, 1], vec![4, 9, 9, 12, 40, 2, 1], vec![5, 1]]);
             let vb = |t| VarBuilder::from_tensors(t, DType::F32, &device);
-            let fast = T5Encoder::load(vb(tensors.clone()), &cfg, 16)?;
+            let dense = Projections::dense();
+            let fast = T5Encoder::load(vb(tensors.clone()), &cfg, 16, &dense)?;
             assert!(matches!(fast.blocks, Blocks::Cpu(..)));
-            let reference = T5Encoder::load_with(vb(tensors), &cfg, 16, false)?;
+            let reference = T5Encoder::load_with(vb(tensors), &cfg, 16, &dense, false)?;
             assert!(matches!(reference.blocks, Blocks::Tensor(..)));
             let a = fast.forward(&batch)?;
             let b = reference.forward(&batch)?;
