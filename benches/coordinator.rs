@@ -201,7 +201,9 @@ impl InProcess {
                 .iter()
                 .map(|spec| FixedVectorModel::new(spec.name).expect("fixed model"))
                 .collect(),
-            layer: FusionStage::seeded().layer(specs).expect("fusion layer"),
+            layer: FusionStage::seeded()
+                .layer(specs, &embedfleet_fleet::fusion::catalogue_widths(specs))
+                .expect("fusion layer"),
         }
     }
 
@@ -253,7 +255,9 @@ impl Fleet {
             .expect("in-process cache");
         let fusion = FusionStage::seeded();
         // Built now, as `serve` does, so no request pays for it.
-        fusion.layer(specs).expect("fusion layer");
+        fusion
+            .layer(specs, &embedfleet_fleet::fusion::catalogue_widths(specs))
+            .expect("fusion layer");
         let coordinator = Coordinator::new(
             connect().await,
             CoordinatorConfig {

@@ -40,7 +40,17 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let specs = fleet_args::model_specs(&args.models)?;
     let models = load_models(&args.models, &args.worker)?;
     http.ready(MODELS_LOADED);
-    let fusion = args.coordinator.fusion_stage(&specs)?;
+    // Slot order, like the specs: the fusion layer is built for what these checkpoints produce.
+    let widths: Vec<usize> = specs
+        .iter()
+        .map(|spec| {
+            models
+                .iter()
+                .find(|m| m.spec().name == spec.name)
+                .map_or(spec.dim, |m| m.dim())
+        })
+        .collect();
+    let fusion = args.coordinator.fusion_stage(&specs, Some(&widths))?;
     http.ready(FUSION_BUILT);
     // Started before the runtime and dropped after it, so the server outlives every client.
     let embedded = match &args.nats_url {
@@ -73,6 +83,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         );
         for model in &models {
             coordinator.prime_revision(model.spec().name, model.revision());
+            coordinator.prime_width(model.spec().name, model.dim());
         }
         declare_queues(&worker_client, &models, &queues).await?;
         http.ready(CONSUMERS_BOUND);

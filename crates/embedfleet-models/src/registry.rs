@@ -73,6 +73,19 @@ pub fn lookup(name: &str) -> Result<&'static ModelSpec, ModelError> {
     })
 }
 
+/// Whether this build can load checkpoints of `architecture` (the `runs` column of
+/// `embedfleet models`); the arms of [`load`] below, kept next to them.
+pub fn runs(architecture: Architecture) -> bool {
+    matches!(
+        architecture,
+        Architecture::Bert
+            | Architecture::Roberta
+            | Architecture::MpNet
+            | Architecture::T5Encoder
+            | Architecture::Mistral
+    )
+}
+
 fn load(
     spec: &'static ModelSpec,
     resolver: &WeightResolver,
