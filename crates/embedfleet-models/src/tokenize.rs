@@ -58,7 +58,7 @@ pub fn load_tokenizer(files: &ModelFiles) -> Result<Tokenizer, ModelError> {
     }
     Err(ModelError::MissingFile {
         path: files.dir.join("tokenizer.json"),
-        reason: format!("no tokenizer in the checkpoint (looked for {TOKENIZER_FILES})"),
+        reason: format!("the tokenizer is missing (looked for {TOKENIZER_FILES})"),
     })
 }
 
