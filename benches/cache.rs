@@ -39,7 +39,13 @@ fn main() {
             let input = Input::Text(format!("cache bench input {i}"));
             CacheKey::fused(
                 "fusemoe-bench",
-                &ContentKey::new(&input, None, "minilm+mpnet:normalized", "rev+rev"),
+                &ContentKey::new(
+                    &input,
+                    None,
+                    embedfleet_proto::InputType::Document,
+                    "minilm+mpnet:normalized",
+                    "rev+rev",
+                ),
             )
         })
         .collect();

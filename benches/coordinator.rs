@@ -30,6 +30,7 @@ use embedfleet_cache::{CacheConfig, VectorCache};
 use embedfleet_client::EmbedClient;
 use embedfleet_fleet::coordinator::Coordinator;
 use embedfleet_fleet::fusion::{fuse_rows, FusionStage};
+use embedfleet_fleet::fusion_device::FusionDevice;
 use embedfleet_fleet::worker::{run_worker, WorkerConfig};
 use embedfleet_fleet::{BatchConfig, CoordinatorConfig, QueueConfig};
 use embedfleet_fusion::FuseMoe;
@@ -201,7 +202,9 @@ impl InProcess {
                 .iter()
                 .map(|spec| FixedVectorModel::new(spec.name).expect("fixed model"))
                 .collect(),
-            layer: FusionStage::seeded().layer(specs).expect("fusion layer"),
+            layer: FusionStage::seeded()
+                .layer(specs, &embedfleet_fleet::fusion::catalogue_widths(specs))
+                .expect("fusion layer"),
         }
     }
 
@@ -228,7 +231,7 @@ impl InProcess {
                     .collect()
             })
             .collect();
-        fuse_rows(&self.layer, &rows).expect("fusion")
+        fuse_rows(&FusionDevice::cpu(), &self.layer, &rows).expect("fusion")
     }
 }
 
@@ -253,7 +256,9 @@ impl Fleet {
             .expect("in-process cache");
         let fusion = FusionStage::seeded();
         // Built now, as `serve` does, so no request pays for it.
-        fusion.layer(specs).expect("fusion layer");
+        fusion
+            .layer(specs, &embedfleet_fleet::fusion::catalogue_widths(specs))
+            .expect("fusion layer");
         let coordinator = Coordinator::new(
             connect().await,
             CoordinatorConfig {

@@ -10,7 +10,10 @@
 //! fixture checkpoints run (ids end in `-fixture`: tiny models, figures only for the path's
 //! overhead).
 //!
-//! Groups: `gpu_per_model_latency` (`<model>/single`, `<model>/batch32`), `gpu_fusemoe_fusion`
+//! Dtypes: every model at its GPU default (f16; bf16 for T5), and at q8_0 and q4k too when named
+//! in `$GPU_BENCH_QUANTIZED` (comma-separated models).
+//!
+//! Groups: `gpu_per_model_latency` (`<model>@<dtype>/single`, `<model>@<dtype>/batch32`), `gpu_fusemoe_fusion`
 //! (`<shape> <precision>/batch <n>`). Specification targets (GPU): semantic model < 5 ms single,
 //! code model < 10 ms, fusion < 3 ms, batch-32 > 100 items/s end to end.
 
@@ -21,7 +24,8 @@ use criterion::{BenchmarkId, Criterion, Throughput};
 use embedfleet_benches::{pseudo_random, sentences};
 use embedfleet_fusion::{CudaFuseMoe, FuseMoe, FuseMoeConfig, WeightPrecision};
 use embedfleet_models::{
-    catalogue, DeviceName, EmbedOptions, ModelInput, ModelRegistry, WeightResolver,
+    catalogue, DeviceName, Dtype, EmbedOptions, ModelDtypes, ModelInput, ModelRegistry,
+    WeightResolver,
 };
 
 const BATCH: usize = 32;
@@ -56,36 +60,62 @@ fn checkpoints() -> Vec<(String, PathBuf, &'static str)> {
 fn bench_models(criterion: &mut Criterion) {
     let device = DeviceName::Cuda(0).open().expect("a CUDA device");
     let sentences: Vec<ModelInput> = sentences().into_iter().map(ModelInput::Text).collect();
-    let options = EmbedOptions::default();
+    let quantized: Vec<String> = std::env::var("GPU_BENCH_QUANTIZED")
+        .map(|list| list.split(',').map(|m| m.trim().to_string()).collect())
+        .unwrap_or_default();
     for (label, root, model) in checkpoints() {
-        eprintln!("gpu bench: loading {label}");
-        let resolver = WeightResolver {
-            models_dir: Some(root),
-            offline: true,
-        };
-        let registry = ModelRegistry::new(resolver, device.clone());
-        let model = registry.get(model).unwrap_or_else(|e| panic!("{label}: {e}"));
-        let mut group = criterion.benchmark_group("gpu_per_model_latency");
-        group
-            .warm_up_time(Duration::from_secs(1))
-            .measurement_time(Duration::from_secs(3))
-            .sample_size(20);
-        group.throughput(Throughput::Elements(1));
-        let mut next = 0;
-        group.bench_function(BenchmarkId::new(&label, "single"), |b| {
-            b.iter(|| {
-                let input = &sentences[next % sentences.len()];
-                next += 1;
-                model.embed_batch(std::slice::from_ref(input), &options).expect("embeds")
-            })
-        });
-        group.throughput(Throughput::Elements(BATCH as u64));
-        let batch = &sentences[..BATCH];
-        group.bench_function(BenchmarkId::new(&label, format!("batch{BATCH}")), |b| {
-            b.iter(|| model.embed_batch(batch, &options).expect("embeds"))
-        });
-        group.finish();
+        let spec = catalogue::find(model).expect("catalogue model");
+        let mut dtypes = vec![Dtype::default_for(spec)];
+        if quantized.iter().any(|m| m == model) {
+            dtypes.extend([Dtype::Q8_0, Dtype::Q4k]);
+        }
+        for dtype in dtypes {
+            bench_model(criterion, &device, &sentences, &label, &root, model, dtype);
+        }
     }
+}
+
+fn bench_model(
+    criterion: &mut Criterion,
+    device: &embedfleet_models::Device,
+    sentences: &[ModelInput],
+    label: &str,
+    root: &std::path::Path,
+    model: &str,
+    dtype: Dtype,
+) {
+    let options = EmbedOptions::default();
+    let label = format!("{label}@{dtype}");
+    eprintln!("gpu bench: loading {label}");
+    let resolver = WeightResolver {
+        models_dir: Some(root.to_path_buf()),
+        offline: true,
+    };
+    let registry =
+        ModelRegistry::new(resolver, device.clone()).with_dtypes(ModelDtypes::all(dtype));
+    let model = registry.get(model).unwrap_or_else(|e| panic!("{label}: {e}"));
+    let mut group = criterion.benchmark_group("gpu_per_model_latency");
+    group
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .sample_size(20);
+    group.throughput(Throughput::Elements(1));
+    let mut next = 0;
+    group.bench_function(BenchmarkId::new(&label, "single"), |b| {
+        b.iter(|| {
+            let input = &sentences[next % sentences.len()];
+            next += 1;
+            model
+                .embed_batch(std::slice::from_ref(input), &options)
+                .expect("embeds")
+        })
+    });
+    group.throughput(Throughput::Elements(BATCH as u64));
+    let batch = &sentences[..BATCH];
+    group.bench_function(BenchmarkId::new(&label, format!("batch{BATCH}")), |b| {
+        b.iter(|| model.embed_batch(batch, &options).expect("embeds"))
+    });
+    group.finish();
 }
 
 fn bench_fusion(criterion: &mut Criterion) {

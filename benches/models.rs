@@ -9,10 +9,11 @@
 //! Thread count: candle uses every core by default; set `RAYON_NUM_THREADS` to match the Python
 //! side's `--threads` when comparing.
 //!
-//! The T5 groups (`t5-fixture/...`) run the small random checkpoints of the architecture tests
-//! (`crates/embedfleet-models/tests/fixtures/checkpoints/`), not real weights: they track the
-//! T5 path's own cost (kernels, packing, instruction handling) from change to change, and say
-//! nothing about instructor-xl's or sentence-t5-xxl's real speed.
+//! The fixture groups (`t5-fixture/...`, `bert-fixture/...`) run the small random checkpoints of
+//! the architecture tests (`crates/embedfleet-models/tests/fixtures/checkpoints/`), not real
+//! weights: they track each path's own cost (kernels, packing, tokenizers built from vocabulary
+//! files, instruction handling) from change to change, and say nothing about the real models'
+//! speed.
 //!
 //! `per_model_dtype` runs minilm and mpnet at every weight dtype (`<model>/<dtype>/single` and
 //! `/batch32`): f32 on the packed CPU kernels, f16/bf16/q8_0/q4k on candle tensor ops and its
@@ -31,7 +32,7 @@ use embedfleet_models::arch::mistral::{MistralConfig, MistralModel};
 use embedfleet_models::packed::PackedBatch;
 use embedfleet_models::{
     catalogue, DecoderEmbedder, Device, Dtype, EmbedOptions, EmbeddingModel, ModelInput,
-    T5Embedder, TextEmbedder, WeightResolver,
+    ModelRegistry, TextEmbedder, WeightResolver,
 };
 
 const BATCH: usize = 32;
@@ -126,25 +127,34 @@ fn bench_models(c: &mut Criterion) {
     }
 }
 
-/// The T5 path on its fixture checkpoints (see the file header): batch 32 of the bench sentences,
-/// sentence-t5 (relu fixture) and instructor (gated fixture, with its default instruction).
-fn bench_t5_fixtures(c: &mut Criterion) {
+/// Each architecture on its fixture checkpoints (see the file header), loaded through the
+/// registry as the fleet loads it: batch 32 of the bench sentences; sentence-t5 (relu fixture),
+/// instructor (gated fixture, with its default instruction) and the BERT family (bge-large,
+/// gte-large and contriever, dragon-plus: tokenizer.json and vocab.txt; codebert: RoBERTa with a
+/// byte-level BPE from vocab.json + merges.txt).
+fn bench_fixtures(c: &mut Criterion) {
     let fixtures = embedfleet_benches::bench_dir()
         .join("../crates/embedfleet-models/tests/fixtures/checkpoints");
     let sentences: Vec<ModelInput> = sentences().into_iter().map(ModelInput::Text).collect();
     let options = EmbedOptions::default();
-    for (variant, name) in [
-        ("t5-relu", "sentence-t5-xxl"),
-        ("t5-gated", "instructor-xl"),
+    for (path, variant, name) in [
+        ("t5", "t5-relu", "sentence-t5-xxl"),
+        ("t5", "t5-gated", "instructor-xl"),
+        ("bert", "bert-family", "bge-large"),
+        ("bert", "bert-family", "gte-large"),
+        ("bert", "bert-family", "contriever"),
+        ("bert", "bert-family", "dragon-plus"),
+        ("bert", "bert-family", "codebert"),
     ] {
-        let spec = catalogue::find(name).expect("catalogue model");
-        let resolver = WeightResolver {
-            models_dir: Some(fixtures.join(variant)),
-            offline: true,
-        };
-        let files = resolver.resolve(spec).expect("fixture checkpoint");
-        let model = T5Embedder::load(spec, &files, &Device::Cpu).expect("fixture loads");
-        let mut group = c.benchmark_group(format!("t5-fixture/{variant}/{name}"));
+        let registry = ModelRegistry::new(
+            WeightResolver {
+                models_dir: Some(fixtures.join(variant)),
+                offline: true,
+            },
+            Device::Cpu,
+        );
+        let model = registry.get(name).expect("fixture loads");
+        let mut group = c.benchmark_group(format!("{path}-fixture/{variant}/{name}"));
         group
             .warm_up_time(Duration::from_secs(1))
             .measurement_time(Duration::from_secs(4))
@@ -251,7 +261,7 @@ criterion_group!(
     benches,
     bench_models,
     bench_dtypes,
-    bench_t5_fixtures,
+    bench_fixtures,
     bench_decoder
 );
 criterion_main!(benches);

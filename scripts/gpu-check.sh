@@ -55,6 +55,32 @@ prepare() {
   du -sh "$carry" "$carry"/* >&2
 }
 
+# One JSON of every figure so far (rewritten after each step that adds some).
+figures() {
+  python3 - "$@" <<'EOF'
+import glob, json, os, re, sys
+path, parity, fusion_parity = sys.argv[1:4]
+figures = {"models_parity": parity, "fusion_parity": fusion_parity}
+figures["gpu"] = open(os.path.join(os.path.dirname(path), "gpu.txt")).read().strip()
+text = open(os.path.join(os.path.dirname(path), "models-parity.txt")).read()
+figures["models_parity_detail"] = re.findall(r"GPU_PARITY (.*)", text)
+bench = {}
+for estimates in glob.glob("/tmp/embedfleet-criterion/**/new/estimates.json", recursive=True):
+    bench_file = os.path.join(os.path.dirname(estimates), "benchmark.json")
+    meta = json.load(open(bench_file))
+    est = json.load(open(estimates))
+    entry = {"median_ms": est["median"]["point_estimate"] / 1e6,
+             "mean_ms": est["mean"]["point_estimate"] / 1e6}
+    throughput = meta.get("throughput") or {}
+    if "Elements" in throughput:
+        entry["items_per_s"] = throughput["Elements"] / (est["median"]["point_estimate"] / 1e9)
+    bench[meta["full_id"]] = entry
+figures["bench"] = dict(sorted(bench.items()))
+json.dump(figures, open(path, "w"), indent=1)
+print(json.dumps(figures, indent=1))
+EOF
+}
+
 run() {
   local out="${1:?usage: gpu-check.sh run OUTDIR}"
   mkdir -p "$out"
@@ -107,45 +133,28 @@ EOF
 
   step "full-size random checkpoints"
   local full=/tmp/embedfleet-full
-  local models="${GPU_CHECK_MODELS:-minilm,mpnet,bge-large,instructor-xl,e5-mistral}"
+  local models="${GPU_CHECK_MODELS:-minilm,mpnet,bge-large,instructor-xl,sentence-t5-xxl,e5-mistral}"
   python3 scripts/gpu/make_full_size.py --out "$full" --templates "$carry/templates" \
     --models "$models" > "$out/checkpoints.json" || echo "make_full_size failed"
 
   step "GPU bench (criterion)"
   export CRITERION_HOME=/tmp/embedfleet-criterion
-  EMBEDFLEET_GPU_CHECKPOINTS="$full" "$bin/gpu-bench" --bench --noplot 2>&1 \
+  EMBEDFLEET_GPU_CHECKPOINTS="$full" GPU_BENCH_QUANTIZED="${GPU_BENCH_QUANTIZED:-bge-large,e5-mistral}" \
+    "$bin/gpu-bench" --bench --noplot 2>&1 \
     | grep -vE "^(Warming|Collecting|Analyzing|Benchmarking .*: (Warming|Collecting|Analyzing))" || true
+
+  figures "$json" "$parity" "$fusion_parity"
 
   step "fleet on the GPU (bench run, small tier)"
   export EMBEDFLEET_NATS_SERVER="$bin/nats-server" EMBEDFLEET_DEVICE=cuda:0 \
     EMBEDFLEET_MODELS_DIR="$full" HF_HUB_OFFLINE=1
-  "$bin/embedfleet" bench run --tier small --models minilm,mpnet --no-gate --out /tmp/fleet-bench \
+  "$bin/embedfleet" bench run --tier small --models minilm,mpnet --concurrency 1,16 --batch 1,32 \
+    --requests 80 --no-gate --out /tmp/fleet-bench \
     || echo "fleet bench failed"
   cp /tmp/fleet-bench/latest.json "$out/fleet-bench.json" 2>/dev/null || true
 
   step "figures"
-  python3 - "$json" "$parity" "$fusion_parity" <<'EOF'
-import glob, json, os, re, sys
-path, parity, fusion_parity = sys.argv[1:4]
-figures = {"models_parity": parity, "fusion_parity": fusion_parity}
-figures["gpu"] = open(os.path.join(os.path.dirname(path), "gpu.txt")).read().strip()
-text = open(os.path.join(os.path.dirname(path), "models-parity.txt")).read()
-figures["models_parity_detail"] = re.findall(r"GPU_PARITY (.*)", text)
-bench = {}
-for estimates in glob.glob("/tmp/embedfleet-criterion/**/new/estimates.json", recursive=True):
-    bench_file = os.path.join(os.path.dirname(estimates), "benchmark.json")
-    meta = json.load(open(bench_file))
-    est = json.load(open(estimates))
-    entry = {"median_ms": est["median"]["point_estimate"] / 1e6,
-             "mean_ms": est["mean"]["point_estimate"] / 1e6}
-    throughput = meta.get("throughput") or {}
-    if "Elements" in throughput:
-        entry["items_per_s"] = throughput["Elements"] / (est["median"]["point_estimate"] / 1e9)
-    bench[meta["full_id"]] = entry
-figures["bench"] = dict(sorted(bench.items()))
-json.dump(figures, open(path, "w"), indent=1)
-print(json.dumps(figures, indent=1))
-EOF
+  figures "$json" "$parity" "$fusion_parity"
   echo "gpu-check: done in $((SECONDS - started)) s"
 }
 

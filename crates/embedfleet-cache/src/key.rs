@@ -71,6 +71,7 @@ mod tests {
         ContentKey::new(
             &Input::Text("hello world".into()),
             Some("query: "),
+            embedfleet_proto::InputType::Document,
             "minilm",
             "rev1",
         )
@@ -78,7 +79,7 @@ mod tests {
 
     #[test]
     fn keys_follow_the_documented_scheme() {
-        let hex = "0a4558072df694983cf5880a47012c38";
+        let hex = "400cf593bf5f99a0631454ea7c1caf66";
         assert_eq!(content().to_hex(), hex);
         assert_eq!(
             CacheKey::partial("minilm", "rev1", &content()).as_str(),

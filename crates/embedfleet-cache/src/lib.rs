@@ -23,7 +23,7 @@
 //!
 //! ```no_run
 //! use embedfleet_cache::{CacheConfig, CacheKey, VectorCache};
-//! use embedfleet_proto::{ContentKey, Input};
+//! use embedfleet_proto::{ContentKey, Input, InputType};
 //!
 //! # async fn demo() -> Result<(), embedfleet_cache::CacheError> {
 //! let cache = VectorCache::connect(CacheConfig {
@@ -31,7 +31,8 @@
 //!     ..CacheConfig::default()
 //! })
 //! .await?;
-//! let content = ContentKey::new(&Input::Text("hello".into()), None, "minilm", "rev1");
+//! let content =
+//!     ContentKey::new(&Input::Text("hello".into()), None, InputType::Document, "minilm", "rev1");
 //! let key = CacheKey::partial("minilm", "rev1", &content);
 //! cache.put_many(&[(key.clone(), &[0.1, 0.2, 0.3][..])]).await;
 //! assert_eq!(cache.get_many(&[key]).await[0].as_deref(), Some(&[0.1, 0.2, 0.3][..]));

@@ -128,7 +128,13 @@ mod tests {
     use super::*;
 
     fn key(i: usize) -> CacheKey {
-        let content = ContentKey::new(&Input::Text(format!("input {i}")), None, "m", "r");
+        let content = ContentKey::new(
+            &Input::Text(format!("input {i}")),
+            None,
+            embedfleet_proto::InputType::Document,
+            "m",
+            "r",
+        );
         CacheKey::partial("m", "r", &content)
     }
 

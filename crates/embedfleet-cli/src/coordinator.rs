@@ -33,7 +33,7 @@ pub struct CoordinatorRoleArgs {
 pub fn run(args: CoordinatorRoleArgs) -> anyhow::Result<()> {
     let http = RoleHttp::start(&args.http, "coordinator", &[FUSION_BUILT, SERVING])?;
     let specs = fleet_args::model_specs(&args.models)?;
-    let fusion = args.coordinator.fusion_stage(&specs)?;
+    let fusion = args.coordinator.fusion_stage(&specs, None)?;
     http.ready(FUSION_BUILT);
     fleet_args::runtime()?.block_on(async {
         let shutdown = fleet_args::shutdown_on_signals()?;

@@ -15,7 +15,7 @@ use embedfleet_fleet::{Pipeline, PipelineRequest};
 use embedfleet_models::{
     DeviceName, EmbedOptions, ModelDtypes, ModelInput, ModelRegistry, WeightResolver,
 };
-use embedfleet_proto::{EmbedRequest, EmbeddingData};
+use embedfleet_proto::{EmbedRequest, EmbeddingData, InputType};
 
 /// The models `embed` runs in this process when `--models` is not given. With `--nats-url` the
 /// fleet's own default set applies instead.
@@ -54,9 +54,14 @@ pub struct EmbedArgs {
     /// Leave partial vectors at the scale the model produced.
     #[arg(long)]
     no_normalize: bool,
-    /// Task instruction, for instruction-tuned models.
+    /// Task instruction, for the models that read one (instructor-xl; e5-mistral for queries);
+    /// the others ignore it (docs/protocol.md).
     #[arg(long)]
     instruction: Option<String>,
+    /// Whether the inputs are search queries or documents; asymmetric models (bge-large,
+    /// e5-mistral) embed queries differently, the others ignore it.
+    #[arg(long, value_enum, default_value_t = InputTypeArg::Document)]
+    input_type: InputTypeArg,
     /// Inputs embedded per pass when reading stdin; bounds memory on any input size. With
     /// --nats-url, inputs per request (arguments too); the fleet takes at most 256 by default.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=4096))]
@@ -66,6 +71,22 @@ pub struct EmbedArgs {
     /// fleet's business and ignored here.
     #[arg(long, value_name = "URL")]
     nats_url: Option<String>,
+}
+
+/// `--input-type`: the wire's `input_type`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum InputTypeArg {
+    Document,
+    Query,
+}
+
+impl From<InputTypeArg> for InputType {
+    fn from(arg: InputTypeArg) -> Self {
+        match arg {
+            InputTypeArg::Document => InputType::Document,
+            InputTypeArg::Query => InputType::Query,
+        }
+    }
 }
 
 pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
@@ -87,8 +108,12 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         options: EmbedOptions {
             truncate: !args.no_truncate,
             normalize: !args.no_normalize,
-            instruction: args.instruction.clone(),
-            ..EmbedOptions::default()
+            // Blank is no instruction, as on the wire (EmbedRequest::effective_instruction).
+            instruction: args
+                .instruction
+                .clone()
+                .filter(|instruction| !instruction.trim().is_empty()),
+            input_type: args.input_type.into(),
         },
         fuse: !args.no_fuse,
         return_partials: args.partials,
@@ -215,7 +240,8 @@ fn remote_request(args: &EmbedArgs, texts: Vec<String>) -> EmbedRequest {
         .with_fuse(!args.no_fuse)
         .with_partials(args.partials)
         .with_normalize(!args.no_normalize)
-        .with_truncate(!args.no_truncate);
+        .with_truncate(!args.no_truncate)
+        .with_input_type(args.input_type.into());
     if let Some(models) = &args.models {
         request = request.with_models(models.iter().cloned());
     }

@@ -11,7 +11,7 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 
 use embedfleet_cache::{CacheConfig, VectorCache};
-use embedfleet_fleet::fusion::FusionStage;
+use embedfleet_fleet::fusion::{catalogue_widths, FusionStage};
 use embedfleet_fleet::fusion_device::FusionDevice;
 use embedfleet_fleet::{BatchConfig, CoordinatorConfig, QueueConfig};
 use embedfleet_models::{catalogue, DeviceName, ModelDtypes, ModelSpec};
@@ -113,10 +113,14 @@ impl CoordinatorArgs {
     }
 
     /// The fusion stage, with the default set's layer built now (seconds for large sets) so
-    /// the first request does not pay for it.
+    /// the first request does not pay for it. `loaded_widths` are the widths the default set's
+    /// checkpoints produce, when this process loads them (`serve`): a weights file that does
+    /// not fit them fails here. A lone coordinator learns them from the workers, so it builds
+    /// for the catalogue widths and checks a file on each request.
     pub fn fusion_stage(
         &self,
         default_models: &[&'static ModelSpec],
+        loaded_widths: Option<&[usize]>,
     ) -> anyhow::Result<FusionStage> {
         let stage = match &self.fusion_weights {
             Some(path) => FusionStage::from_file(path, default_models)
@@ -124,9 +128,17 @@ impl CoordinatorArgs {
             None => FusionStage::seeded(),
         }
         .with_device(FusionDevice::open(self.fusion_device));
-        stage
-            .layer(default_models)
-            .map_err(|e| anyhow::anyhow!("fusion layer: {e}"))?;
+        let prebuilt = match (loaded_widths, &self.fusion_weights) {
+            (Some(widths), _) => Some(widths.to_vec()),
+            // The file's layer is loaded; its widths are checked on each request.
+            (None, Some(_)) => None,
+            (None, None) => Some(catalogue_widths(default_models)),
+        };
+        if let Some(widths) = prebuilt {
+            stage
+                .layer(default_models, &widths)
+                .map_err(|e| anyhow::anyhow!("fusion layer: {e}"))?;
+        }
         // The other fusable sets are checked now (an unknown name is a start-up error) and
         // their layers built on first use.
         for set in self.fusable_sets() {

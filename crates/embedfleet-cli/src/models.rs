@@ -1,7 +1,8 @@
 //! `embedfleet models`: the catalogue, as a table or JSON lines.
 
 use clap::Args;
-use embedfleet_models::catalogue::{fusion_input_width, CATALOGUE};
+use embedfleet_models::catalogue::{fusion_input_width, Prompting, CATALOGUE};
+use embedfleet_models::registry::runs;
 
 #[derive(Args)]
 pub struct ModelsArgs {
@@ -20,6 +21,8 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
                 "architecture": format!("{:?}", spec.architecture), "modalities": modalities,
                 "parameters": spec.parameters, "f32_bytes": spec.weight_bytes(4),
                 "f16_bytes": spec.weight_bytes(2), "bf16_bytes": spec.weight_bytes(2),
+                "runs": runs(spec.architecture), "prompting": prompting(spec.prompting),
+                "normalized_upstream": spec.normalized_upstream,
             });
             println!("{line}");
         }
@@ -27,14 +30,15 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
     }
     // Weight memory per dtype; activations come on top (see docs/architecture.md).
     println!(
-        "{:<4} {:<16} {:>5} {:>6} {:<10} {:<12} {:>7} {:>12}  hf repo",
-        "id", "name", "dim", "maxlen", "pooling", "takes", "f32 GiB", "f16/bf16 GiB"
+        "{:<4} {:<16} {:>5} {:>6} {:<10} {:<12} {:>7} {:>12} {:<4} {:<12}  hf repo",
+        "id", "name", "dim", "maxlen", "pooling", "takes", "f32 GiB", "f16/bf16 GiB", "runs",
+        "prompting"
     );
     let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
     for spec in CATALOGUE {
         let takes: Vec<String> = spec.modalities.iter().map(ToString::to_string).collect();
         println!(
-            "E{:<3} {:<16} {:>5} {:>6} {:<10} {:<12} {:>7.2} {:>12.2}  {}",
+            "E{:<3} {:<16} {:>5} {:>6} {:<10} {:<12} {:>7.2} {:>12.2} {:<4} {:<12}  {}",
             spec.ordinal,
             spec.name,
             spec.dim,
@@ -43,6 +47,8 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
             takes.join(","),
             gib(spec.weight_bytes(4)),
             gib(spec.weight_bytes(2)),
+            if runs(spec.architecture) { "yes" } else { "no" },
+            prompting(spec.prompting),
             spec.hf_repo
         );
     }
@@ -52,4 +58,14 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
         fusion_input_width(CATALOGUE)
     );
     Ok(())
+}
+
+/// How the model reads `instruction` / `input_type`, in a word (docs/protocol.md has the rules).
+fn prompting(prompting: Prompting) -> &'static str {
+    match prompting {
+        Prompting::Plain => "-",
+        Prompting::QueryPrefix(_) => "query-prefix",
+        Prompting::Instruction { .. } => "instruction",
+        Prompting::InstructedQuery { .. } => "query-task",
+    }
 }

@@ -72,7 +72,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         hosted.push(load_models(&group.models, &worker)?);
     }
     http.ready(MODELS_LOADED);
-    let fusion = args.coordinator.fusion_stage(&specs)?;
+    // Slot order, like the specs: the fusion layer is built for what these checkpoints produce.
+    let widths: Vec<usize> = specs
+        .iter()
+        .map(|spec| {
+            hosted
+                .iter()
+                .flatten()
+                .find(|m| m.spec().name == spec.name)
+                .map_or(spec.dim, |m| m.dim())
+        })
+        .collect();
+    let fusion = args.coordinator.fusion_stage(&specs, Some(&widths))?;
     http.ready(FUSION_BUILT);
     // Started before the runtime and dropped after it, so the server outlives every client.
     let embedded = match &args.nats_url {
@@ -105,6 +116,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         );
         for model in hosted.iter().flatten() {
             coordinator.prime_revision(model.spec().name, model.revision());
+            coordinator.prime_width(model.spec().name, model.dim());
         }
         for models in &hosted {
             declare_queues(&worker_client, models, &queues).await?;

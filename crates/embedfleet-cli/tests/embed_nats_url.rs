@@ -136,6 +136,8 @@ async fn flags_become_request_options_and_batches_become_requests() {
         "--no-truncate",
         "--instruction",
         "query: ",
+        "--input-type",
+        "query",
         "--batch-size",
         "2",
         "a",
@@ -182,6 +184,7 @@ async fn flags_become_request_options_and_batches_become_requests() {
     assert!(first.fuse && first.return_partials);
     assert!(!first.normalize && !first.truncate);
     assert_eq!(first.instruction.as_deref(), Some("query: "));
+    assert_eq!(first.input_type, embedfleet_proto::InputType::Query);
 
     // Without --models the fleet's own default set applies; --no-fuse maps to `fuse: false`.
     seen.lock().expect("lock").clear();
@@ -197,6 +200,10 @@ async fn flags_become_request_options_and_batches_become_requests() {
     assert_eq!(requests.len(), 1);
     assert_eq!(requests[0].models, None);
     assert!(!requests[0].fuse && requests[0].normalize && requests[0].truncate);
+    assert_eq!(
+        requests[0].input_type,
+        embedfleet_proto::InputType::Document
+    );
     assert_eq!(
         requests[0].input.as_ref().expect("input").as_slice(),
         ["x", "y"]

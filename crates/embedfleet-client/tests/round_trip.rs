@@ -8,7 +8,7 @@ use std::time::Duration;
 use embedfleet_cache::{CacheConfig, VectorCache};
 use embedfleet_client::{ClientError, EmbedClient};
 use embedfleet_fleet::coordinator::Coordinator;
-use embedfleet_fleet::fusion::FusionStage;
+use embedfleet_fleet::fusion::{catalogue_widths, FusionStage};
 use embedfleet_fleet::worker::{run_worker, WorkerConfig};
 use embedfleet_fleet::{BatchConfig, CoordinatorConfig, QueueConfig};
 use embedfleet_fusion::FuseMoe;
@@ -52,7 +52,7 @@ async fn start_fleet(url: &str, config: CoordinatorConfig) -> Fleet {
         .expect("cache");
     let fusion = FusionStage::seeded();
     // Built up front, as `serve` does, so that no request's deadline pays for it.
-    let layer = fusion.layer(&default_set()).expect("fusion layer");
+    let layer = fusion.layer(&default_set(), &catalogue_widths(&default_set())).expect("fusion layer");
     let coordinator = Coordinator::new(
         connect().await,
         config,

@@ -116,6 +116,10 @@ pub struct Coordinator {
     /// before a job runs; they are learnt from partials (or primed by `serve`, which hosts the
     /// workers). Until then a model's inputs skip the cache lookup, never serve a stale vector.
     revisions: RwLock<HashMap<String, String>>,
+    /// Model → width of the vectors its workers' checkpoint produces (the width rule: it may
+    /// differ from the catalogue's), announced with the revision and confirmed by every vector
+    /// seen. Fusion is built for these; the catalogue width stands in until one is known.
+    widths: RwLock<HashMap<String, usize>>,
     /// Jobs waiting for their partial, by job id.
     pending: Mutex<HashMap<u64, oneshot::Sender<PartialResult>>>,
     next_job: AtomicU64,
@@ -161,6 +165,7 @@ impl Coordinator {
             cache,
             fusion: Arc::new(fusion),
             revisions: RwLock::new(HashMap::new()),
+            widths: RwLock::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             next_job: AtomicU64::new(1),
             stats: CoordinatorStats::default(),
@@ -174,6 +179,11 @@ impl Coordinator {
             .write()
             .expect("revisions poisoned")
             .insert(model.to_string(), revision.to_string());
+    }
+
+    /// Tells the coordinator the width `model`'s loaded checkpoint produces (`serve` knows).
+    pub fn prime_width(&self, model: &str, width: usize) {
+        self.learn_width(model, width);
     }
 
     /// The fusion layers this coordinator holds.
@@ -227,6 +237,31 @@ impl Coordinator {
                 tracing::info!(model, old, new = revision, "model revision changed");
             }
             self.prime_revision(model, revision);
+        }
+    }
+
+    /// Each model's width as far as this coordinator knows: learnt, or the catalogue's.
+    fn known_widths(&self, models: &[&'static embedfleet_models::ModelSpec]) -> Vec<usize> {
+        let widths = self.widths.read().expect("widths poisoned");
+        models
+            .iter()
+            .map(|spec| widths.get(spec.name).copied().unwrap_or(spec.dim))
+            .collect()
+    }
+
+    fn learn_width(&self, model: &str, width: usize) {
+        let known = self
+            .widths
+            .read()
+            .expect("widths poisoned")
+            .get(model)
+            .copied();
+        if known != Some(width) {
+            tracing::info!(model, width, "model width learnt");
+            self.widths
+                .write()
+                .expect("widths poisoned")
+                .insert(model.to_string(), width);
         }
     }
 }

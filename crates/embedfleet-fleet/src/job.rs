@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use embedfleet_proto::{ErrorKind, Input, ProtoError};
+use embedfleet_proto::{ErrorKind, Input, InputType, ProtoError};
 
 /// Prefix of the subjects partials come back on: `embedfleet.v1.partial.<coordinator>.<job>`.
 /// A coordinator subscribes once to its own `embedfleet.v1.partial.<coordinator>.>` and routes by
@@ -53,9 +53,14 @@ pub struct ModelJob {
     pub model: String,
     /// The inputs, in the order the partial answers them.
     pub inputs: Vec<Input>,
-    /// Effective instruction (blank already mapped to `None`).
+    /// The instruction as this model reads it: blank mapped to `None`, and `None` for models
+    /// that ignore instructions (`Prompting::effective`), so their jobs batch together.
     #[serde(default)]
     pub instruction: Option<String>,
+    /// Query or document, as this model reads it (`document` for models that ignore it).
+    /// Defaulted so that jobs from a coordinator older than the field still decode.
+    #[serde(default)]
+    pub input_type: InputType,
     /// Cut over-long text (true) or fail the job with `input_too_long` (false).
     pub truncate: bool,
     /// Where the worker publishes the [`PartialResult`].
@@ -168,6 +173,7 @@ mod tests {
             model: "minilm".into(),
             inputs: vec![Input::Text("hello".into())],
             instruction: None,
+            input_type: InputType::Query,
             truncate: true,
             reply_to: partial_subject("c1", 7),
             deadline_unix_ms: 1,

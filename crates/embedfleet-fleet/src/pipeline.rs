@@ -2,8 +2,8 @@
 //! reply.
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use embedfleet_fusion::{FuseMoe, FusionError};
 use embedfleet_models::{EmbedOptions, ModelError, ModelInput, ModelRegistry, ModelSpec};
@@ -19,6 +19,18 @@ pub enum PipelineError {
     Model(#[from] ModelError),
     #[error("fusion: {0}")]
     Fusion(#[from] FusionError),
+    /// A trained fusion layer whose slots do not fit the checkpoints loaded (the width rule:
+    /// a checkpoint may be narrower than its catalogue slot, and the layer must match it).
+    #[error(
+        "the fusion weights {} do not fit the loaded models [{models}] of widths {widths:?}: {source}",
+        path.display()
+    )]
+    FusionWeights {
+        path: PathBuf,
+        models: String,
+        widths: Vec<usize>,
+        source: FusionError,
+    },
     #[error("input {index} ({modality}) is taken by none of the active models ({models})")]
     NoModelTakesInput {
         index: usize,
@@ -32,7 +44,7 @@ impl PipelineError {
         match self {
             Self::Model(error) => error.kind(),
             Self::Fusion(error) if error.is_bad_input() => ErrorKind::BadRequest,
-            Self::Fusion(_) => ErrorKind::Internal,
+            Self::Fusion(_) | Self::FusionWeights { .. } => ErrorKind::Internal,
             Self::NoModelTakesInput { .. } => ErrorKind::UnsupportedModality,
         }
     }
@@ -66,41 +78,68 @@ pub struct Pipeline {
     registry: Arc<ModelRegistry>,
     /// The active models in fusion slot order.
     models: Vec<&'static ModelSpec>,
-    /// Sized for the active set; fuses every request of this pipeline.
-    fusion: FuseMoe,
+    /// Trained fusion weights, or `None` for the default layer.
+    fusion_weights: Option<PathBuf>,
+    /// Sized for the widths the active models' checkpoints produce, which are known once they
+    /// load: built by [`Pipeline::warm_up`] or the first fused request.
+    fusion: OnceLock<FuseMoe>,
 }
 
 impl Pipeline {
     /// A pipeline over `model_names` (any order; slot order is restored) with fusion weights from
     /// `fusion_weights`, or the default layer when there is no file: the shipped trained weights
-    /// for minilm + mpnet, else seeded from [`DEFAULT_FUSION_SEED`].
+    /// for minilm + mpnet, else seeded from [`DEFAULT_FUSION_SEED`]. Nothing loads yet:
+    /// [`Pipeline::warm_up`] loads the models and builds the fusion layer for their widths.
     pub fn new(
         registry: Arc<ModelRegistry>,
         model_names: &[String],
         fusion_weights: Option<&Path>,
     ) -> Result<Self, PipelineError> {
-        let models = crate::plan::resolve_models(model_names)?;
-        let fusion = crate::fusion::build_layer(&models, fusion_weights)?;
         Ok(Self {
             registry,
-            models,
-            fusion,
+            models: crate::plan::resolve_models(model_names)?,
+            fusion_weights: fusion_weights.map(Path::to_path_buf),
+            fusion: OnceLock::new(),
         })
+    }
+
+    /// The width each active model's checkpoint produces, in slot order (loads the models).
+    pub fn widths(&self) -> Result<Vec<usize>, PipelineError> {
+        self.models
+            .iter()
+            .map(|spec| Ok(self.registry.get(spec.name)?.dim()))
+            .collect()
     }
 
     pub fn models(&self) -> &[&'static ModelSpec] {
         &self.models
     }
 
-    pub fn fusion(&self) -> &FuseMoe {
-        &self.fusion
+    /// The fusion layer for the loaded widths, built on first use. A weights file that does
+    /// not fit them is a [`PipelineError::FusionWeights`] naming both.
+    pub fn fusion(&self) -> Result<&FuseMoe, PipelineError> {
+        if let Some(layer) = self.fusion.get() {
+            return Ok(layer);
+        }
+        let widths = self.widths()?;
+        let weights = self.fusion_weights.as_deref();
+        let layer = crate::fusion::build_layer(&widths, weights).map_err(|source| match weights {
+            Some(path) => PipelineError::FusionWeights {
+                path: path.to_path_buf(),
+                models: crate::fusion::names(&self.models).join(", "),
+                widths: widths.clone(),
+                source,
+            },
+            None => PipelineError::Fusion(source),
+        })?;
+        // Two first calls may both build; the layers are identical and one is kept.
+        Ok(self.fusion.get_or_init(|| layer))
     }
 
-    /// Loads every active model now rather than on the first request.
+    /// Loads every active model and builds the fusion layer now rather than on the first
+    /// request, so a missing checkpoint or a fusion file that does not fit fails at start.
     pub fn warm_up(&self) -> Result<(), PipelineError> {
-        for spec in &self.models {
-            self.registry.get(spec.name)?;
-        }
+        self.fusion()?;
         Ok(())
     }
 
@@ -153,7 +192,7 @@ impl Pipeline {
             let rows: Vec<Vec<Option<&[f32]>>> = (0..inputs.len())
                 .map(|i| partials.iter().map(|slot| slot[i].as_deref()).collect())
                 .collect();
-            Some(self.fusion.fuse_batch(&rows)?)
+            Some(self.fusion()?.fuse_batch(&rows)?)
         } else {
             None
         };

@@ -8,6 +8,12 @@
 //! model's consumer, and coordinators watch the bucket: a new revision changes the keys at once,
 //! and the next request for that model misses the cache and goes to the new weights.
 //!
+//! The announcement also carries the width the loaded checkpoint produces (the width rule: it
+//! may differ from the catalogue's), because the coordinator builds fusion for the widths the
+//! workers actually serve, before any partial arrives. The value is JSON,
+//! `{"revision": "...", "dim": 384}`; a plain string (a worker older than the width) is a
+//! revision alone, and the coordinator then learns the width from the first partial.
+//!
 //! During a rolling upgrade old and new workers answer side by side: the bucket holds the last
 //! announcement, partials teach the revision that actually answered, and each vector is cached
 //! under the revision in its partial, so nothing is cached under the wrong revision either way.
@@ -52,26 +58,55 @@ pub async fn revisions_bucket(js: &jetstream::Context) -> Result<kv::Store, asyn
     Ok(js.get_key_value(REVISIONS_BUCKET).await?)
 }
 
-/// Writes `model`'s revision, unless the bucket already holds it (workers re-announce on every
-/// bind, and an unchanged value need not wake every coordinator).
+/// What a worker says about the model it serves: the bucket's value under the model's name.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Announcement {
+    /// The weights' revision (part of every cache key).
+    pub revision: String,
+    /// The width of the vectors the loaded checkpoint produces; `None` from older workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dim: Option<usize>,
+}
+
+impl Announcement {
+    /// The bucket's bytes: JSON, or (older workers) a bare revision string.
+    pub fn decode(value: &[u8]) -> Option<Self> {
+        if let Ok(announcement) = serde_json::from_slice::<Announcement>(value) {
+            return Some(announcement);
+        }
+        let revision = std::str::from_utf8(value).ok()?;
+        Some(Announcement {
+            revision: revision.to_string(),
+            dim: None,
+        })
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an announcement always serialises")
+    }
+}
+
+/// Writes `model`'s announcement, unless the bucket already holds it (workers re-announce on
+/// every bind, and an unchanged value need not wake every coordinator).
 pub async fn announce(
     js: &jetstream::Context,
     model: &str,
-    revision: &str,
+    announcement: &Announcement,
 ) -> Result<(), async_nats::Error> {
     let bucket = revisions_bucket(js).await?;
-    if bucket.get(model).await?.as_deref() != Some(revision.as_bytes()) {
-        bucket.put(model, revision.to_string().into()).await?;
+    let value = announcement.encode();
+    if bucket.get(model).await?.as_deref() != Some(value.as_slice()) {
+        bucket.put(model, value.into()).await?;
     }
     Ok(())
 }
 
-/// Calls `learn(model, revision)` for every model in the bucket, then for every change, until
+/// Calls `learn(model, announcement)` for every model in the bucket, then for every change, until
 /// `shutdown`. NATS trouble is ridden out: the watch is started again after a back-off.
 pub async fn watch(
     js: jetstream::Context,
     shutdown: CancellationToken,
-    learn: impl Fn(&str, &str),
+    learn: impl Fn(&str, &Announcement),
 ) {
     while !shutdown.is_cancelled() {
         let watched = async {
@@ -86,9 +121,9 @@ pub async fn watch(
                 };
                 match entry {
                     Some(Ok(entry)) if entry.operation == kv::Operation::Put => {
-                        match std::str::from_utf8(&entry.value) {
-                            Ok(revision) => learn(&entry.key, revision),
-                            Err(_) => {
+                        match Announcement::decode(&entry.value) {
+                            Some(announcement) => learn(&entry.key, &announcement),
+                            None => {
                                 tracing::warn!(model = %entry.key, "revision is not UTF-8; ignored")
                             }
                         }
@@ -107,5 +142,29 @@ pub async fn watch(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(REWATCH_BACKOFF) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announcements_carry_the_width_and_old_bare_revisions_still_read() {
+        let announcement = Announcement {
+            revision: "abc123".into(),
+            dim: Some(48),
+        };
+        let bytes = announcement.encode();
+        assert_eq!(bytes, br#"{"revision":"abc123","dim":48}"#);
+        assert_eq!(Announcement::decode(&bytes), Some(announcement));
+        assert_eq!(
+            Announcement::decode(b"local-0123"),
+            Some(Announcement {
+                revision: "local-0123".into(),
+                dim: None
+            })
+        );
+        assert_eq!(Announcement::decode(&[0xff, 0xfe]), None);
     }
 }

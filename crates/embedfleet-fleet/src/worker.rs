@@ -361,8 +361,13 @@ impl ModelLoop {
             };
             match bound.await {
                 Ok(consumer) => {
-                    let revision = self.runner.model.revision();
-                    if let Err(error) = revisions::announce(&self.js, self.name(), revision).await {
+                    let announcement = revisions::Announcement {
+                        revision: self.runner.model.revision().to_string(),
+                        dim: Some(self.runner.model.dim()),
+                    };
+                    if let Err(error) =
+                        revisions::announce(&self.js, self.name(), &announcement).await
+                    {
                         // Partials still carry the revision; only cache-only traffic misses it.
                         tracing::warn!(model = self.name(), %error, "cannot announce the model revision");
                     }

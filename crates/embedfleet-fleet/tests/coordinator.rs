@@ -37,7 +37,9 @@ async fn fused_reply_matches_the_fusion_stage_in_json_and_msgpack() {
         catalogue::find("minilm").unwrap(),
         catalogue::find("mpnet").unwrap(),
     ]);
-    let layer = FusionStage::seeded().layer(&specs).unwrap();
+    let layer = FusionStage::seeded()
+        .layer(&specs, &embedfleet_fleet::fusion::catalogue_widths(&specs))
+        .unwrap();
     for (i, text) in texts.iter().enumerate() {
         let input = Input::Text(text.to_string());
         let expected: Vec<Vec<f32>> = specs

@@ -318,7 +318,11 @@ async fn a_fused_vector_is_keyed_by_the_revisions_of_its_partials() {
     // While mpnet works, minilm's new weights are announced.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let js = jetstream::new(fleet.client.clone());
-    revisions::announce(&js, "minilm", "fixed-minilm-v2")
+    let announcement = revisions::Announcement {
+        revision: "fixed-minilm-v2".into(),
+        dim: Some(384),
+    };
+    revisions::announce(&js, "minilm", &announcement)
         .await
         .unwrap();
     wait_for_revision(&fleet.coordinator, "minilm", "fixed-minilm-v2").await;

@@ -52,8 +52,58 @@ fn unknown_model_and_missing_weights_are_typed() {
     assert_eq!(error.kind(), ErrorKind::NoWorker, "{error}");
 }
 
+/// The BERT-family fixture checkpoints (narrower than their catalogue slots).
+fn fixture_registry() -> Arc<ModelRegistry> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../embedfleet-models/tests/fixtures/checkpoints/bert-family");
+    Arc::new(ModelRegistry::new(
+        WeightResolver {
+            models_dir: Some(dir),
+            offline: true,
+        },
+        Device::Cpu,
+    ))
+}
+
 #[test]
-fn fusion_is_sized_for_the_active_set() {
-    let pipeline = Pipeline::new(registry(), &["minilm".into(), "mpnet".into()], None).unwrap();
-    assert_eq!(pipeline.fusion().config().input_dim(), 384 + 768);
+fn fusion_is_sized_for_the_widths_the_checkpoints_produce() {
+    let names = ["gte-large".into(), "bge-large".into()];
+    let pipeline = Pipeline::new(fixture_registry(), &names, None).unwrap();
+    // Catalogue widths would be 1024 + 1024; the loaded checkpoints are 64 and 48 wide.
+    assert_eq!(pipeline.widths().unwrap(), [64, 48]);
+    assert_eq!(pipeline.fusion().unwrap().config().input_dims, [64, 48]);
+    let request = PipelineRequest {
+        fuse: true,
+        return_partials: true,
+        ..PipelineRequest::default()
+    };
+    let output = pipeline
+        .embed(&[ModelInput::Text("hello".into())], &request, 0)
+        .unwrap();
+    let partials = output.data[0].partials.as_ref().unwrap();
+    assert_eq!(partials["bge-large"].len(), 64);
+    assert_eq!(partials["gte-large"].len(), 48);
+    assert!(output.data[0].embedding.is_some());
+}
+
+#[test]
+fn a_fusion_file_for_other_widths_fails_at_warm_up_naming_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fusion.safetensors");
+    let catalogue_widths = embedfleet_fusion::FuseMoeConfig::for_input_dims(vec![1024, 1024]);
+    embedfleet_fusion::FuseMoe::from_seed(catalogue_widths, 7)
+        .unwrap()
+        .save(&path)
+        .unwrap();
+    let names = ["bge-large".into(), "gte-large".into()];
+    let pipeline = Pipeline::new(fixture_registry(), &names, Some(&path)).unwrap();
+    let error = pipeline.warm_up().unwrap_err();
+    let message = error.to_string();
+    assert_eq!(error.kind(), ErrorKind::Internal);
+    assert!(
+        message.contains("fusion.safetensors")
+            && message.contains("[64, 48]")
+            && message.contains("bge-large, gte-large"),
+        "{message}"
+    );
 }

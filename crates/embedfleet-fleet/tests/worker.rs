@@ -125,6 +125,7 @@ fn job(job_id: u64, model: &str, inputs: Vec<ModelInput>) -> ModelJob {
         model: model.into(),
         inputs,
         instruction: None,
+        input_type: Default::default(),
         truncate: true,
         reply_to: partial_subject(COORDINATOR, job_id),
         deadline_unix_ms: job::unix_ms_now() + 60_000,
@@ -225,7 +226,7 @@ fn assert_fixed_vectors(partial: &PartialResult, model: &FixedVectorModel, job: 
     for (got, input) in vectors.iter().zip(&job.inputs) {
         assert_eq!(
             got.vector,
-            model.vector_for(input, job.instruction.as_deref())
+            model.vector_as(input, job.instruction.as_deref(), job.input_type)
         );
         let words = input.text().unwrap().split_whitespace().count();
         assert_eq!(got.tokens as usize, words + 2);
@@ -254,18 +255,28 @@ async fn partials_carry_each_models_raw_vectors() {
     let mut instructed = job(2, "minilm", texts(&["a first text", "query"]));
     instructed.instruction = Some("Represent the query:".into());
     let other_model = job(3, "mpnet", texts(&["a first text"]));
-    for job in [&plain, &instructed, &other_model] {
+    // Same inputs as job 1, as queries: the input type reaches the model (and keeps the job out
+    // of job 1's batch).
+    let mut queries = job(
+        4,
+        "minilm",
+        texts(&["a first text", "second", "and a third one"]),
+    );
+    queries.input_type = embedfleet_proto::InputType::Query;
+    for job in [&plain, &instructed, &other_model, &queries] {
         publish(&bus.js, job).await;
     }
 
-    let got = partials(&mut sub, 3).await;
+    let got = partials(&mut sub, 4).await;
     assert_fixed_vectors(&got[&1], &minilm, &plain);
     assert_fixed_vectors(&got[&2], &minilm, &instructed);
     assert_fixed_vectors(&got[&3], &mpnet, &other_model);
+    assert_fixed_vectors(&got[&4], &minilm, &queries);
+    assert_ne!(got[&4].outcome, got[&1].outcome);
     wait_until_stream_empty(&bus.js).await;
 
     let report = worker.stop().await;
-    assert_eq!(report.jobs_done, 3);
+    assert_eq!(report.jobs_done, 4);
     assert_eq!(
         report.jobs_failed + report.poison_terminated + report.retries,
         0

@@ -4,7 +4,9 @@
 //! Public names are part of the wire contract: clients select models by them, cache keys and
 //! queue subjects embed them. Never rename one; add a new entry instead.
 
-use embedfleet_proto::Modality;
+use std::borrow::Cow;
+
+use embedfleet_proto::{InputType, Modality};
 
 /// How token states become one vector. Kept next to the catalogue because it is a property of the
 /// checkpoint's training recipe, not of its architecture (BERT is pooled both ways below).
@@ -19,6 +21,123 @@ pub enum Pooling {
     /// The model's own projection head (CLIP).
     Projection,
 }
+
+/// How a model reads a request's `instruction` and `input_type`. Part of the wire contract
+/// (docs/protocol.md): it decides which models' vectors, cache keys and batches the two options
+/// change, and for every other model they change nothing. Every embedder builds its prompts here
+/// ([`Prompting::instruction_for`], [`Prompting::prompt`]), so a model's recipe is written once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prompting {
+    /// Symmetric: every input is embedded as it is; `instruction` and `input_type` are ignored.
+    Plain,
+    /// Asymmetric with a fixed query instruction (bge): queries get it prepended, documents are
+    /// embedded as they are; `instruction` is ignored.
+    QueryPrefix(&'static str),
+    /// Instruction-tuned (INSTRUCTOR): every input is embedded as `instruction + text`, with the
+    /// request's instruction or `default` without one; `input_type` is ignored. The embedder
+    /// leaves the instruction's tokens out of the mean pool (t5_embedder.rs).
+    Instruction { default: &'static str },
+    /// Instructed queries (e5-mistral): queries are embedded as `Instruct: {task}\nQuery:
+    /// {text}` with the request's instruction as the task (`default_task` without one, or with
+    /// a blank one); documents as they are.
+    InstructedQuery { default_task: &'static str },
+}
+
+impl Prompting {
+    /// Whether `instruction` can change this model's vectors.
+    pub fn uses_instruction(self) -> bool {
+        matches!(self, Self::Instruction { .. } | Self::InstructedQuery { .. })
+    }
+
+    /// Whether `input_type` can change this model's vectors.
+    pub fn uses_input_type(self) -> bool {
+        matches!(self, Self::QueryPrefix(_) | Self::InstructedQuery { .. })
+    }
+
+    /// The part of a request's (`instruction`, `input_type`) that reaches this model; the rest
+    /// is dropped, so that models which ignore an option share cache entries and batches
+    /// whatever it is set to. Cache keys and job messages carry these effective values.
+    pub fn effective(
+        self,
+        instruction: Option<&str>,
+        input_type: InputType,
+    ) -> (Option<&str>, InputType) {
+        match self {
+            Self::Plain => (None, InputType::Document),
+            Self::QueryPrefix(_) => (None, input_type),
+            Self::Instruction { .. } => (instruction, InputType::Document),
+            Self::InstructedQuery { .. } => match input_type {
+                InputType::Query => (instruction, InputType::Query),
+                InputType::Document => (None, InputType::Document),
+            },
+        }
+    }
+
+    /// The instruction this model applies to inputs of `input_type` when the request says
+    /// `instruction`: the request's, the model's default, its fixed query prefix, or none (the
+    /// text is embedded as it is). INSTRUCTOR takes an empty instruction as "no instruction"
+    /// (its plain-string input); e5-mistral takes a blank task as its default task.
+    pub fn instruction_for<'a>(
+        self,
+        instruction: Option<&'a str>,
+        input_type: InputType,
+    ) -> Option<&'a str> {
+        match (self, input_type) {
+            (Self::Plain, _) | (Self::QueryPrefix(_) | Self::InstructedQuery { .. }, InputType::Document) => None,
+            (Self::QueryPrefix(prefix), InputType::Query) => Some(prefix),
+            (Self::Instruction { default }, _) => Some(instruction.unwrap_or(default)),
+            (Self::InstructedQuery { default_task }, InputType::Query) => Some(
+                instruction
+                    .map(str::trim)
+                    .filter(|task| !task.is_empty())
+                    .unwrap_or(default_task),
+            ),
+        }
+    }
+
+    /// `text` as the model reads it under `instruction` (from [`Prompting::instruction_for`]).
+    pub fn prompt(self, instruction: &str, text: &str) -> String {
+        match self {
+            Self::Plain => text.to_string(),
+            Self::QueryPrefix(_) => format!("{instruction}{text}"),
+            // INSTRUCTOR (`instructor.py`): concatenated as they are, the text stripped, then
+            // the whole stripped again.
+            Self::Instruction { .. } => format!("{instruction}{}", text.trim()).trim().to_string(),
+            Self::InstructedQuery { .. } => format!("Instruct: {instruction}\nQuery: {text}"),
+        }
+    }
+
+    /// The texts of a batch as the model reads them: prompted when the model applies an
+    /// instruction to this input type, borrowed as they are otherwise.
+    pub fn apply<'t>(
+        self,
+        instruction: Option<&str>,
+        input_type: InputType,
+        texts: &[&'t str],
+    ) -> Vec<Cow<'t, str>> {
+        match self.instruction_for(instruction, input_type) {
+            Some(instruction) => texts
+                .iter()
+                .map(|text| Cow::Owned(self.prompt(instruction, text)))
+                .collect(),
+            None => texts.iter().map(|&text| Cow::Borrowed(text)).collect(),
+        }
+    }
+}
+
+/// bge-large-en-v1.5's query instruction, from its model card: prepended to short queries for
+/// query-to-passage retrieval, never to the passages.
+pub const BGE_QUERY_INSTRUCTION: &str = "Represent this sentence for searching relevant passages: ";
+
+/// instructor-xl's instruction when a request gives none: INSTRUCTOR's retrieval-document form
+/// ("Represent the [domain] [text type] for [task]:", README), without a domain, as the common
+/// integrations (LangChain's `HuggingFaceInstructEmbeddings`) default to.
+pub const INSTRUCTOR_DEFAULT_INSTRUCTION: &str = "Represent the document for retrieval: ";
+
+/// e5-mistral's task for queries when the request names none: the model card's example and
+/// sentence-transformers' `web_search_query` prompt.
+pub const E5_DEFAULT_QUERY_TASK: &str =
+    "Given a web search query, retrieve relevant passages that answer the query";
 
 /// The architecture family of a checkpoint; one file per family under `arch/`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +171,14 @@ pub struct ModelSpec {
     pub modalities: &'static [Modality],
     /// Parameter count, for placement: memory needed is this times the bytes per weight.
     pub parameters: u64,
+    /// How `instruction` and `input_type` reach the model.
+    pub prompting: Prompting,
+    /// Whether the upstream recipe (model card, sentence-transformers `Normalize` module)
+    /// L2-normalises the vectors. Informational: embedfleet normalises by the request's
+    /// `normalize` (default on) for every model, since fusion compares in cosine space; callers
+    /// who want an unnormalised model's raw scale (contriever, dragon-plus: dot-product
+    /// retrievers) ask with `normalize: false`.
+    pub normalized_upstream: bool,
 }
 
 impl ModelSpec {
@@ -81,6 +208,8 @@ pub const CATALOGUE: &[ModelSpec] = &[
         architecture: Architecture::Bert,
         modalities: &[Text, Code],
         parameters: 22_713_216,
+        prompting: Prompting::Plain,
+        normalized_upstream: true,
     },
     ModelSpec {
         name: "bge-large",
@@ -92,6 +221,8 @@ pub const CATALOGUE: &[ModelSpec] = &[
         architecture: Architecture::Bert,
         modalities: &[Text, Code],
         parameters: 335_141_888,
+        prompting: Prompting::QueryPrefix(BGE_QUERY_INSTRUCTION),
+        normalized_upstream: true,
     },
     ModelSpec {
         name: "instructor-xl",
@@ -103,6 +234,10 @@ pub const CATALOGUE: &[ModelSpec] = &[
         architecture: Architecture::T5Encoder,
         modalities: &[Text],
         parameters: 1_241_000_000,
+        prompting: Prompting::Instruction {
+            default: INSTRUCTOR_DEFAULT_INSTRUCTION,
+        },
+        normalized_upstream: true,
     },
     ModelSpec {
         name: "clip-vit-l",
@@ -114,6 +249,8 @@ pub const CATALOGUE: &[ModelSpec] = &[
         architecture: Architecture::Clip,
         modalities: &[Image, Text],
         parameters: 427_616_513,
+        prompting: Prompting::Plain,
+        normalized_upstream: false,
     },
     ModelSpec {
         name: "whisper-large",
@@ -125,6 +262,8 @@ pub const CATALOGUE: &[ModelSpec] = &[
         architecture: Architecture::WhisperEncoder,
         modalities: &[Audio],
         parameters: 637_000_000,
+        prompting: Prompting::Plain,
+        normalized_upstream: false,
     },
     ModelSpec {
         name: "codebert",
@@ -136,6 +275,8 @@ pub const CATALOGUE: &[ModelSpec] = &[
         architecture: Architecture::Roberta,
         modalities: &[Code, Text],
         parameters: 124_645_632,
+        prompting: Prompting::Plain,
+        normalized_upstream: false,
     },
     ModelSpec {
         name: "sentence-t5-xxl",
@@ -147,6 +288,8 @@ pub const CATALOGUE: &[ModelSpec] = &[
         architecture: Architecture::T5Encoder,
         modalities: &[Text],
         parameters: 4_865_000_000,
+        prompting: Prompting::Plain,
+        normalized_upstream: true,
     },
     ModelSpec {
         name: "mpnet",
@@ -158,6 +301,8 @@ pub const CATALOGUE: &[ModelSpec] = &[
         architecture: Architecture::MpNet,
         modalities: &[Text, Code],
         parameters: 109_486_464,
+        prompting: Prompting::Plain,
+        normalized_upstream: true,
     },
     ModelSpec {
         name: "contriever",
@@ -169,6 +314,8 @@ pub const CATALOGUE: &[ModelSpec] = &[
         architecture: Architecture::Bert,
         modalities: &[Text],
         parameters: 109_482_240,
+        prompting: Prompting::Plain,
+        normalized_upstream: false,
     },
     ModelSpec {
         name: "dragon-plus",
@@ -180,6 +327,8 @@ pub const CATALOGUE: &[ModelSpec] = &[
         architecture: Architecture::Bert,
         modalities: &[Text],
         parameters: 109_482_240,
+        prompting: Prompting::Plain,
+        normalized_upstream: false,
     },
     ModelSpec {
         name: "gte-large",
@@ -191,6 +340,8 @@ pub const CATALOGUE: &[ModelSpec] = &[
         architecture: Architecture::Bert,
         modalities: &[Text, Code],
         parameters: 335_141_888,
+        prompting: Prompting::Plain,
+        normalized_upstream: true,
     },
     // 7.11 B parameters: 26.5 GiB of weights in f32 (the CPU path widens the fp16 checkpoint to
     // f32), 13.2 GiB in bf16/f16 (other devices run bf16). Activations per forward pass of at
@@ -206,6 +357,10 @@ pub const CATALOGUE: &[ModelSpec] = &[
         architecture: Architecture::Mistral,
         modalities: &[Text, Code],
         parameters: 7_110_660_096,
+        prompting: Prompting::InstructedQuery {
+            default_task: E5_DEFAULT_QUERY_TASK,
+        },
+        normalized_upstream: true,
     },
 ];
 

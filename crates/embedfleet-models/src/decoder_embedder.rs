@@ -2,43 +2,32 @@
 //! Mistral decoder, last-token pooling and normalisation.
 //!
 //! The recipe is intfloat/e5-mistral-7b-instruct's documented usage (its model card and
-//! `unilm/e5`): queries are `Instruct: {task}\nQuery: {text}`, documents are plain text; the
+//! `unilm/e5`): queries are `Instruct: {task}\nQuery: {text}`, documents are plain text (the
+//! template and the default task are the catalogue's, [`Prompting::InstructedQuery`]); the
 //! tokenizer adds `<s>`, the input is cut to `max_len - 1` tokens and `</s>` is appended; the
 //! vector is the last token's final hidden state, L2-normalised. A tokenizer whose template
 //! already appends `</s>` (the newer files of the same repository) is detected at load and gets
 //! nothing appended, which gives the same ids.
 
-use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device};
-use embedfleet_proto::InputType;
 use tokenizers::Tokenizer;
 
 use crate::arch::mistral::{MistralConfig, MistralModel};
-use crate::catalogue::ModelSpec;
+use crate::catalogue::{ModelSpec, Prompting};
 use crate::dtype::Dtype;
 use crate::error::ModelError;
-use crate::model::{l2_normalize, EmbedOptions, EmbeddingModel, ModelEmbedding, ModelInput};
-use crate::packed::PackedBatch;
+use crate::model::{EmbedOptions, EmbeddingModel, ModelEmbedding, ModelInput};
+use crate::passes::{embed_in_passes, input_texts};
 use crate::resolve::{ModelFiles, WeightFiles};
-use crate::text::split_by_token_budget;
+use crate::text::warn_if_width_differs;
 use crate::tokenize::TextTokenizer;
-
-/// The task a query is embedded for when the request names none: the model card's example and
-/// sentence-transformers' `web_search_query` prompt.
-pub const DEFAULT_QUERY_TASK: &str =
-    "Given a web search query, retrieve relevant passages that answer the query";
 
 /// Most tokens one forward pass packs. The SwiGLU block holds `tokens x 2 x intermediate` floats
 /// (4096 x 28672 x 4 B = 470 MiB for e5-mistral), so the budget is one full-length input.
 pub const DECODER_TOKENS_PER_FORWARD: usize = 4096;
-
-/// The text a query becomes: e5-mistral's instruction template.
-pub fn query_prompt(task: &str, query: &str) -> String {
-    format!("Instruct: {task}\nQuery: {query}")
-}
 
 pub struct DecoderEmbedder {
     spec: &'static ModelSpec,
@@ -94,14 +83,7 @@ impl DecoderEmbedder {
             }
         })?;
         projections.warn_fallbacks(spec.name);
-        if config.hidden_size != spec.dim {
-            tracing::warn!(
-                model = spec.name,
-                loaded = config.hidden_size,
-                catalogue = spec.dim,
-                "checkpoint width differs from the catalogue's; serving its own width"
-            );
-        }
+        warn_if_width_differs(spec, config.hidden_size, &files.config);
 
         let max_len = spec.max_seq_len.min(config.max_position_embeddings);
         if max_len < 3 {
@@ -159,11 +141,12 @@ impl DecoderEmbedder {
         self.max_len
     }
 
-    /// Refuses a task whose template alone (with `<s>` and `</s>`) leaves no token for the query.
-    fn check_instruction(&self, task: &str) -> Result<(), ModelError> {
+    /// Refuses an instruction whose prompt alone (with `<s>` and `</s>`) leaves no token for
+    /// the text.
+    fn check_instruction(&self, instruction: &str) -> Result<(), ModelError> {
         let prefix = self
             .counter
-            .encode(query_prompt(task, ""), true)
+            .encode(self.spec.prompting.prompt(instruction, ""), true)
             .map_err(|e| ModelError::Tokenize {
                 model: self.spec.name.to_string(),
                 reason: e.to_string(),
@@ -229,69 +212,27 @@ impl EmbeddingModel for DecoderEmbedder {
         inputs: &[ModelInput],
         options: &EmbedOptions,
     ) -> Result<Vec<ModelEmbedding>, ModelError> {
-        let mut texts = Vec::with_capacity(inputs.len());
-        for (index, input) in inputs.iter().enumerate() {
-            match input.text() {
-                Some(text) if self.spec.takes(input.modality()) => {
-                    // Checked before templating: a blank query must not pass as its template.
-                    if text.trim().is_empty() {
-                        return Err(ModelError::EmptyInput { index });
-                    }
-                    texts.push(text);
-                }
-                _ => {
-                    return Err(ModelError::UnsupportedModality {
-                        model: self.spec.name.to_string(),
-                        modality: input.modality(),
-                    })
-                }
-            }
+        let texts = input_texts(self.spec, inputs)?;
+        let prompting: Prompting = self.spec.prompting;
+        let instruction = options.instruction.as_deref();
+        if let Some(instruction) = prompting.instruction_for(instruction, options.input_type) {
+            self.check_instruction(instruction)?;
         }
-        let prompts: Vec<String> = match options.input_type {
-            InputType::Document => texts.iter().map(|t| t.to_string()).collect(),
-            InputType::Query => {
-                let task = options
-                    .instruction
-                    .as_deref()
-                    .map(str::trim)
-                    .filter(|task| !task.is_empty())
-                    .unwrap_or(DEFAULT_QUERY_TASK);
-                self.check_instruction(task)?;
-                texts.iter().map(|text| query_prompt(task, text)).collect()
-            }
-        };
-        let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        let prompts = prompting.apply(instruction, options.input_type, &texts);
+        let prompts: Vec<&str> = prompts.iter().map(|prompt| prompt.as_ref()).collect();
         let ids = self.token_ids(&prompts, options.truncate)?;
-
-        // Longest first, so the token budget splits the batch into as few passes as possible.
-        let mut order: Vec<usize> = (0..ids.len()).collect();
-        order.sort_by_key(|&i| Reverse(ids[i].len()));
-        let mut vectors: Vec<Vec<f32>> = vec![Vec::new(); ids.len()];
-        for pass in split_by_token_budget(&order, &ids, DECODER_TOKENS_PER_FORWARD) {
-            let batch =
-                PackedBatch::new(&pass.iter().map(|&i| ids[i].as_slice()).collect::<Vec<_>>());
-            let infer = ModelError::inference(self.spec.name);
-            let rows = self
-                .model
-                .forward_last_tokens(&batch)
-                .and_then(|t| t.to_dtype(DType::F32))
-                .and_then(|t| t.to_vec2::<f32>())
-                .map_err(infer)?;
-            for (mut row, &index) in rows.into_iter().zip(pass) {
-                if options.normalize {
-                    l2_normalize(&mut row);
-                }
-                vectors[index] = row;
-            }
-        }
-        Ok(vectors
-            .into_iter()
-            .zip(&ids)
-            .map(|(vector, ids)| ModelEmbedding {
-                vector,
-                tokens: ids.len(),
-            })
-            .collect())
+        embed_in_passes(
+            self.spec,
+            &ids,
+            DECODER_TOKENS_PER_FORWARD,
+            options.normalize,
+            |batch| {
+                self.model
+                    .forward_last_tokens(batch)?
+                    .to_dtype(DType::F32)?
+                    .to_vec2::<f32>()
+            },
+        )
     }
 }
 

@@ -16,7 +16,8 @@
 //! - [`packed`]: padding-free batches and the attention that runs on them.
 //! - [`cpu_kernels`]: fused CPU kernels the shared encoder layer runs on.
 //! - [`decoder_kernels`]: CPU kernels of the decoder layer (RMSNorm, RoPE, SwiGLU, causal GQA).
-//! - [`tokenize`], [`pooling`]: shared steps around the encoders.
+//! - `passes`, [`tokenize`], [`pooling`]: shared steps around the encoders (the batch's texts
+//!   and its packed, token-bounded passes; tokenizers as checkpoints ship them; pooling).
 //! - [`device`]: `cpu` / `cuda:N`, and the free-memory check before a GPU load.
 //! - [`error`]: [`ModelError`] and its wire codes.
 
@@ -30,6 +31,7 @@ pub mod dtype;
 pub mod error;
 pub mod model;
 pub mod packed;
+mod passes;
 pub mod pooling;
 pub mod registry;
 pub mod resolve;
@@ -39,10 +41,13 @@ pub mod text;
 pub mod tokenize;
 
 pub use candle_core::Device;
-pub use catalogue::{ModelSpec, Pooling, CATALOGUE};
+pub use catalogue::{ModelSpec, Pooling, Prompting, CATALOGUE};
 pub use decoder_embedder::DecoderEmbedder;
 pub use device::DeviceName;
 pub use dtype::{Dtype, DtypeError, ModelDtypes};
+/// The type of [`EmbedOptions::input_type`], re-exported so model users need not name the proto
+/// crate.
+pub use embedfleet_proto::InputType;
 pub use error::ModelError;
 pub use model::{EmbedOptions, EmbeddingModel, ModelEmbedding, ModelInput};
 pub use registry::ModelRegistry;

@@ -35,6 +35,22 @@ impl Default for EmbedOptions {
     }
 }
 
+impl EmbedOptions {
+    /// These options as `spec`'s model reads them: `instruction` and `input_type` reduced to
+    /// what its [`crate::catalogue::Prompting`] uses, so that requests differing only in options
+    /// a model ignores give it identical options (and share its batches and cache entries).
+    pub fn effective_for(&self, spec: &ModelSpec) -> EmbedOptions {
+        let (instruction, input_type) = spec
+            .prompting
+            .effective(self.instruction.as_deref(), self.input_type);
+        EmbedOptions {
+            instruction: instruction.map(str::to_string),
+            input_type,
+            ..self.clone()
+        }
+    }
+}
+
 /// One input's vector from one model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelEmbedding {

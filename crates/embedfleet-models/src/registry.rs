@@ -96,21 +96,26 @@ pub fn lookup(name: &str) -> Result<&'static ModelSpec, ModelError> {
 /// refuse a load that cannot fit before it starts.
 const ACTIVATION_MARGIN_BYTES: u64 = 512 << 20;
 
+/// Whether this build can load checkpoints of `architecture` (the `runs` column of
+/// `embedfleet models`); the arms of [`load`] below, kept next to them.
+pub fn runs(architecture: Architecture) -> bool {
+    matches!(
+        architecture,
+        Architecture::Bert
+            | Architecture::Roberta
+            | Architecture::MpNet
+            | Architecture::T5Encoder
+            | Architecture::Mistral
+    )
+}
+
 fn load(
     spec: &'static ModelSpec,
     resolver: &WeightResolver,
     device: &Device,
     dtype: Dtype,
 ) -> Result<Arc<dyn EmbeddingModel>, ModelError> {
-    let runs = matches!(
-        spec.architecture,
-        Architecture::Bert
-            | Architecture::Roberta
-            | Architecture::MpNet
-            | Architecture::T5Encoder
-            | Architecture::Mistral
-    );
-    if !runs {
+    if !runs(spec.architecture) {
         return Err(ModelError::ArchitectureUnavailable {
             model: spec.name.to_string(),
             architecture: format!("{:?}", spec.architecture),

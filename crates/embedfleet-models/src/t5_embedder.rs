@@ -8,33 +8,25 @@
 //! `InstructorEmbedding` 1.0.1, `instructor.py`): the input is `instruction + text.strip()`
 //! (concatenated as they are, then stripped), the encoder attends to all of it, and the mean pool
 //! skips the instruction's tokens (`len(tokenize(instruction)) - 1`, i.e. without its `</s>`;
-//! none when that is at most 1). Without a request instruction it uses
-//! [`DEFAULT_INSTRUCTION`]; an empty instruction embeds the bare text (INSTRUCTOR's plain-string
-//! input). The query/document switch does not change it: the instruction says what the text is.
-
-use std::cmp::Reverse;
+//! none when that is at most 1). Which model reads an instruction, its default and the prompt
+//! are the catalogue's ([`Prompting::Instruction`]); an empty instruction embeds the bare text
+//! (INSTRUCTOR's plain-string input). The query/document switch does not change it: the
+//! instruction says what the text is.
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::arch::projection::Projections;
 use crate::arch::t5::{T5Config, T5Encoder};
-use crate::catalogue::{Architecture, ModelSpec};
+use crate::catalogue::{Architecture, ModelSpec, Prompting};
 use crate::dtype::Dtype;
 use crate::error::ModelError;
-use crate::model::{l2_normalize, EmbedOptions, EmbeddingModel, ModelEmbedding, ModelInput};
+use crate::model::{EmbedOptions, EmbeddingModel, ModelEmbedding, ModelInput};
 use crate::packed::PackedBatch;
+use crate::passes::{embed_in_passes, input_texts};
 use crate::resolve::ModelFiles;
 use crate::st_modules::SentenceModules;
-use crate::text::{split_by_token_budget, MAX_TOKENS_PER_FORWARD};
+use crate::text::{warn_if_width_differs, MAX_TOKENS_PER_FORWARD};
 use crate::tokenize::TextTokenizer;
-
-/// instructor-xl's instruction when a request gives none: INSTRUCTOR's retrieval-document form
-/// ("Represent the [domain] [text type] for [task]:", README), without a domain, as the common
-/// integrations (LangChain's `HuggingFaceInstructEmbeddings`) default to.
-pub const DEFAULT_INSTRUCTION: &str = "Represent the document for retrieval: ";
-
-/// The catalogue models that read `instruction` the INSTRUCTOR way.
-const INSTRUCTOR_MODELS: &[&str] = &["instructor-xl"];
 
 pub struct T5Embedder {
     spec: &'static ModelSpec,
@@ -45,8 +37,6 @@ pub struct T5Embedder {
     modules: SentenceModules,
     /// Width of the vectors after the Dense heads.
     dim: usize,
-    /// Whether `instruction` is read (instructor) or ignored (sentence-t5).
-    instructed: bool,
 }
 
 impl T5Embedder {
@@ -124,14 +114,7 @@ impl T5Embedder {
         })?;
         projections.warn_fallbacks(spec.name);
         let dim = modules.output_width(config.d_model);
-        if dim != spec.dim {
-            tracing::warn!(
-                model = spec.name,
-                dim,
-                catalogue_dim = spec.dim,
-                "checkpoint width differs from the catalogue's; serving it as it is"
-            );
-        }
+        warn_if_width_differs(spec, dim, &files.config);
         Ok(Self {
             spec,
             revision: dtype.revision(&files.revision),
@@ -140,7 +123,6 @@ impl T5Embedder {
             encoder,
             modules,
             dim,
-            instructed: INSTRUCTOR_MODELS.contains(&spec.name),
         })
     }
 
@@ -220,63 +202,37 @@ impl EmbeddingModel for T5Embedder {
         inputs: &[ModelInput],
         options: &EmbedOptions,
     ) -> Result<Vec<ModelEmbedding>, ModelError> {
-        let texts = inputs
-            .iter()
-            .map(|input| match input.text() {
-                Some(text) if self.spec.takes(input.modality()) => Ok(text),
-                _ => Err(ModelError::UnsupportedModality {
-                    model: self.spec.name.to_string(),
-                    modality: input.modality(),
-                }),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        if let Some(index) = texts.iter().position(|text| text.trim().is_empty()) {
-            return Err(ModelError::EmptyInput { index });
-        }
-        let (ids, skip) = if self.instructed {
-            let instruction = options
-                .instruction
-                .as_deref()
-                .unwrap_or(DEFAULT_INSTRUCTION);
-            let skip = self.instruction_tokens(instruction)?;
-            let joined: Vec<String> = texts
-                .iter()
-                .map(|text| format!("{instruction}{}", text.trim()).trim().to_string())
-                .collect();
-            let joined: Vec<&str> = joined.iter().map(String::as_str).collect();
-            (self.tokenizer.encode(&joined, options.truncate, 0)?, skip)
-        } else {
-            (self.tokenizer.encode(&texts, options.truncate, 0)?, 0)
-        };
-
-        // Longest first, so each pass packs sequences of similar length (as text.rs does).
-        let mut order: Vec<usize> = (0..ids.len()).collect();
-        order.sort_by_key(|&i| Reverse(ids[i].len()));
-        let mut vectors: Vec<Vec<f32>> = vec![Vec::new(); ids.len()];
-        let infer = ModelError::inference(self.spec.name);
-        for pass in split_by_token_budget(&order, &ids, MAX_TOKENS_PER_FORWARD) {
-            let batch =
-                PackedBatch::new(&pass.iter().map(|&i| ids[i].as_slice()).collect::<Vec<_>>());
-            let hidden_states = self.encoder.forward(&batch).map_err(&infer)?;
-            let rows = self
-                .pool(&hidden_states, &batch, skip)
-                .and_then(|pooled| self.modules.project(&pooled))
-                .and_then(|projected| projected.to_vec2::<f32>())
-                .map_err(&infer)?;
-            for (mut row, &index) in rows.into_iter().zip(pass) {
-                if options.normalize {
-                    l2_normalize(&mut row);
-                }
-                vectors[index] = row;
+        let texts = input_texts(self.spec, inputs)?;
+        let prompting = self.spec.prompting;
+        let (ids, skip) = match prompting
+            .instruction_for(options.instruction.as_deref(), options.input_type)
+        {
+            // Only INSTRUCTOR's instruction is left out of the pool; a prefix another prompting
+            // adds (none of the T5 models has one today) is pooled with the text.
+            Some(instruction) => {
+                let skip = match prompting {
+                    Prompting::Instruction { .. } => self.instruction_tokens(instruction)?,
+                    _ => 0,
+                };
+                let prompts: Vec<String> = texts
+                    .iter()
+                    .map(|text| prompting.prompt(instruction, text))
+                    .collect();
+                let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+                (self.tokenizer.encode(&prompts, options.truncate, 0)?, skip)
             }
-        }
-        Ok(vectors
-            .into_iter()
-            .zip(&ids)
-            .map(|(vector, ids)| ModelEmbedding {
-                vector,
-                tokens: ids.len(),
-            })
-            .collect())
+            None => (self.tokenizer.encode(&texts, options.truncate, 0)?, 0),
+        };
+        embed_in_passes(
+            self.spec,
+            &ids,
+            MAX_TOKENS_PER_FORWARD,
+            options.normalize,
+            |batch| {
+                let hidden_states = self.encoder.forward(batch)?;
+                let pooled = self.pool(&hidden_states, batch, skip)?;
+                self.modules.project(&pooled)?.to_vec2::<f32>()
+            },
+        )
     }
 }

@@ -2,8 +2,6 @@
 //! the catalogue. This is the `EmbeddingModel` the registry hands out for minilm, mpnet and the
 //! other BERT-family checkpoints.
 
-use std::cmp::Reverse;
-
 use candle_core::{DType, Device};
 
 use crate::arch::projection::Projections;
@@ -11,8 +9,8 @@ use crate::arch::{TextEncoder, TextEncoderConfig};
 use crate::catalogue::{Architecture, ModelSpec};
 use crate::dtype::Dtype;
 use crate::error::ModelError;
-use crate::model::{l2_normalize, EmbedOptions, EmbeddingModel, ModelEmbedding, ModelInput};
-use crate::packed::PackedBatch;
+use crate::model::{EmbedOptions, EmbeddingModel, ModelEmbedding, ModelInput};
+use crate::passes::{embed_in_passes, input_texts};
 use crate::pooling::pool;
 use crate::resolve::ModelFiles;
 use crate::tokenize::TextTokenizer;
@@ -28,6 +26,24 @@ pub struct TextEmbedder {
     dtype: Dtype,
     tokenizer: TextTokenizer,
     encoder: TextEncoder,
+    /// The checkpoint's hidden size: the width of its pooled vectors (see [`warn_if_width_differs`]).
+    dim: usize,
+}
+
+/// The width rule: a checkpoint may be narrower or wider than its catalogue slot (a smaller
+/// sibling of the family, bge-base in the `bge-large` slot, or a tiny test checkpoint). It loads,
+/// with a warning, and reports its own width through [`EmbeddingModel::dim`]; fusion is built for
+/// the widths actually loaded, so nothing downstream assumes the catalogue's.
+pub(crate) fn warn_if_width_differs(spec: &ModelSpec, width: usize, config: &std::path::Path) {
+    if width != spec.dim {
+        tracing::warn!(
+            model = spec.name,
+            width,
+            catalogue_dim = spec.dim,
+            config = %config.display(),
+            "checkpoint width differs from the catalogue's; serving its vectors as they are"
+        );
+    }
 }
 
 impl TextEmbedder {
@@ -83,21 +99,16 @@ impl TextEmbedder {
             | TextEncoderConfig::XlmRoberta(c) => c.hidden_size,
             TextEncoderConfig::Mpnet(c) => c.hidden_size,
         };
-        if hidden != spec.dim {
-            return Err(bad_config(format!(
-                "hidden_size {hidden} does not match `{}`'s dim {}",
-                spec.name, spec.dim
-            )));
-        }
+        warn_if_width_differs(spec, hidden, &files.config);
         let max_len = spec.max_seq_len.min(encoder.max_positions());
-        let tokenizer_json = files.require("tokenizer.json", "the tokenizer")?;
-        let tokenizer = TextTokenizer::load(&tokenizer_json, spec.name, max_len)?;
+        let tokenizer = TextTokenizer::from_files(files, spec.name, max_len)?;
         Ok(Self {
             spec,
             revision: dtype.revision(&files.revision),
             dtype,
             tokenizer,
             encoder,
+            dim: hidden,
         })
     }
 
@@ -121,7 +132,7 @@ impl EmbeddingModel for TextEmbedder {
     }
 
     fn dim(&self) -> usize {
-        self.spec.dim
+        self.dim
     }
 
     fn embed_batch(
@@ -129,85 +140,25 @@ impl EmbeddingModel for TextEmbedder {
         inputs: &[ModelInput],
         options: &EmbedOptions,
     ) -> Result<Vec<ModelEmbedding>, ModelError> {
-        let texts = inputs
-            .iter()
-            .map(|input| match input.text() {
-                Some(text) if self.spec.takes(input.modality()) => Ok(text),
-                _ => Err(ModelError::UnsupportedModality {
-                    model: self.spec.name.to_string(),
-                    modality: input.modality(),
-                }),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let texts = input_texts(self.spec, inputs)?;
+        let texts = self.spec.prompting.apply(
+            options.instruction.as_deref(),
+            options.input_type,
+            &texts,
+        );
+        let texts: Vec<&str> = texts.iter().map(|text| text.as_ref()).collect();
         let ids = self.tokenizer.encode(&texts, options.truncate, 0)?;
-
-        // Longest first, so each forward pass packs sequences of similar length and the token
-        // budget splits the batch into as few passes as possible.
-        let mut order: Vec<usize> = (0..ids.len()).collect();
-        order.sort_by_key(|&i| Reverse(ids[i].len()));
-
-        let mut vectors: Vec<Vec<f32>> = vec![Vec::new(); ids.len()];
-        for pass in split_by_token_budget(&order, &ids, MAX_TOKENS_PER_FORWARD) {
-            let batch =
-                PackedBatch::new(&pass.iter().map(|&i| ids[i].as_slice()).collect::<Vec<_>>());
-            let infer = ModelError::inference(self.spec.name);
-            let hidden_states = self.encoder.forward(&batch).map_err(&infer)?;
-            let pooled = pool(&hidden_states, &batch, self.spec.pooling).map_err(&infer)?;
-            let rows = pooled
-                .to_dtype(DType::F32)
-                .and_then(|t| t.to_vec2::<f32>())
-                .map_err(infer)?;
-            for (mut row, &index) in rows.into_iter().zip(pass) {
-                if options.normalize {
-                    l2_normalize(&mut row);
-                }
-                vectors[index] = row;
-            }
-        }
-        Ok(vectors
-            .into_iter()
-            .zip(&ids)
-            .map(|(vector, ids)| ModelEmbedding {
-                vector,
-                tokens: ids.len(),
-            })
-            .collect())
-    }
-}
-
-/// Consecutive runs of `order` whose token counts fit the budget (a single sequence longer than
-/// the budget still gets a pass of its own).
-pub(crate) fn split_by_token_budget<'a>(
-    order: &'a [usize],
-    ids: &'a [Vec<u32>],
-    budget: usize,
-) -> Vec<&'a [usize]> {
-    let mut passes = Vec::new();
-    let (mut start, mut tokens) = (0, 0);
-    for (position, &index) in order.iter().enumerate() {
-        let len = ids[index].len();
-        if position > start && tokens + len > budget {
-            passes.push(&order[start..position]);
-            (start, tokens) = (position, 0);
-        }
-        tokens += len;
-    }
-    if start < order.len() {
-        passes.push(&order[start..]);
-    }
-    passes
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn token_budget_splits_passes_without_dropping_any_input() {
-        let ids = vec![vec![0; 6], vec![0; 5], vec![0; 4], vec![0; 20], vec![0; 1]];
-        let order = [3, 0, 1, 2, 4];
-        let passes = split_by_token_budget(&order, &ids, 10);
-        assert_eq!(passes, vec![&[3][..], &[0][..], &[1, 2, 4][..]]);
-        assert!(split_by_token_budget(&[], &ids, 10).is_empty());
+        embed_in_passes(
+            self.spec,
+            &ids,
+            MAX_TOKENS_PER_FORWARD,
+            options.normalize,
+            |batch| {
+                let hidden_states = self.encoder.forward(batch)?;
+                pool(&hidden_states, batch, self.spec.pooling)?
+                    .to_dtype(DType::F32)?
+                    .to_vec2::<f32>()
+            },
+        )
     }
 }

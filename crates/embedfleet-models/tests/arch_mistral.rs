@@ -206,7 +206,7 @@ fn the_instruction_changes_query_vectors_only() {
     // Queries take the template, with the default task when none is given.
     let default_task = embed(query_options(None));
     let explicit_default = embed(query_options(Some(
-        embedfleet_models::decoder_embedder::DEFAULT_QUERY_TASK,
+        embedfleet_models::catalogue::E5_DEFAULT_QUERY_TASK,
     )));
     let blank = embed(query_options(Some("   ")));
     let science = embed(query_options(Some("Represent the Science title:")));

@@ -1,8 +1,10 @@
 //! Every architecture on a GPU against the same checkpoint on the CPU (feature `cuda`; runs only
 //! where a GPU is lent: scripts/gpu-check.sh carries this binary there). Each fixture checkpoint
 //! under `tests/fixtures/checkpoints/<variant>/<model>/` loads through `ModelRegistry` on
-//! `cuda:0` and on the CPU; the vectors must agree (cosine ≥ 0.999 where the GPU runs f32,
-//! ≥ 0.99 where it runs bf16), and a padded GPU batch must give what each input gives alone.
+//! `cuda:0` and on the CPU, at each dtype: f32 on the GPU against f32 on the CPU (cosine ≥
+//! 0.999), the GPU's default half precision (f16; bf16 for T5) against CPU f32 (≥ 0.99), and q8_0
+//! on the GPU against q8_0 on the CPU (≥ 0.99: the same quantised weights through candle's CUDA
+//! and CPU quantised kernels); a padded GPU batch must give what each input gives alone.
 //!
 //! Without a GPU these tests fail: a CUDA build run on a machine without one is a mistake worth
 //! hearing about, and CI only compiles this file.
@@ -13,8 +15,8 @@ use std::sync::Arc;
 
 use embedfleet_models::device::{check_fits, device_memory};
 use embedfleet_models::{
-    catalogue, DeviceName, EmbedOptions, EmbeddingModel, ModelError, ModelInput, ModelRegistry,
-    WeightResolver,
+    catalogue, DeviceName, Dtype, EmbedOptions, EmbeddingModel, ModelDtypes, ModelError,
+    ModelInput, ModelRegistry, WeightResolver,
 };
 
 const TEXTS: [&str; 8] = [
@@ -48,14 +50,15 @@ fn fixtures() -> Vec<(PathBuf, &'static str)> {
     found
 }
 
-fn load(dir: &Path, model: &str, device: DeviceName) -> Arc<dyn EmbeddingModel> {
+fn load(dir: &Path, model: &str, device: DeviceName, dtype: Dtype) -> Arc<dyn EmbeddingModel> {
     let resolver = WeightResolver {
         models_dir: Some(dir.to_path_buf()),
         offline: true,
     };
     ModelRegistry::new(resolver, device.open().expect("a CUDA device"))
+        .with_dtypes(ModelDtypes::all(dtype))
         .get(model)
-        .unwrap_or_else(|e| panic!("{model} in {}: {e}", dir.display()))
+        .unwrap_or_else(|e| panic!("{model} at {dtype} in {}: {e}", dir.display()))
 }
 
 fn inputs() -> Vec<ModelInput> {
@@ -77,49 +80,54 @@ fn vectors(model: &dyn EmbeddingModel, inputs: &[ModelInput]) -> Vec<Vec<f32>> {
         .collect()
 }
 
-/// The floor for one model: f32 on the GPU differs from the CPU only in summation order; the
-/// decoder runs in bf16 there.
-fn floor(model: &str) -> f32 {
-    if catalogue::find(model).unwrap().architecture == catalogue::Architecture::Mistral {
-        0.99
-    } else {
-        0.999
-    }
+/// The GPU's default half precision for `model` (what a worker on a GPU loads without --dtype).
+fn half(model: &str) -> Dtype {
+    Dtype::default_for(catalogue::find(model).unwrap())
+}
+
+fn min_cosine(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| cosine(x, y))
+        .fold(f32::INFINITY, f32::min)
 }
 
 #[test]
-fn every_architecture_matches_the_cpu_on_the_gpu() {
+fn every_architecture_matches_the_cpu_on_the_gpu_at_every_dtype() {
     let mut report = Vec::new();
+    let mut failures = Vec::new();
     for (dir, model) in fixtures() {
-        let cpu = vectors(&*load(&dir, model, DeviceName::Cpu), &inputs());
-        let gpu = vectors(&*load(&dir, model, DeviceName::Cuda(0)), &inputs());
-        let worst = cpu
-            .iter()
-            .zip(&gpu)
-            .map(|(c, g)| cosine(c, g))
-            .fold(f32::INFINITY, f32::min);
         let variant = dir.file_name().unwrap().to_string_lossy().into_owned();
-        report.push(format!("{variant}/{model}: min cosine {worst:.6}"));
-        assert!(
-            worst >= floor(model),
-            "{variant}/{model}: GPU vs CPU cosine {worst} < {}",
-            floor(model)
-        );
+        let cpu_f32 = vectors(&*load(&dir, model, DeviceName::Cpu, Dtype::F32), &inputs());
+        let cpu_q8 = vectors(&*load(&dir, model, DeviceName::Cpu, Dtype::Q8_0), &inputs());
+        for (dtype, reference, floor) in [
+            (Dtype::F32, &cpu_f32, 0.999),
+            (half(model), &cpu_f32, 0.99),
+            (Dtype::Q8_0, &cpu_q8, 0.99),
+        ] {
+            let gpu = vectors(&*load(&dir, model, DeviceName::Cuda(0), dtype), &inputs());
+            let worst = min_cosine(reference, &gpu);
+            report.push(format!("{variant}/{model}@{dtype}: {worst:.6}"));
+            if worst < floor {
+                failures.push(format!("{variant}/{model}@{dtype}: cosine {worst} < {floor}"));
+            }
+        }
     }
     // The figures gpu-check.sh collects.
     println!("GPU_PARITY {}", report.join("; "));
+    assert!(failures.is_empty(), "{failures:#?}");
 }
 
 #[test]
 fn a_padded_gpu_batch_gives_what_each_input_gives_alone() {
     for (dir, model) in fixtures() {
-        let gpu = load(&dir, model, DeviceName::Cuda(0));
+        let gpu = load(&dir, model, DeviceName::Cuda(0), half(model));
         let batch = vectors(&*gpu, &inputs());
         for (input, batched) in inputs().iter().zip(&batch) {
             let alone = vectors(&*gpu, std::slice::from_ref(input)).remove(0);
             let similarity = cosine(&alone, batched);
             assert!(
-                similarity >= floor(model),
+                similarity >= 0.99,
                 "{model}: batched vs alone cosine {similarity} for {input:?}"
             );
         }

@@ -1,7 +1,10 @@
 //! Content keys: what the cache and de-duplication know a result by.
 //!
 //! A key is xxh3-128 over a canonical encoding of everything that changes a vector: the decoded
-//! input, the instruction, the model and its revision. xxh3 because it is fast (the key of a
+//! input, the options that reach the model (instruction, input type), the model and its
+//! revision. Callers pass the options *as the model reads them* (the models crate's
+//! `Prompting::effective`): a model that ignores `instruction` or `input_type` gets `None` and
+//! `document` whatever the request said, so symmetric models share one entry per input. xxh3 because it is fast (the key of a
 //! 1 MiB image costs well under a millisecond), its output is specified and identical across
 //! platforms and library versions (keys outlive processes in Redis), and 128 bits make an
 //! accidental collision negligible at any cache size we will see. It is not a security boundary:
@@ -10,7 +13,7 @@
 //! Canonical form, all integers little-endian:
 //!
 //! ```text
-//! u8  format version (1)
+//! u8  format version (2)
 //! u8  modality tag: text 1, code 2, image 3, audio 4
 //! fields of the modality, each length-prefixed (u64 length, then bytes):
 //!     text:  text
@@ -18,12 +21,14 @@
 //!     image: bytes, opt(format)
 //!     audio: bytes, opt(sample_rate as u32)
 //! opt(instruction)
+//! u8  input type: document 0, query 1
 //! str model, str revision
 //! ```
 //!
 //! `opt(x)` is a `0` byte for absent, or a `1` byte and then `x`, so absent and empty differ. The
 //! length prefixes make the encoding unambiguous: `("ab", "c")` and `("a", "bc")` cannot meet.
 //! Changing any of this changes every key and orphans the cache: bump the version byte.
+//! Version 2 added the input type (version 1 keys, which had none, are orphaned).
 
 use std::fmt;
 use std::str::FromStr;
@@ -31,12 +36,12 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use xxhash_rust::xxh3::Xxh3Default;
 
-use crate::{Input, ProtoError};
+use crate::{Input, InputType, ProtoError};
 
 /// Version of the canonical form above.
-const FORMAT_VERSION: u8 = 1;
+const FORMAT_VERSION: u8 = 2;
 
-/// The 128-bit key of one (input, instruction, model, revision). Displays as 32 lowercase hex
+/// The 128-bit key of one (input, instruction, input type, model, revision). Displays as 32 lowercase hex
 /// digits (big-endian, the canonical XXH128 representation); serde uses the same string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ContentKey([u8; 16]);
@@ -66,9 +71,16 @@ impl Canonical {
 }
 
 impl ContentKey {
-    /// The key for `input` as embedded by `model` at `revision`, with `instruction` if any. Pass
-    /// [`crate::EmbedRequest::effective_instruction`] so that a blank instruction and none agree.
-    pub fn new(input: &Input, instruction: Option<&str>, model: &str, revision: &str) -> Self {
+    /// The key for `input` as embedded by `model` at `revision`, with `instruction` if any and
+    /// as `input_type`. Pass the options the model reads (blank instruction already `None`, see
+    /// [`crate::EmbedRequest::effective_instruction`]; ignored options already dropped).
+    pub fn new(
+        input: &Input,
+        instruction: Option<&str>,
+        input_type: InputType,
+        model: &str,
+        revision: &str,
+    ) -> Self {
         let mut h = Canonical(Xxh3Default::new());
         h.byte(FORMAT_VERSION);
         match input {
@@ -93,6 +105,10 @@ impl ContentKey {
             }
         }
         h.opt_bytes(instruction.map(str::as_bytes));
+        h.byte(match input_type {
+            InputType::Document => 0,
+            InputType::Query => 1,
+        });
         h.bytes(model.as_bytes());
         h.bytes(revision.as_bytes());
         ContentKey(h.0.digest128().to_be_bytes())
@@ -157,12 +173,14 @@ impl<'de> Deserialize<'de> for ContentKey {
 mod tests {
     use super::*;
 
+    const D: InputType = InputType::Document;
+
     fn text(s: &str) -> Input {
         Input::Text(s.into())
     }
 
     fn key(input: &Input) -> ContentKey {
-        ContentKey::new(input, None, "minilm", "rev1")
+        ContentKey::new(input, None, D, "minilm", "rev1")
     }
 
     #[test]
@@ -181,8 +199,18 @@ mod tests {
         // xxh3-128 (python-xxhash) over the documented byte layout. If this fails, the form
         // changed: bump FORMAT_VERSION and update the value, knowing that every cached entry
         // is orphaned.
-        let k = ContentKey::new(&text("hello world"), Some("query: "), "minilm", "rev1");
-        assert_eq!(k.to_hex(), "0a4558072df694983cf5880a47012c38");
+        // (Version 1, without the input type, gave 0a4558072df694983cf5880a47012c38 here.)
+        let k = ContentKey::new(&text("hello world"), Some("query: "), D, "minilm", "rev1");
+        assert_eq!(k.to_hex(), "400cf593bf5f99a0631454ea7c1caf66");
+        let query = InputType::Query;
+        let k = ContentKey::new(
+            &text("hello world"),
+            Some("query: "),
+            query,
+            "minilm",
+            "rev1",
+        );
+        assert_eq!(k.to_hex(), "60de28d85285c6fbebf44696a5c152f4");
     }
 
     #[test]
@@ -191,20 +219,22 @@ mod tests {
             code: "fn f() {}".into(),
             language: Some("rust".into()),
         };
-        let k = ContentKey::new(&base, Some("i"), "m", "r");
+        let k = ContentKey::new(&base, Some("i"), D, "m", "r");
         let variants = [
-            ContentKey::new(&base, Some("j"), "m", "r"),
-            ContentKey::new(&base, None, "m", "r"),
-            ContentKey::new(&base, Some(""), "m", "r"),
-            ContentKey::new(&base, Some("i"), "n", "r"),
-            ContentKey::new(&base, Some("i"), "m", "s"),
-            ContentKey::new(&text("fn f() {}"), Some("i"), "m", "r"),
+            ContentKey::new(&base, Some("j"), D, "m", "r"),
+            ContentKey::new(&base, None, D, "m", "r"),
+            ContentKey::new(&base, Some(""), D, "m", "r"),
+            ContentKey::new(&base, Some("i"), D, "n", "r"),
+            ContentKey::new(&base, Some("i"), D, "m", "s"),
+            ContentKey::new(&base, Some("i"), InputType::Query, "m", "r"),
+            ContentKey::new(&text("fn f() {}"), Some("i"), D, "m", "r"),
             ContentKey::new(
                 &Input::Code {
                     code: "fn f() {}".into(),
                     language: None,
                 },
                 Some("i"),
+                D,
                 "m",
                 "r",
             ),
@@ -214,6 +244,7 @@ mod tests {
                     language: Some("rust".into()),
                 },
                 Some("i"),
+                D,
                 "m",
                 "r",
             ),
@@ -249,11 +280,11 @@ mod tests {
 
     #[test]
     fn field_boundaries_are_unambiguous() {
-        let a = ContentKey::new(&text("ab"), Some("c"), "m", "r");
-        let b = ContentKey::new(&text("a"), Some("bc"), "m", "r");
+        let a = ContentKey::new(&text("ab"), Some("c"), D, "m", "r");
+        let b = ContentKey::new(&text("a"), Some("bc"), D, "m", "r");
         assert_ne!(a, b);
-        let c = ContentKey::new(&text("x"), None, "ab", "c");
-        let d = ContentKey::new(&text("x"), None, "a", "bc");
+        let c = ContentKey::new(&text("x"), None, D, "ab", "c");
+        let d = ContentKey::new(&text("x"), None, D, "a", "bc");
         assert_ne!(c, d);
         let code = |c: &str, l: &str| Input::Code {
             code: c.into(),

@@ -25,7 +25,7 @@ use std::time::Duration;
 use embedfleet_models::model::l2_normalize;
 use embedfleet_models::registry::lookup;
 use embedfleet_models::{
-    EmbedOptions, EmbeddingModel, ModelEmbedding, ModelError, ModelInput, ModelSpec,
+    EmbedOptions, EmbeddingModel, InputType, ModelEmbedding, ModelError, ModelInput, ModelSpec,
 };
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -136,7 +136,21 @@ impl FixedVectorModel {
     /// The vector this model gives `input` with `instruction`, unnormalised: what `embed_batch`
     /// returns with `normalize: false`.
     pub fn vector_for(&self, input: &ModelInput, instruction: Option<&str>) -> Vec<f32> {
+        self.vector_as(input, instruction, InputType::Document)
+    }
+
+    /// [`FixedVectorModel::vector_for`] for an input of `input_type`: queries get vectors of
+    /// their own, so a test sees whether the input type reached the model.
+    pub fn vector_as(
+        &self,
+        input: &ModelInput,
+        instruction: Option<&str>,
+        input_type: InputType,
+    ) -> Vec<f32> {
         let mut state = content_hash(self.spec.name, input, instruction);
+        if input_type == InputType::Query {
+            state = splitmix64(&mut state);
+        }
         (0..self.spec.dim)
             .map(|_| {
                 // The top 24 bits make an exact f32 in [0, 1), mapped onto [-1, 1).
@@ -271,7 +285,8 @@ impl EmbeddingModel for FixedVectorModel {
             .iter()
             .zip(tokens)
             .map(|(input, tokens)| {
-                let mut vector = self.vector_for(input, options.instruction.as_deref());
+                let mut vector =
+                    self.vector_as(input, options.instruction.as_deref(), options.input_type);
                 if options.normalize {
                     l2_normalize(&mut vector);
                 }

@@ -8,11 +8,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use embedfleet_cache::CacheKey;
-use embedfleet_proto::{ContentKey, Input};
+use embedfleet_proto::{ContentKey, Input, InputType};
 use redis::aio::MultiplexedConnection;
 
 pub fn key(i: usize) -> CacheKey {
-    let content = ContentKey::new(&Input::Text(format!("input {i}")), None, "minilm", "rev1");
+    let content = ContentKey::new(
+        &Input::Text(format!("input {i}")),
+        None,
+        InputType::Document,
+        "minilm",
+        "rev1",
+    );
     CacheKey::partial("minilm", "rev1", &content)
 }
 

@@ -3,7 +3,8 @@
 
 use embedfleet_cache::CacheKey;
 use embedfleet_fusion::FuseMoeConfig;
-use embedfleet_proto::{ContentKey, ExpertSelection, Input};
+use embedfleet_models::ModelSpec;
+use embedfleet_proto::{ContentKey, ExpertSelection, Input, InputType};
 
 use super::request::RequestWork;
 use super::Coordinator;
@@ -28,18 +29,45 @@ pub(super) struct CacheWrites {
     pub(super) entries: Vec<(CacheKey, Vec<f32>)>,
 }
 
-/// Cache key of one model's raw partial for one input.
+/// Cache key of one model's raw partial for one input, under the options the model reads.
 pub(super) fn partial_key(
     work: &RequestWork,
-    model: &str,
+    spec: &ModelSpec,
     revision: &str,
     input: &Input,
 ) -> CacheKey {
-    let content = ContentKey::new(input, work.instruction.as_deref(), model, revision);
-    CacheKey::partial(model, revision, &content)
+    let (instruction, input_type) = work.options_for(spec);
+    let content = ContentKey::new(input, instruction, input_type, spec.name, revision);
+    CacheKey::partial(spec.name, revision, &content)
 }
 
-/// Cache key of a fused vector: the input and instruction, the request's model set with the
+impl RequestWork {
+    /// (`instruction`, `input_type`) as `spec`'s model reads them: what its jobs carry and its
+    /// partials are keyed by, so models that ignore an option share entries whatever it is.
+    pub(super) fn options_for(&self, spec: &ModelSpec) -> (Option<&str>, InputType) {
+        spec.prompting
+            .effective(self.instruction.as_deref(), self.input_type)
+    }
+
+    /// The options that reach any model of the set, for the fused key: the instruction if some
+    /// model reads it, `query` if some model reads the input type as one.
+    fn fused_options(&self) -> (Option<&str>, InputType) {
+        let each: Vec<_> = self
+            .models
+            .iter()
+            .map(|spec| self.options_for(spec))
+            .collect();
+        let instruction = each.iter().find_map(|(instruction, _)| *instruction);
+        let input_type = each
+            .iter()
+            .map(|(_, input_type)| *input_type)
+            .find(|input_type| *input_type == InputType::Query)
+            .unwrap_or(InputType::Document);
+        (instruction, input_type)
+    }
+}
+
+/// Cache key of a fused vector: the input and the options any of its models read, the request's model set with the
 /// revision of each model's partial (`-` for a model that does not take the input), whether the
 /// partials were normalised before fusion, and (in the key's namespace) the fusion layer's
 /// version. Anything that changes the vector changes the key.
@@ -64,7 +92,8 @@ pub(super) fn fused_key(
         .map(|revision| revision.unwrap_or("-"))
         .collect::<Vec<_>>()
         .join("+");
-    let content = ContentKey::new(input, work.instruction.as_deref(), &model, &revisions);
+    let (instruction, input_type) = work.fused_options();
+    let content = ContentKey::new(input, instruction, input_type, &model, &revisions);
     CacheKey::fused(fusion_version, &content)
 }
 

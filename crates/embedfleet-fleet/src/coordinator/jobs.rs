@@ -64,7 +64,7 @@ impl Coordinator {
             if let (true, Some(revision)) = (read_cache, revisions.get(spec.name)) {
                 let keys: Vec<CacheKey> = taken
                     .iter()
-                    .map(|&i| partial_key(work, spec.name, revision, &work.inputs[i]))
+                    .map(|&i| partial_key(work, spec, revision, &work.inputs[i]))
                     .collect();
                 let started = Instant::now();
                 let found = self.cache.get_many(&keys).await;
@@ -136,7 +136,7 @@ impl Coordinator {
                         for (&i, v) in indices.iter().zip(vectors) {
                             partials.tokens += u64::from(v.tokens);
                             writes.entries.push((
-                                partial_key(work, spec.name, &partial.revision, &work.inputs[i]),
+                                partial_key(work, spec, &partial.revision, &work.inputs[i]),
                                 v.vector.clone(),
                             ));
                             partials.set(slot, i, v.vector, Source::Fresh, revision.clone());
@@ -212,11 +212,13 @@ impl Coordinator {
         };
 
         let remaining = deadline.saturating_duration_since(Instant::now());
+        let (instruction, input_type) = work.options_for(spec);
         let job = ModelJob {
             job_id,
             model: spec.name.to_string(),
             inputs,
-            instruction: work.instruction.clone(),
+            instruction: instruction.map(str::to_string),
+            input_type,
             truncate: work.truncate,
             reply_to: job::partial_subject(&self.id, job_id),
             deadline_unix_ms: job::unix_ms_now() + remaining.as_millis() as u64,

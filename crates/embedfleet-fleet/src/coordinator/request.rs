@@ -11,7 +11,7 @@ use embedfleet_fusion::FuseMoe;
 use embedfleet_models::ModelSpec;
 use embedfleet_proto::{
     EmbedReply, EmbedRequest, EmbeddingData, Encoding, ErrorKind, ExpertSelection, Fallback, Input,
-    ProtoError, Usage, FUSED_MODEL_NAME,
+    InputType, ProtoError, Usage, FUSED_MODEL_NAME,
 };
 
 use super::cache_keys::{fused_key, CacheWrites, FusedEntry};
@@ -47,6 +47,7 @@ impl Coordinator {
             models,
             layer_set,
             instruction: request.effective_instruction().map(str::to_string),
+            input_type: request.input_type,
             partials: request.wants_partials(),
             normalize: request.normalize,
             truncate: request.truncate,
@@ -114,13 +115,15 @@ impl Coordinator {
         Ok(layer_set)
     }
 
-    /// The layer of `set`, built on the blocking pool the first time (a big set takes seconds).
+    /// The layer of `set` for the widths its models are known to produce, built on the
+    /// blocking pool the first time (a big set takes seconds).
     async fn fusion_layer(&self, set: &[&'static ModelSpec]) -> Result<Arc<FuseMoe>, ProtoError> {
-        if let Some(ready) = self.fusion.ready_layer(set) {
+        let widths = self.known_widths(set);
+        if let Some(ready) = self.fusion.ready_layer(set, &widths) {
             return ready;
         }
         let (stage, set) = (self.fusion.clone(), set.to_vec());
-        tokio::task::spawn_blocking(move || stage.layer(&set))
+        tokio::task::spawn_blocking(move || stage.layer(&set, &widths))
             .await
             .map_err(|e| ProtoError::internal(format!("fusion layer task: {e}")))?
     }
@@ -130,7 +133,7 @@ impl Coordinator {
         // Truncation changes nothing for inputs that fit, but a cached vector cannot tell
         // whether its input was cut: with `truncate: false` the models must see the input.
         let read_cache = work.truncate;
-        let layer = match &work.layer_set {
+        let mut layer = match &work.layer_set {
             Some(set) => Some(self.fusion_layer(set).await?),
             None => None,
         };
@@ -212,6 +215,20 @@ impl Coordinator {
                 ));
             }
             self.stats.degraded.fetch_add(1, Ordering::Relaxed);
+        }
+
+        // The vectors in hand say how wide each checkpoint really is; on first contact with one
+        // of another width than its catalogue slot, the layer chosen above was for the wrong
+        // widths.
+        for (spec, width) in work.models.iter().zip(partials.widths()) {
+            if let Some(width) = width {
+                self.learn_width(spec.name, width);
+            }
+        }
+        if let (Some(current), Some(set)) = (&layer, &work.layer_set) {
+            if self.known_widths(set) != current.config().input_dims {
+                layer = Some(self.fusion_layer(set).await?);
+            }
         }
 
         // 3. Normalise (the cache keeps raw vectors; see job.rs), fuse what is open.
@@ -304,7 +321,10 @@ pub(super) struct RequestWork {
     /// The configured set whose layer fuses this request (`models` or a superset of it);
     /// `None` with `fuse: false`.
     pub(super) layer_set: Option<Vec<&'static ModelSpec>>,
+    /// The request's options as sent; each model reads the part its prompting uses
+    /// (`options_for`, cache_keys.rs).
     pub(super) instruction: Option<String>,
+    pub(super) input_type: InputType,
     pub(super) partials: bool,
     pub(super) normalize: bool,
     pub(super) truncate: bool,

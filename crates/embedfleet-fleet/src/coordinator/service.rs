@@ -39,16 +39,19 @@ impl Coordinator {
             .await
             .map_err(async_nats::Error::from)?;
         let router = tokio::spawn(self.clone().route_partials(partials));
-        // Revisions workers announce, so a new revision changes cache keys before any partial
+        // Revisions (and widths) workers announce, so a new revision changes cache keys before any partial
         // of it arrives (see revisions.rs). Weak: the watch must not keep the coordinator alive.
         let stop_watch = shutdown.child_token();
         let learner = Arc::downgrade(&self);
         let revision_watch = tokio::spawn(revisions::watch(
             self.js.clone(),
             stop_watch.clone(),
-            move |model, revision| {
+            move |model, announcement| {
                 if let Some(coordinator) = learner.upgrade() {
-                    coordinator.learn_revision(model, revision);
+                    coordinator.learn_revision(model, &announcement.revision);
+                    if let Some(width) = announcement.dim {
+                        coordinator.learn_width(model, width);
+                    }
                 }
             },
         ));

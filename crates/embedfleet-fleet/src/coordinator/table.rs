@@ -80,6 +80,14 @@ impl PartialTable {
             .collect()
     }
 
+    /// Per slot, the width of the vectors it holds (`None` for a slot with none).
+    pub(super) fn widths(&self) -> Vec<Option<usize>> {
+        self.cells
+            .iter()
+            .map(|slot| slot.iter().flatten().map(|cell| cell.vector.len()).next())
+            .collect()
+    }
+
     pub(super) fn all_cached(&self, input: usize) -> bool {
         let mut present = self
             .cells

@@ -22,7 +22,9 @@ pub(super) struct Pending {
 impl Pending {
     /// Jobs batch together only when the model would run them with the same options.
     pub(super) fn same_options(&self, other: &Pending) -> bool {
-        self.job.truncate == other.job.truncate && self.job.instruction == other.job.instruction
+        self.job.truncate == other.job.truncate
+            && self.job.instruction == other.job.instruction
+            && self.job.input_type == other.job.input_type
     }
 
     /// Deliveries so far, this one included (1 when the ack subject cannot be parsed).

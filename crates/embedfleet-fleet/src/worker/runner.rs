@@ -113,7 +113,7 @@ impl BatchRunner {
             truncate: first.job.truncate,
             normalize: false,
             instruction: first.job.instruction.clone(),
-            ..EmbedOptions::default()
+            input_type: first.job.input_type,
         };
         let model = self.model.clone();
         let mut call = tokio::task::spawn_blocking(move || model.embed_batch(&inputs, &options));

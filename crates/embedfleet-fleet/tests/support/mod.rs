@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use embedfleet_cache::{CacheConfig, VectorCache};
 use embedfleet_fleet::coordinator::Coordinator;
-use embedfleet_fleet::fusion::FusionStage;
+use embedfleet_fleet::fusion::{catalogue_widths, FusionStage};
 use embedfleet_fleet::worker::{run_worker, WorkerConfig};
 use embedfleet_fleet::{BatchConfig, CoordinatorConfig, QueueConfig};
 use embedfleet_models::{catalogue, model::l2_normalize, EmbeddingModel, ModelSpec};
@@ -75,7 +75,10 @@ impl Fleet {
         // otherwise come out of the first request's deadline.
         let fusion = FusionStage::seeded();
         fusion
-            .layer(&default_set(&config))
+            .layer(
+                &default_set(&config),
+                &catalogue_widths(&default_set(&config)),
+            )
             .expect("default fusion layer");
         let coordinator = Coordinator::new(
             client.clone(),
