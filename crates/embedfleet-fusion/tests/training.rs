@@ -36,7 +36,7 @@ struct Task {
 
 fn synthetic_task(seed: u64) -> Task {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut gauss = |rng: &mut rand::rngs::StdRng| -> f32 {
+    let gauss = |rng: &mut rand::rngs::StdRng| -> f32 {
         // Sum of uniforms: close enough to normal for a synthetic task.
         (0..6).map(|_| rng.random::<f32>() - 0.5).sum::<f32>()
     };
