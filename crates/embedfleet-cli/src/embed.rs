@@ -33,7 +33,8 @@ pub struct EmbedArgs {
     /// Skip fusion: print the per-model vectors only.
     #[arg(long)]
     no_fuse: bool,
-    /// Trained FuseMoE weights (safetensors); without it, the seeded weights every node shares.
+    /// Trained FuseMoE weights (safetensors); without it, the default layer: the shipped
+    /// trained weights for minilm + mpnet, the seeded weights every node shares for other sets.
     #[arg(long, env = "EMBEDFLEET_FUSION_WEIGHTS")]
     fusion_weights: Option<PathBuf>,
     /// Directory with one checkpoint directory per model (`<dir>/minilm/config.json`, ...).
