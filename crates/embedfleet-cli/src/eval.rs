@@ -348,7 +348,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             .iter()
             .map(|&c| c as f64 / total_routes)
             .collect(),
-        int8_clipped: args.int8.then(|| clipping.0 as f64 / clipping.1.max(1) as f64),
+        int8_clipped: args
+            .int8
+            .then(|| clipping.0 as f64 / clipping.1.max(1) as f64),
     };
     print_table(&report);
     if let Some(path) = &args.json {

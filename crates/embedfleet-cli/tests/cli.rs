@@ -313,7 +313,10 @@ fn dimensions_and_encoding_formats_apply_to_the_fused_vector() {
     for (line, full) in floats.iter().zip(&full) {
         let v = vector(&line["embedding"]);
         assert_unit_vector(&v, 64, "--dimensions 64");
-        assert!(cosine(&v, &cut(full, 64)) > 0.99999, "the renormalised prefix");
+        assert!(
+            cosine(&v, &cut(full, 64)) > 0.99999,
+            "the renormalised prefix"
+        );
     }
     let base64 = run(&["--dimensions", "256", "--encoding-format", "base64"]);
     let text = base64[0]["embedding"].as_str().expect("a base64 string");
@@ -323,7 +326,9 @@ fn dimensions_and_encoding_formats_apply_to_the_fused_vector() {
     let int8 = run(&["--encoding-format", "int8"]);
     let q = vector(&int8[0]["embedding"]);
     assert_eq!(q.len(), FUSED_DIM);
-    assert!(q.iter().all(|&x| x.fract() == 0.0 && (-127.0..=127.0).contains(&x)));
+    assert!(q
+        .iter()
+        .all(|&x| x.fract() == 0.0 && (-127.0..=127.0).contains(&x)));
     assert!(cosine(&q, &full[0]) > 0.99, "int8 keeps the direction");
     let ubinary = run(&["--dimensions", "12", "--encoding-format", "ubinary"]);
     let bytes = vector(&ubinary[1]["embedding"]);
@@ -339,10 +344,16 @@ fn dimensions_and_encoding_formats_apply_to_the_fused_vector() {
 fn bad_dimensions_and_encoding_formats_are_refused() {
     for (args, needles) in [
         (vec!["--dimensions", "0"], vec!["dimensions", "0"]),
-        (vec!["--dimensions", "1537"], vec!["dimensions", "1537", "1536"]),
+        (
+            vec!["--dimensions", "1537"],
+            vec!["dimensions", "1537", "1536"],
+        ),
         (vec!["--dimensions", "64.5"], vec!["dimensions", "64.5"]),
         (vec!["--encoding-format", "int4"], vec!["int4"]),
-        (vec!["--no-fuse", "--dimensions", "64"], vec!["dimensions", "fuse"]),
+        (
+            vec!["--no-fuse", "--dimensions", "64"],
+            vec!["dimensions", "fuse"],
+        ),
     ] {
         let mut all = vec!["embed", "--models", "minilm,mpnet"];
         all.extend(&args);

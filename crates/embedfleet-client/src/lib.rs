@@ -55,7 +55,8 @@ use async_nats::{HeaderMap, RequestErrorKind};
 use bytes::Bytes;
 use embedfleet_proto::{
     EmbedReply, EmbedRequest, Embedding, Encoding, EncodingFormat, ErrorBody, ErrorKind,
-    ProtoError, RequestLimits, CONTENT_TYPE, EMBED_ENDPOINT, SERVICE_ERROR, SERVICE_ERROR_CODE, TIMINGS_HEADER,
+    ProtoError, RequestLimits, CONTENT_TYPE, EMBED_ENDPOINT, SERVICE_ERROR, SERVICE_ERROR_CODE,
+    TIMINGS_HEADER,
 };
 
 /// How long [`EmbedClient::embed`] waits for a reply unless told otherwise: a little over the

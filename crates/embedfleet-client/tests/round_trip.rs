@@ -15,9 +15,9 @@ use embedfleet_fusion::FuseMoe;
 use embedfleet_models::{catalogue, model::l2_normalize, EmbeddingModel, ModelSpec};
 use embedfleet_proto::output::int8_scale;
 use embedfleet_proto::{
-    EmbedRequest, Embedding, Encoding, EncodingFormat, ErrorKind, Input, ProtoError,
-    RequestLimits, CONTENT_TYPE, CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, EMBED_ENDPOINT,
-    FUSED_MODEL_NAME, SERVICE_ERROR, SERVICE_ERROR_CODE,
+    EmbedRequest, Embedding, Encoding, EncodingFormat, ErrorKind, Input, ProtoError, RequestLimits,
+    CONTENT_TYPE, CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, EMBED_ENDPOINT, FUSED_MODEL_NAME,
+    SERVICE_ERROR, SERVICE_ERROR_CODE,
 };
 use embedfleet_testkit::{FixedVectorModel, NatsServer};
 use futures::StreamExt;
@@ -204,7 +204,10 @@ async fn dimensions_and_every_encoding_format_on_the_wire() {
     let server = NatsServer::start().expect("nats-server");
     let fleet = start_fleet(&server.url(), CoordinatorConfig::default()).await;
     let client = EmbedClient::connect(&server.url()).await.expect("connect");
-    let texts = ["matryoshka prefixes", "compact encodings of the fused vector"];
+    let texts = [
+        "matryoshka prefixes",
+        "compact encodings of the fused vector",
+    ];
     let full: Vec<Vec<f32>> = texts.iter().map(|t| fleet.expected(t)).collect();
 
     for encoding in [Encoding::Json, Encoding::MsgPack] {
@@ -240,11 +243,19 @@ async fn dimensions_and_every_encoding_format_on_the_wire() {
 
     // Refusals, typed, before any model work.
     let cases = [
-        ("dimensions 0", EmbedRequest::texts(["x"]).with_dimensions(0)),
-        ("dimensions 1537", EmbedRequest::texts(["x"]).with_dimensions(1537)),
+        (
+            "dimensions 0",
+            EmbedRequest::texts(["x"]).with_dimensions(0),
+        ),
+        (
+            "dimensions 1537",
+            EmbedRequest::texts(["x"]).with_dimensions(1537),
+        ),
         (
             "dimensions without fusion",
-            EmbedRequest::texts(["x"]).with_fuse(false).with_dimensions(8),
+            EmbedRequest::texts(["x"])
+                .with_fuse(false)
+                .with_dimensions(8),
         ),
         (
             "int8 without fusion",
@@ -255,7 +266,11 @@ async fn dimensions_and_every_encoding_format_on_the_wire() {
     ];
     for (what, request) in cases {
         let err = client.embed(&request).await.expect_err(what);
-        assert_eq!(err.service_kind(), Some(ErrorKind::BadRequest), "{what}: {err}");
+        assert_eq!(
+            err.service_kind(),
+            Some(ErrorKind::BadRequest),
+            "{what}: {err}"
+        );
         assert!(err.to_string().contains("dimensions"), "{what}: {err}");
     }
     // A non-integer width cannot be built with `EmbedRequest`; sent raw, it is refused as a
@@ -278,7 +293,11 @@ async fn dimensions_and_every_encoding_format_on_the_wire() {
         let description = headers.get(SERVICE_ERROR).expect("description").as_str();
         let error = ProtoError::from_service_error(code.parse().expect("a code"), description);
         assert_eq!(error.kind, ErrorKind::InvalidPayload, "{raw}: {error}");
-        let why = if raw.contains("int4") { "int4" } else { "whole number" };
+        let why = if raw.contains("int4") {
+            "int4"
+        } else {
+            "whole number"
+        };
         assert!(error.message.contains(why), "{raw}: {error}");
     }
 }
@@ -329,7 +348,11 @@ fn check_encoded(embedding: &Embedding, expected: &[f32], format: EncodingFormat
             }
             // Padding bits are zero.
             for j in n..bytes.len() * 8 {
-                assert_eq!(bytes[j / 8] & (0x80 >> (j % 8)), 0, "{what}: padding bit {j}");
+                assert_eq!(
+                    bytes[j / 8] & (0x80 >> (j % 8)),
+                    0,
+                    "{what}: padding bit {j}"
+                );
             }
         }
     }

@@ -19,7 +19,9 @@ pub enum PipelineError {
     Model(#[from] ModelError),
     #[error("fusion: {0}")]
     Fusion(#[from] FusionError),
-    #[error("`dimensions` is {dimensions}: it must be from 1 to the fused vector's {width} components")]
+    #[error(
+        "`dimensions` is {dimensions}: it must be from 1 to the fused vector's {width} components"
+    )]
     Dimensions { dimensions: usize, width: usize },
     #[error("input {index} ({modality}) is taken by none of the active models ({models})")]
     NoModelTakesInput {

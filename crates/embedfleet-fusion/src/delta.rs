@@ -135,22 +135,18 @@ impl DeltaParts {
         let mut br = vec![0.0f32; rs * half];
         linear_forward(&self.shared_b, d, rs, &r, None, half, d, &mut br);
         // The slot scales' change of every expert: ΔS = M·D·Rᵀ, D the per-column scale.
-        let slot_delta = self
-            .slot_scale
-            .iter()
-            .any(|&v| v != 0.0)
-            .then(|| {
-                let mut md = seeded_map(&cfg, seed).1;
-                let scales = self.column_scales(&cfg);
-                for row in md.chunks_exact_mut(d) {
-                    for (v, sc) in row.iter_mut().zip(&scales) {
-                        *v *= sc;
-                    }
+        let slot_delta = self.slot_scale.iter().any(|&v| v != 0.0).then(|| {
+            let mut md = seeded_map(&cfg, seed).1;
+            let scales = self.column_scales(&cfg);
+            for row in md.chunks_exact_mut(d) {
+                for (v, sc) in row.iter_mut().zip(&scales) {
+                    *v *= sc;
                 }
-                let mut ds = vec![0.0f32; o * half];
-                linear_forward(&md, d, o, &r, None, half, d, &mut ds);
-                ds
-            });
+            }
+            let mut ds = vec![0.0f32; o * half];
+            linear_forward(&md, d, o, &r, None, half, d, &mut ds);
+            ds
+        });
         let experts = base
             .experts
             .iter()

@@ -212,8 +212,11 @@ impl RowFeatures {
         Ok((
             pick(&self.x, self.input_dim)?,
             pick(&self.hidden, self.hidden_dim)?,
-            pick(&self.base_slots, self.slots * self.output_dim)?
-                .reshape((rows.len(), self.slots, self.output_dim))?,
+            pick(&self.base_slots, self.slots * self.output_dim)?.reshape((
+                rows.len(),
+                self.slots,
+                self.output_dim,
+            ))?,
         ))
     }
 }
@@ -301,7 +304,16 @@ fn row_features(
             .flat_map(|row| row[offset..offset + width].iter().copied())
             .collect();
         let mut out = vec![0.0f32; rows.len() * o];
-        linear_forward(&x[offset..], d, rows.len(), &columns, None, o, width, &mut out);
+        linear_forward(
+            &x[offset..],
+            d,
+            rows.len(),
+            &columns,
+            None,
+            o,
+            width,
+            &mut out,
+        );
         for (r, chunk) in out.chunks_exact(o).enumerate() {
             base_slots[(r * slots + slot) * o..(r * slots + slot + 1) * o].copy_from_slice(chunk);
         }

@@ -289,11 +289,20 @@ fn a_slot_scale_of_minus_one_folds_that_model_out_of_the_experts() {
     let slot1 = task.rows[0][1].as_deref();
     let cosine = |layer: &FuseMoe, other: usize| {
         let a = layer.fuse(&[task.rows[0][0].as_deref(), slot1]).unwrap();
-        let b = layer.fuse(&[task.rows[other][0].as_deref(), slot1]).unwrap();
-        a.embedding.iter().zip(&b.embedding).map(|(x, y)| x * y).sum::<f32>()
+        let b = layer
+            .fuse(&[task.rows[other][0].as_deref(), slot1])
+            .unwrap();
+        a.embedding
+            .iter()
+            .zip(&b.embedding)
+            .map(|(x, y)| x * y)
+            .sum::<f32>()
     };
     for other in 1..6 {
-        assert!(cosine(&seeded, other) < 0.95, "the seeded layer reads slot 0");
+        assert!(
+            cosine(&seeded, other) < 0.95,
+            "the seeded layer reads slot 0"
+        );
         assert!(cosine(&folded, other) > 0.99, "slot 0 is folded out");
     }
 }

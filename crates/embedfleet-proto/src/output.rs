@@ -177,12 +177,10 @@ impl Embedding {
                 got.format()
             ))
         };
-        let as_i8 = |v: &[u8]| -> Option<Vec<i8>> {
-            v.iter().map(|&b| i8::try_from(b).ok()).collect()
-        };
-        let as_u8 = |v: &[i8]| -> Option<Vec<u8>> {
-            v.iter().map(|&b| u8::try_from(b).ok()).collect()
-        };
+        let as_i8 =
+            |v: &[u8]| -> Option<Vec<i8>> { v.iter().map(|&b| i8::try_from(b).ok()).collect() };
+        let as_u8 =
+            |v: &[i8]| -> Option<Vec<u8>> { v.iter().map(|&b| u8::try_from(b).ok()).collect() };
         Ok(match (self, format) {
             (e, f) if e.format() == f => e,
             (Embedding::Int8(v), F::Binary) => Embedding::Binary(v),
@@ -199,8 +197,12 @@ impl Embedding {
             },
             // A float vector whose every component is a whole number (all zeros, say) may
             // arrive from another encoder as integers.
-            (Embedding::Int8(v), F::Float) => Embedding::Float(v.iter().map(|&x| x as f32).collect()),
-            (Embedding::Uint8(v), F::Float) => Embedding::Float(v.iter().map(|&x| x as f32).collect()),
+            (Embedding::Int8(v), F::Float) => {
+                Embedding::Float(v.iter().map(|&x| x as f32).collect())
+            }
+            (Embedding::Uint8(v), F::Float) => {
+                Embedding::Float(v.iter().map(|&x| x as f32).collect())
+            }
             (other, _) => return Err(mismatch(&other)),
         })
     }
@@ -243,10 +245,10 @@ pub fn pack_signs(vector: &[f32]) -> Vec<u8> {
     vector
         .chunks(8)
         .map(|chunk| {
-            chunk
-                .iter()
-                .enumerate()
-                .fold(0u8, |byte, (j, &v)| if v > 0.0 { byte | (0x80 >> j) } else { byte })
+            chunk.iter().enumerate().fold(
+                0u8,
+                |byte, (j, &v)| if v > 0.0 { byte | (0x80 >> j) } else { byte },
+            )
         })
         .collect()
 }
@@ -390,7 +392,10 @@ impl OutputOptions {
                     .sum::<f64>()
                     .sqrt();
                 let cut: Vec<f32> = if norm > 0.0 {
-                    prefix.iter().map(|&v| (f64::from(v) / norm) as f32).collect()
+                    prefix
+                        .iter()
+                        .map(|&v| (f64::from(v) / norm) as f32)
+                        .collect()
                 } else {
                     prefix.to_vec()
                 };
@@ -531,7 +536,9 @@ mod tests {
 
     #[test]
     fn every_format_survives_json_and_msgpack() {
-        let v: Vec<f32> = (0..20).map(|i| ((i * 7) % 11) as f32 / 10.0 - 0.5).collect();
+        let v: Vec<f32> = (0..20)
+            .map(|i| ((i * 7) % 11) as f32 / 10.0 - 0.5)
+            .collect();
         for format in EncodingFormat::ALL {
             let sent = Embedding::encode(&v, format);
             for encoding in [crate::Encoding::Json, crate::Encoding::MsgPack] {
