@@ -17,7 +17,7 @@
 //!
 //! ```no_run
 //! use embedfleet_client::{ClientError, EmbedClient};
-//! use embedfleet_proto::{EmbedRequest, Encoding};
+//! use embedfleet_proto::{EmbedRequest, Encoding, EncodingFormat};
 //! use std::time::Duration;
 //!
 //! # async fn example() -> Result<(), ClientError> {
@@ -41,6 +41,12 @@
 //!     Err(ClientError::NoResponders) => eprintln!("no fleet: start one with `embedfleet serve`"),
 //!     Err(other) => return Err(other),
 //! }
+//!
+//! // Matryoshka and compact encodings: the first 256 dimensions (renormalised) as int8 codes.
+//! let int8 = client
+//!     .embed_texts_as(&["hello"], Some(256), EncodingFormat::Int8)
+//!     .await?;
+//! println!("{:?}", int8[0].format());
 //!
 //! // JSON instead, e.g. to read the traffic with `nats sub embed.v1`; the vectors are the same.
 //! let json = client.clone().with_encoding(Encoding::Json);
