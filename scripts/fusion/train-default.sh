@@ -20,11 +20,12 @@ scripts/fusion/prepare-data.sh "$EVAL_DIR" "$D"
 "$BIN" fusion train $MODELS \
   --scored "$D/stsb-train.jsonl" --retrieval "$D/scifact/train-pairs.jsonl" \
   --held-out-scored "$D/stsb-heldout.jsonl" --held-out-beir "$D/scifact/validation" \
-  --seed 14 --max-epochs 20 --patience 3 --out "$OUT"
+  --seed 14 --max-epochs 20 --patience 3 --learning-rate 1e-4 --out "$OUT"
+# The training log sits beside the weights as minilm-mpnet.json; it names the local data paths.
 # Final evaluation, on data neither trained nor selected on; the held-out sets are shown too.
 "$BIN" eval $MODELS --fusion-weights "$OUT" --with-seeded \
   --sts "$D/stsb-dev.jsonl" --beir "$D/scifact/test" \
-  --dims 64,128,256,512,768 --binary-rescore --json target/fusion-eval-test.json
+  --dims 64,128,256,512,768 --binary-rescore --int8 --json target/fusion-eval-test.json
 "$BIN" eval $MODELS --fusion-weights "$OUT" --with-seeded \
   --sts "$D/stsb-heldout.jsonl" --beir "$D/scifact/validation" \
   --dims 256 --json target/fusion-eval-heldout.json

@@ -15,7 +15,7 @@ use embedfleet_fleet::{Pipeline, PipelineRequest};
 use embedfleet_models::{
     DeviceName, EmbedOptions, ModelDtypes, ModelInput, ModelRegistry, WeightResolver,
 };
-use embedfleet_proto::{EmbedRequest, EmbeddingData, InputType};
+use embedfleet_proto::{EmbedRequest, EmbeddingData, EncodingFormat, InputType, OutputOptions};
 
 /// The models `embed` runs in this process when `--models` is not given. With `--nats-url` the
 /// fleet's own default set applies instead.
@@ -35,7 +35,8 @@ pub struct EmbedArgs {
     /// Skip fusion: print the per-model vectors only.
     #[arg(long)]
     no_fuse: bool,
-    /// Trained FuseMoE weights (safetensors); without it, the seeded weights every node shares.
+    /// Trained FuseMoE weights (safetensors); without it, the default layer: the shipped
+    /// trained weights for minilm + mpnet, the seeded weights every node shares for other sets.
     #[arg(long, env = "EMBEDFLEET_FUSION_WEIGHTS")]
     fusion_weights: Option<PathBuf>,
     /// Directory with one checkpoint directory per model (`<dir>/minilm/config.json`, ...).
@@ -62,6 +63,13 @@ pub struct EmbedArgs {
     /// e5-mistral) embed queries differently, the others ignore it.
     #[arg(long, value_enum, default_value_t = InputTypeArg::Document)]
     input_type: InputTypeArg,
+    /// Matryoshka: print the first N components of the fused vector, renormalised (1-1536).
+    #[arg(long, value_name = "N")]
+    dimensions: Option<usize>,
+    /// How the fused vector is printed: float, base64 (little-endian f32), int8, uint8,
+    /// binary or ubinary (packed sign bits); see docs/protocol.md for the int8 calibration.
+    #[arg(long, default_value = "float", value_parser = parse_encoding_format)]
+    encoding_format: EncodingFormat,
     /// Inputs embedded per pass when reading stdin; bounds memory on any input size. With
     /// --nats-url, inputs per request (arguments too); the fleet takes at most 256 by default.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=4096))]
@@ -90,6 +98,7 @@ impl From<InputTypeArg> for InputType {
 }
 
 pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
+    output_options(&args)?;
     if let Some(url) = args.nats_url.clone() {
         return run_remote(&args, &url);
     }
@@ -117,6 +126,7 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         },
         fuse: !args.no_fuse,
         return_partials: args.partials,
+        output: output_options(&args)?,
     };
 
     let stdout = std::io::stdout();
@@ -131,6 +141,23 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         emit(&pipeline, &inputs, &request, first_index, &mut out)?;
         Ok(out.flush()?)
     })
+}
+
+fn parse_encoding_format(text: &str) -> Result<EncodingFormat, String> {
+    text.parse::<EncodingFormat>().map_err(|e| e.message)
+}
+
+/// `--dimensions` and `--encoding-format`, checked like the fleet checks them.
+fn output_options(args: &EmbedArgs) -> anyhow::Result<OutputOptions> {
+    let request = EmbedRequest {
+        fuse: !args.no_fuse,
+        dimensions: args.dimensions,
+        encoding_format: args.encoding_format,
+        ..EmbedRequest::default()
+    };
+    request
+        .output_options()
+        .map_err(|e| anyhow::anyhow!("{}", e.message))
 }
 
 /// Reads stdin in chunks of up to `batch_size` lines and hands each to `embed` with the index
@@ -241,7 +268,9 @@ fn remote_request(args: &EmbedArgs, texts: Vec<String>) -> EmbedRequest {
         .with_partials(args.partials)
         .with_normalize(!args.no_normalize)
         .with_truncate(!args.no_truncate)
-        .with_input_type(args.input_type.into());
+        .with_input_type(args.input_type.into())
+        .with_encoding_format(args.encoding_format);
+    request.dimensions = args.dimensions;
     if let Some(models) = &args.models {
         request = request.with_models(models.iter().cloned());
     }

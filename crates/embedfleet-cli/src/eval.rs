@@ -17,6 +17,7 @@ use anyhow::Context;
 use clap::Args;
 use embedfleet_fusion::metrics::{self, Matrix};
 use embedfleet_fusion::{FuseMoe, FuseMoeConfig};
+use embedfleet_proto::output::quantize_int8;
 use embedfleet_proto::InputType;
 use serde::Serialize;
 
@@ -47,6 +48,10 @@ pub struct EvalArgs {
     /// Retrieval with the fused vector's sign bits, float rescore of the top 100.
     #[arg(long)]
     binary_rescore: bool,
+    /// Also score the fused vector as `encoding_format: int8` sends it (integer vectors, the
+    /// wire's calibration), at full width and at each of --dims.
+    #[arg(long)]
+    int8: bool,
     /// Write the table as JSON here too.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -79,6 +84,12 @@ enum System<'a> {
         layer: &'a FuseMoe,
         dims: Option<usize>,
     },
+    /// The fused vector (cut to `dims`) as int8 codes, cast back to floats.
+    Int8 {
+        label: String,
+        layer: &'a FuseMoe,
+        dims: Option<usize>,
+    },
 }
 
 impl System<'_> {
@@ -94,6 +105,10 @@ impl System<'_> {
                 dims: Some(d),
                 ..
             } => format!("{label} @{d}"),
+            System::Int8 { label, dims, .. } => match dims {
+                None => format!("{label} int8"),
+                Some(d) => format!("{label} int8 @{d}"),
+            },
         }
     }
 }
@@ -113,6 +128,10 @@ struct Report {
     rows: Vec<Row>,
     /// Share of routes (top-k choices) per expert over every text evaluated.
     expert_use: Vec<f64>,
+    /// With `--int8`: share of full-width int8 components clamped at ±127 (the calibration's
+    /// check, docs/protocol.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    int8_clipped: Option<f64>,
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
@@ -206,8 +225,33 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             dims: Some(d),
         });
     }
+    if args.int8 {
+        for dims in std::iter::once(None).chain(args.dims.iter().map(|&d| Some(d))) {
+            systems.push(System::Int8 {
+                label: fused_label.into(),
+                layer: &trained.layer,
+                dims,
+            });
+        }
+    }
 
     let mut expert_routes = vec![0usize; config.num_experts];
+    // (clipped, total) int8 components of the full-width fused vectors, with --int8.
+    let mut clipping = (0usize, 0usize);
+    let full_fused = System::Fused {
+        label: String::new(),
+        layer: &trained.layer,
+        dims: None,
+    };
+    let mut count_clips = |m: &Matrix| {
+        if args.int8 {
+            for i in 0..m.rows {
+                let q = quantize_int8(m.row(i));
+                clipping.0 += q.iter().filter(|v| v.unsigned_abs() == 127).count();
+                clipping.1 += q.len();
+            }
+        }
+    };
     let mut rows: Vec<Row> = systems
         .iter()
         .map(|s| Row {
@@ -238,6 +282,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
                     &trained.layer,
                     &mut expert_routes,
                 )?;
+                count_clips(&va.matrix(&full_fused)?);
+                count_clips(&vb.matrix(&full_fused)?);
                 for (system, row) in systems.iter().zip(&mut rows) {
                     let (ma, mb) = (va.matrix(system)?, vb.matrix(system)?);
                     row.dims = ma.cols;
@@ -264,6 +310,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
                 )?;
                 let query_ids: Vec<String> = set.queries.iter().map(|(id, _)| id.clone()).collect();
                 let doc_ids: Vec<String> = set.corpus.iter().map(|(id, _)| id.clone()).collect();
+                count_clips(&vq.matrix(&full_fused)?);
+                count_clips(&vd.matrix(&full_fused)?);
                 for (system, row) in systems.iter().zip(&mut rows) {
                     let (mq, md) = (vq.matrix(system)?, vd.matrix(system)?);
                     row.dims = mq.cols;
@@ -275,12 +323,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
                         .push((name.clone(), "recall@100".into(), s.recall_at_100));
                 }
                 if args.binary_rescore {
-                    let full = System::Fused {
-                        label: String::new(),
-                        layer: &trained.layer,
-                        dims: None,
-                    };
-                    let (mq, md) = (vq.matrix(&full)?, vd.matrix(&full)?);
+                    let (mq, md) = (vq.matrix(&full_fused)?, vd.matrix(&full_fused)?);
                     let rankings = crate::quantized_search::binary_then_rescore(&mq, &md, 100);
                     let s = metrics::retrieval_scores(&rankings, &doc_ids, &query_ids, &set.qrels);
                     binary_row
@@ -305,6 +348,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             .iter()
             .map(|&c| c as f64 / total_routes)
             .collect(),
+        int8_clipped: args
+            .int8
+            .then(|| clipping.0 as f64 / clipping.1.max(1) as f64),
     };
     print_table(&report);
     if let Some(path) = &args.json {
@@ -412,8 +458,31 @@ impl Vectors {
                     None => full,
                 }
             }
+            System::Int8 { label, layer, dims } => {
+                let float = self.matrix(&System::Fused {
+                    label: label.clone(),
+                    layer,
+                    dims: *dims,
+                })?;
+                int8_codes(&float)
+            }
         })
     }
+}
+
+/// Each row as `encoding_format: int8` sends it (`embedfleet_proto::output`), as floats: cosine
+/// and dot-product ranking of the codes is what a client computes.
+fn int8_codes(m: &Matrix) -> Matrix {
+    let mut data = Vec::with_capacity(m.data.len());
+    for i in 0..m.rows {
+        data.extend(quantize_int8(m.row(i)).iter().map(|&v| f32::from(v)));
+    }
+    let codes = Matrix {
+        rows: m.rows,
+        cols: m.cols,
+        data,
+    };
+    codes.prefix_normalized(m.cols)
 }
 
 fn print_table(report: &Report) {
@@ -449,5 +518,8 @@ fn print_table(report: &Report) {
         .map(|(e, u)| format!("{e}:{:.1}%", 100.0 * u))
         .collect();
     println!("expert use (share of routes): {}", uses.join(" "));
+    if let Some(share) = report.int8_clipped {
+        println!("int8 components clipped at ±127: {:.4}%", 100.0 * share);
+    }
     println!("fusion version: {}", report.fusion_version);
 }

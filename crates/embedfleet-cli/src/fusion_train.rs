@@ -51,7 +51,8 @@ pub struct TrainArgs {
     patience: usize,
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
-    #[arg(long, default_value_t = 1e-3)]
+    /// AdamW learning rate of the low-rank parts and the router.
+    #[arg(long, default_value_t = 1e-4)]
     learning_rate: f64,
     #[arg(long, default_value_t = 0.01)]
     weight_decay: f64,
@@ -64,6 +65,12 @@ pub struct TrainArgs {
     /// Matryoshka prefixes trained for.
     #[arg(long, value_delimiter = ',', default_value = "64,128,256,512,768,1536")]
     matryoshka_dims: Vec<usize>,
+    /// Router-bias step towards even expert load after each optimiser step (0: off).
+    #[arg(long, default_value_t = 0.005)]
+    balance_rate: f64,
+    /// Learning rate of the per-model input scales (two numbers for minilm + mpnet).
+    #[arg(long, default_value_t = 1e-2)]
+    slot_learning_rate: f64,
 }
 
 /// Texts by (input type, text) → row in the training table.
@@ -191,6 +198,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         learning_rate: args.learning_rate,
         weight_decay: args.weight_decay,
         matryoshka_dims: args.matryoshka_dims.clone(),
+        balance_rate: args.balance_rate,
+        slot_learning_rate: args.slot_learning_rate,
         ..TrainOptions::default()
     };
     eprintln!(
@@ -235,6 +244,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     );
     let log = json!({
         "models": names,
+        "slot_scale": outcome.parts.slot_scale,
         "out": args.out,
         "version": layer.version(),
         "seconds": seconds,
@@ -251,7 +261,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             "rank_expert": options.rank_expert, "max_epochs": options.max_epochs,
             "patience": options.patience, "batch_size": options.batch_size,
             "learning_rate": options.learning_rate, "weight_decay": options.weight_decay,
-            "matryoshka_dims": options.matryoshka_dims,
+            "matryoshka_dims": options.matryoshka_dims, "balance_rate": options.balance_rate,
+            "slot_learning_rate": options.slot_learning_rate,
         },
     });
     let log_path = args.out.with_extension("json");

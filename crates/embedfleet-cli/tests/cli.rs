@@ -294,6 +294,76 @@ fn no_fuse_prints_partials_only() {
 }
 
 #[test]
+fn dimensions_and_encoding_formats_apply_to_the_fused_vector() {
+    let full: Vec<Vec<f64>> = parse_lines(reference())
+        .iter()
+        .map(|line| vector(&line["embedding"]))
+        .collect();
+    let cut = |v: &[f64], n: usize| -> Vec<f64> {
+        let norm = norm(&v[..n]);
+        v[..n].iter().map(|x| x / norm).collect()
+    };
+    let run = |extra: &[&str]| {
+        let mut args = vec!["embed"];
+        args.extend(extra);
+        args.extend(&TEXTS[..2]);
+        parse_lines(&succeed(run_with_stdin(embedfleet(&args), None)))
+    };
+    let floats = run(&["--dimensions", "64"]);
+    for (line, full) in floats.iter().zip(&full) {
+        let v = vector(&line["embedding"]);
+        assert_unit_vector(&v, 64, "--dimensions 64");
+        assert!(
+            cosine(&v, &cut(full, 64)) > 0.99999,
+            "the renormalised prefix"
+        );
+    }
+    let base64 = run(&["--dimensions", "256", "--encoding-format", "base64"]);
+    let text = base64[0]["embedding"].as_str().expect("a base64 string");
+    let floats = embedfleet_proto::Embedding::decode_base64(text).expect("base64 of f32");
+    let floats: Vec<f64> = floats.iter().map(|&x| f64::from(x)).collect();
+    assert!(cosine(&floats, &cut(&full[0], 256)) > 0.99999);
+    let int8 = run(&["--encoding-format", "int8"]);
+    let q = vector(&int8[0]["embedding"]);
+    assert_eq!(q.len(), FUSED_DIM);
+    assert!(q
+        .iter()
+        .all(|&x| x.fract() == 0.0 && (-127.0..=127.0).contains(&x)));
+    assert!(cosine(&q, &full[0]) > 0.99, "int8 keeps the direction");
+    let ubinary = run(&["--dimensions", "12", "--encoding-format", "ubinary"]);
+    let bytes = vector(&ubinary[1]["embedding"]);
+    assert_eq!(bytes.len(), 2, "12 bits in 2 bytes");
+    let signs = cut(&full[1], 12);
+    for (j, v) in signs.iter().enumerate() {
+        let bit = (bytes[j / 8] as u8) & (0x80 >> (j % 8)) != 0;
+        assert_eq!(bit, *v > 0.0, "bit {j}");
+    }
+}
+
+#[test]
+fn bad_dimensions_and_encoding_formats_are_refused() {
+    for (args, needles) in [
+        (vec!["--dimensions", "0"], vec!["dimensions", "0"]),
+        (
+            vec!["--dimensions", "1537"],
+            vec!["dimensions", "1537", "1536"],
+        ),
+        (vec!["--dimensions", "64.5"], vec!["dimensions", "64.5"]),
+        (vec!["--encoding-format", "int4"], vec!["int4"]),
+        (
+            vec!["--no-fuse", "--dimensions", "64"],
+            vec!["dimensions", "fuse"],
+        ),
+    ] {
+        let mut all = vec!["embed", "--models", "minilm,mpnet"];
+        all.extend(&args);
+        all.push("text");
+        let output = run_with_stdin(embedfleet(&all), None);
+        assert_clean_failure(&output, &needles);
+    }
+}
+
+#[test]
 fn long_input_is_truncated_by_default_and_refused_with_no_truncate() {
     let long = vec!["word"; 600].join(" ");
     let lines = parse_lines(&succeed(run_with_stdin(

@@ -101,6 +101,7 @@ async fn keda_lag_is_the_queued_jobs_of_a_stopped_worker_and_falls_to_zero_when_
             model: MODEL.to_string(),
             inputs: vec![Input::Text(format!("queued job number {job_id}"))],
             instruction: None,
+            input_type: Default::default(),
             truncate: true,
             // Workers answer only on the fleet's partial subjects (a coordinator id, a job id).
             reply_to: job::partial_subject("keda-lag-test", job_id),

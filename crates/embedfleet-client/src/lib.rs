@@ -17,7 +17,7 @@
 //!
 //! ```no_run
 //! use embedfleet_client::{ClientError, EmbedClient};
-//! use embedfleet_proto::{EmbedRequest, Encoding};
+//! use embedfleet_proto::{EmbedRequest, Encoding, EncodingFormat};
 //! use std::time::Duration;
 //!
 //! # async fn example() -> Result<(), ClientError> {
@@ -42,6 +42,12 @@
 //!     Err(other) => return Err(other),
 //! }
 //!
+//! // Matryoshka and compact encodings: the first 256 dimensions (renormalised) as int8 codes.
+//! let int8 = client
+//!     .embed_texts_as(&["hello"], Some(256), EncodingFormat::Int8)
+//!     .await?;
+//! println!("{:?}", int8[0].format());
+//!
 //! // JSON instead, e.g. to read the traffic with `nats sub embed.v1`; the vectors are the same.
 //! let json = client.clone().with_encoding(Encoding::Json);
 //! println!("{} floats", json.embed_texts(&["hello"]).await?[0].len());
@@ -54,8 +60,9 @@ use std::time::Duration;
 use async_nats::{HeaderMap, RequestErrorKind};
 use bytes::Bytes;
 use embedfleet_proto::{
-    EmbedReply, EmbedRequest, Encoding, ErrorBody, ErrorKind, ProtoError, RequestLimits,
-    CONTENT_TYPE, EMBED_ENDPOINT, SERVICE_ERROR, SERVICE_ERROR_CODE, TIMINGS_HEADER,
+    EmbedReply, EmbedRequest, Embedding, Encoding, EncodingFormat, ErrorBody, ErrorKind,
+    ProtoError, RequestLimits, CONTENT_TYPE, EMBED_ENDPOINT, SERVICE_ERROR, SERVICE_ERROR_CODE,
+    TIMINGS_HEADER,
 };
 
 /// How long [`EmbedClient::embed`] waits for a reply unless told otherwise: a little over the
@@ -229,8 +236,22 @@ impl EmbedClient {
             .as_ref()
             .and_then(|h| h.get(TIMINGS_HEADER))
             .map(|v| v.as_str().to_string());
-        decode_reply(self.encoding, message.headers.as_ref(), &message.payload)
-            .map(|reply| (reply, timings))
+        let reply = decode_reply(self.encoding, message.headers.as_ref(), &message.payload)?;
+        conform(reply, request.encoding_format).map(|reply| (reply, timings))
+    }
+
+    /// Embeds `texts` with the fleet's default models and returns the fused vector of each, cut
+    /// to `dimensions` (renormalised) and in `format` (`data[i].embedding` of the reply).
+    pub async fn embed_texts_as(
+        &self,
+        texts: &[&str],
+        dimensions: Option<usize>,
+        format: EncodingFormat,
+    ) -> Result<Vec<Embedding>, ClientError> {
+        let mut request = EmbedRequest::texts(texts.iter().copied()).with_encoding_format(format);
+        request.dimensions = dimensions;
+        let reply = self.embed(&request).await?;
+        fused_embeddings(reply, texts.len())
     }
 
     /// Embeds `texts` with the fleet's default models and returns the fused vector of each, in
@@ -280,15 +301,41 @@ fn decode_reply(
     }
 }
 
-/// The fused vectors of a reply to `expected` inputs, in request order.
+/// A decoded reply's fused vectors as the requested `encoding_format`: an array of integers
+/// cannot say on the wire whether it is `int8` or `binary` (see [`Embedding::conform`]).
+fn conform(mut reply: EmbedReply, format: EncodingFormat) -> Result<EmbedReply, ClientError> {
+    for element in &mut reply.data {
+        if let Some(embedding) = element.embedding.take() {
+            element.embedding = Some(embedding.conform(format).map_err(ClientError::Decode)?);
+        }
+    }
+    Ok(reply)
+}
+
+/// The fused float vectors of a reply to `expected` inputs, in request order.
 fn fused_vectors(reply: EmbedReply, expected: usize) -> Result<Vec<Vec<f32>>, ClientError> {
+    fused_embeddings(reply, expected)?
+        .into_iter()
+        .enumerate()
+        .map(|(index, embedding)| match embedding {
+            Embedding::Float(vector) => Ok(vector),
+            other => Err(ClientError::Decode(ProtoError::invalid_payload(format!(
+                "input {index}: asked for float vectors, the reply carries {}",
+                other.format()
+            )))),
+        })
+        .collect()
+}
+
+/// The fused vectors of a reply to `expected` inputs, in request order.
+fn fused_embeddings(reply: EmbedReply, expected: usize) -> Result<Vec<Embedding>, ClientError> {
     if reply.data.len() != expected {
         return Err(ClientError::Decode(ProtoError::invalid_payload(format!(
             "the reply has {} entries for {expected} inputs",
             reply.data.len()
         ))));
     }
-    let mut vectors: Vec<Option<Vec<f32>>> = vec![None; expected];
+    let mut vectors: Vec<Option<Embedding>> = vec![None; expected];
     for data in reply.data {
         let index = data.index;
         let slot = vectors

@@ -13,9 +13,11 @@ use embedfleet_fleet::worker::{run_worker, WorkerConfig};
 use embedfleet_fleet::{BatchConfig, CoordinatorConfig, QueueConfig};
 use embedfleet_fusion::FuseMoe;
 use embedfleet_models::{catalogue, model::l2_normalize, EmbeddingModel, ModelSpec};
+use embedfleet_proto::output::int8_scale;
 use embedfleet_proto::{
-    EmbedRequest, Encoding, ErrorKind, Input, RequestLimits, CONTENT_TYPE, CONTENT_TYPE_MSGPACK,
-    EMBED_ENDPOINT, FUSED_MODEL_NAME,
+    EmbedRequest, Embedding, Encoding, EncodingFormat, ErrorKind, Input, ProtoError, RequestLimits,
+    CONTENT_TYPE, CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, EMBED_ENDPOINT, FUSED_MODEL_NAME,
+    SERVICE_ERROR, SERVICE_ERROR_CODE,
 };
 use embedfleet_testkit::{FixedVectorModel, NatsServer};
 use futures::StreamExt;
@@ -173,7 +175,7 @@ async fn fused_vectors_in_both_encodings_once_the_fleet_serves() {
             let what = format!("{encoding:?} input {i}");
             assert_eq!(data.index, i, "{what}");
             assert!(!data.cached, "{what}");
-            let embedding = data.embedding.as_ref().expect("fused vector");
+            let embedding = data.float_embedding().expect("fused vector");
             assert_eq!(embedding.len(), 1536, "{what}");
             assert!((norm(embedding) - 1.0).abs() < 1e-4, "{what}: unit norm");
             assert_close(embedding, &expected[i], 1e-5, &what);
@@ -182,11 +184,177 @@ async fn fused_vectors_in_both_encodings_once_the_fleet_serves() {
     }
     for (json, msgpack) in replies[0].data.iter().zip(&replies[1].data) {
         assert_close(
-            json.embedding.as_ref().unwrap(),
-            msgpack.embedding.as_ref().unwrap(),
+            json.float_embedding().unwrap(),
+            msgpack.float_embedding().unwrap(),
             1e-6,
             "JSON against MessagePack",
         );
+    }
+}
+
+/// The expected vector cut to `dimensions` and renormalised.
+fn prefix(vector: &[f32], dimensions: usize) -> Vec<f32> {
+    let cut = &vector[..dimensions];
+    let n = norm(cut);
+    cut.iter().map(|v| v / n).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dimensions_and_every_encoding_format_on_the_wire() {
+    let server = NatsServer::start().expect("nats-server");
+    let fleet = start_fleet(&server.url(), CoordinatorConfig::default()).await;
+    let client = EmbedClient::connect(&server.url()).await.expect("connect");
+    let texts = [
+        "matryoshka prefixes",
+        "compact encodings of the fused vector",
+    ];
+    let full: Vec<Vec<f32>> = texts.iter().map(|t| fleet.expected(t)).collect();
+
+    for encoding in [Encoding::Json, Encoding::MsgPack] {
+        let client = client.clone().with_encoding(encoding);
+        for dimensions in [None, Some(1), Some(64), Some(256), Some(1536)] {
+            let width = dimensions.unwrap_or(1536);
+            for format in EncodingFormat::ALL {
+                let what = format!("{encoding:?} dimensions {dimensions:?} {format}");
+                let got = client
+                    .embed_texts_as(&texts, dimensions, format)
+                    .await
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                for (embedding, expected) in got.iter().zip(&full) {
+                    let expected = prefix(expected, width);
+                    check_encoded(embedding, &expected, format, &what);
+                }
+            }
+        }
+    }
+    // The cache keeps the full vector: a cut reply and a full reply of the same text agree.
+    let cut = client
+        .embed_texts_as(&texts[..1], Some(64), EncodingFormat::Float)
+        .await
+        .expect("cut");
+    let whole = client.embed_texts(&texts[..1]).await.expect("whole");
+    assert_eq!(whole[0].len(), 1536);
+    assert_close(
+        cut[0].as_float().expect("float"),
+        &prefix(&whole[0], 64),
+        1e-6,
+        "cut of the cached vector",
+    );
+
+    // Refusals, typed, before any model work.
+    let cases = [
+        (
+            "dimensions 0",
+            EmbedRequest::texts(["x"]).with_dimensions(0),
+        ),
+        (
+            "dimensions 1537",
+            EmbedRequest::texts(["x"]).with_dimensions(1537),
+        ),
+        (
+            "dimensions without fusion",
+            EmbedRequest::texts(["x"])
+                .with_fuse(false)
+                .with_dimensions(8),
+        ),
+        (
+            "int8 without fusion",
+            EmbedRequest::texts(["x"])
+                .with_fuse(false)
+                .with_encoding_format(EncodingFormat::Int8),
+        ),
+    ];
+    for (what, request) in cases {
+        let err = client.embed(&request).await.expect_err(what);
+        assert_eq!(
+            err.service_kind(),
+            Some(ErrorKind::BadRequest),
+            "{what}: {err}"
+        );
+        assert!(err.to_string().contains("dimensions"), "{what}: {err}");
+    }
+    // A non-integer width cannot be built with `EmbedRequest`; sent raw, it is refused as a
+    // payload that does not match the schema, saying why.
+    for raw in [
+        r#"{"input": "x", "dimensions": 256.5}"#,
+        r#"{"input": "x", "dimensions": "256"}"#,
+        r#"{"input": "x", "encoding_format": "int4"}"#,
+    ] {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(CONTENT_TYPE, CONTENT_TYPE_JSON);
+        let reply = client
+            .nats()
+            .request_with_headers(EMBED_ENDPOINT, headers, raw.as_bytes().to_vec().into())
+            .await
+            .expect("reply");
+        // Error replies carry the service error headers (kind: message) and no body.
+        let headers = reply.headers.expect("service error headers");
+        let code = headers.get(SERVICE_ERROR_CODE).expect("code").as_str();
+        let description = headers.get(SERVICE_ERROR).expect("description").as_str();
+        let error = ProtoError::from_service_error(code.parse().expect("a code"), description);
+        assert_eq!(error.kind, ErrorKind::InvalidPayload, "{raw}: {error}");
+        let why = if raw.contains("int4") {
+            "int4"
+        } else {
+            "whole number"
+        };
+        assert!(error.message.contains(why), "{raw}: {error}");
+    }
+}
+
+/// `embedding` in `format` against the expected float vector (already cut and renormalised).
+fn check_encoded(embedding: &Embedding, expected: &[f32], format: EncodingFormat, what: &str) {
+    assert_eq!(embedding.format(), format, "{what}");
+    let n = expected.len();
+    // Components this close to zero may take either sign after the fleet's own arithmetic.
+    let settled = |v: f32| v.abs() > 1e-4;
+    match embedding {
+        Embedding::Float(v) => {
+            assert_close(v, expected, 1e-5, what);
+            assert!((norm(v) - 1.0).abs() < 1e-4, "{what}: unit norm");
+        }
+        Embedding::Base64(text) => {
+            let v = Embedding::decode_base64(text).expect("base64");
+            assert_close(&v, expected, 1e-5, what);
+        }
+        Embedding::Int8(q) => {
+            let scale = int8_scale(n);
+            assert_eq!(q.len(), n, "{what}");
+            for (&q, &v) in q.iter().zip(expected) {
+                let want = (v * scale).round().clamp(-127.0, 127.0);
+                assert!((f32::from(q) - want).abs() <= 1.0, "{what}: {q} for {v}");
+            }
+        }
+        Embedding::Uint8(q) => {
+            let scale = int8_scale(n);
+            assert_eq!(q.len(), n, "{what}");
+            for (&q, &v) in q.iter().zip(expected) {
+                let want = (v * scale).round().clamp(-127.0, 127.0) + 128.0;
+                assert!((f32::from(q) - want).abs() <= 1.0, "{what}: {q} for {v}");
+            }
+        }
+        Embedding::Binary(_) | Embedding::Ubinary(_) => {
+            let bytes: Vec<u8> = match embedding {
+                Embedding::Binary(b) => b.iter().map(|&b| (i16::from(b) + 128) as u8).collect(),
+                Embedding::Ubinary(b) => b.clone(),
+                _ => unreachable!(),
+            };
+            assert_eq!(bytes.len(), n.div_ceil(8), "{what}");
+            for (j, &v) in expected.iter().enumerate() {
+                let bit = bytes[j / 8] & (0x80 >> (j % 8)) != 0;
+                if settled(v) {
+                    assert_eq!(bit, v > 0.0, "{what}: bit {j} of {v}");
+                }
+            }
+            // Padding bits are zero.
+            for j in n..bytes.len() * 8 {
+                assert_eq!(
+                    bytes[j / 8] & (0x80 >> (j % 8)),
+                    0,
+                    "{what}: padding bit {j}"
+                );
+            }
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 
 use embedfleet_fusion::{FuseMoe, FusionError};
 use embedfleet_models::{EmbedOptions, ModelError, ModelInput, ModelRegistry, ModelSpec};
-use embedfleet_proto::{EmbeddingData, ErrorKind, ExpertSelection, ProtoError};
+use embedfleet_proto::{EmbeddingData, ErrorKind, ExpertSelection, OutputOptions, ProtoError};
 
 /// Seed of the untrained fusion weights. Fixed so that every node of a fleet, and every run of
 /// the CLI, fuses identically without shipping a weights file.
@@ -31,6 +31,11 @@ pub enum PipelineError {
         widths: Vec<usize>,
         source: FusionError,
     },
+
+    #[error(
+        "`dimensions` is {dimensions}: it must be from 1 to the fused vector's {width} components"
+    )]
+    Dimensions { dimensions: usize, width: usize },
     #[error("input {index} ({modality}) is taken by none of the active models ({models})")]
     NoModelTakesInput {
         index: usize,
@@ -46,6 +51,7 @@ impl PipelineError {
             Self::Fusion(error) if error.is_bad_input() => ErrorKind::BadRequest,
             Self::Fusion(_) | Self::FusionWeights { .. } => ErrorKind::Internal,
             Self::NoModelTakesInput { .. } => ErrorKind::UnsupportedModality,
+            Self::Dimensions { .. } => ErrorKind::BadRequest,
         }
     }
 }
@@ -64,6 +70,8 @@ pub struct PipelineRequest {
     pub fuse: bool,
     /// Include the per-model vectors.
     pub return_partials: bool,
+    /// `dimensions` and `encoding_format` of the fused vector, applied on the way out.
+    pub output: OutputOptions,
 }
 
 /// The `data` elements for a batch of inputs, plus the tokens read.
@@ -150,6 +158,11 @@ impl Pipeline {
         request: &PipelineRequest,
         first_index: usize,
     ) -> Result<PipelineOutput, PipelineError> {
+        // Before any model work: a width over the fused vector's is the caller's mistake.
+        let width = self.fusion()?.config().output_dim;
+        if let Some(dimensions) = request.output.dimensions.filter(|&d| d > width || d == 0) {
+            return Err(PipelineError::Dimensions { dimensions, width });
+        }
         crate::plan::check_modalities(inputs, &self.models).map_err(|untaken| {
             PipelineError::NoModelTakesInput {
                 index: first_index + untaken.index,
@@ -198,11 +211,11 @@ impl Pipeline {
         };
 
         let mut fused = fused.map(Vec::into_iter);
-        let data = (0..inputs.len())
+        let mut data: Vec<EmbeddingData> = (0..inputs.len())
             .map(|i| {
                 let mut element = EmbeddingData::new(first_index + i);
                 if let Some(fusion) = fused.as_mut().and_then(Iterator::next) {
-                    element.embedding = Some(fusion.embedding);
+                    element.embedding = Some(fusion.embedding.into());
                     element.experts = Some(ExpertSelection {
                         weights: fusion.expert_weights,
                         selected: fusion.selected,
@@ -222,6 +235,14 @@ impl Pipeline {
                 element
             })
             .collect();
+        // The width was checked above, so this cannot fail.
+        request
+            .output
+            .apply_to(&mut data)
+            .map_err(|_| PipelineError::Dimensions {
+                dimensions: request.output.dimensions.unwrap_or(0),
+                width,
+            })?;
         Ok(PipelineOutput {
             data,
             prompt_tokens,

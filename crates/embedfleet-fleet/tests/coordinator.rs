@@ -56,7 +56,7 @@ async fn fused_reply_matches_the_fusion_stage_in_json_and_msgpack() {
             .unwrap();
         let data = &reply.data[i];
         assert_eq!(data.index, i);
-        let embedding = data.embedding.as_ref().expect("fused vector");
+        let embedding = data.float_embedding().expect("fused vector");
         assert_eq!(embedding.len(), 1536);
         assert!(
             close(embedding, &fused.embedding),
@@ -75,8 +75,8 @@ async fn fused_reply_matches_the_fusion_stage_in_json_and_msgpack() {
     assert_eq!(code, None);
     let packed: EmbedReply = Encoding::MsgPack.decode(&body).unwrap();
     assert!(close(
-        packed.data[1].embedding.as_ref().unwrap(),
-        reply.data[1].embedding.as_ref().unwrap()
+        packed.data[1].float_embedding().unwrap(),
+        reply.data[1].float_embedding().unwrap()
     ));
     fleet.stop().await;
 }
@@ -112,8 +112,8 @@ async fn the_cache_answers_repeats_and_partials_serve_other_model_sets() {
     );
     for (a, b) in first.data.iter().zip(&second.data) {
         assert!(close(
-            a.embedding.as_ref().unwrap(),
-            b.embedding.as_ref().unwrap()
+            a.float_embedding().unwrap(),
+            b.float_embedding().unwrap()
         ));
     }
     let jobs = fleet.coordinator.stats().jobs_published;
@@ -307,7 +307,7 @@ async fn bad_requests_get_typed_errors_and_the_service_stays_up() {
     }
     // Still serving.
     let reply = fleet.embed(&EmbedRequest::texts(["still here"])).await;
-    assert_eq!(reply.data[0].embedding.as_ref().unwrap().len(), 1536);
+    assert_eq!(reply.data[0].float_embedding().unwrap().len(), 1536);
     let stats = fleet.coordinator.stats();
     assert!(stats.client_errors >= 10, "{stats:?}");
     fleet.stop().await;

@@ -66,7 +66,7 @@ async fn only_configured_sets_and_their_subsets_are_fused() {
     let reply = fleet
         .embed(&EmbedRequest::texts(["a"]).with_models(["minilm"]))
         .await;
-    assert_eq!(reply.data[0].embedding.as_ref().unwrap().len(), 1536);
+    assert_eq!(reply.data[0].float_embedding().unwrap().len(), 1536);
     assert!(reply.data[0].experts.is_some());
     assert_eq!(fleet.coordinator.fusion().layers_built(), built);
     fleet.stop().await;
@@ -250,8 +250,8 @@ async fn a_repeat_with_partials_comes_from_the_cache_in_the_same_shape() {
     assert_eq!(fleet.coordinator.stats().jobs_published, jobs, "no new job");
     for (a, b) in first.data.iter().zip(&again.data) {
         assert!(support::close(
-            a.embedding.as_ref().unwrap(),
-            b.embedding.as_ref().unwrap()
+            a.float_embedding().unwrap(),
+            b.float_embedding().unwrap()
         ));
         assert_eq!(a.experts, b.experts, "the gate's choice comes back too");
         assert_eq!(

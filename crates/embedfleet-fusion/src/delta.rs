@@ -8,7 +8,11 @@
 //!   every expert's linear map `M`: it re-weights and re-orders the output (Matryoshka);
 //! - per expert `e`, a low-rank map `U_e·V_e` (`output × rank_expert`, `rank_expert × input`):
 //!   what makes experts differ;
-//! - a delta on the router's weight and bias (`experts × gate_hidden`, `experts`).
+//! - a delta on the router's weight and bias (`experts × gate_hidden`, `experts`);
+//! - one scale per slot (`slots`): every expert's map reads model `m`'s block of the input
+//!   scaled by `1 + scale[m]`. Two numbers, but the lever that matters most: the seeded layer
+//!   weighs every model equally (it preserves the normalised concatenation), and a weaker
+//!   model at equal weight pulls the fused vector below the better model alone.
 //!
 //! Every expert starts as `fc1 = [R; −R]`, `fc2 = [S, −S]` with `S·R = M` and `RᵀR = I`
 //! (input no wider than `expert_hidden / 2`), so a change `Δ` of the linear map folds exactly
@@ -56,6 +60,9 @@ pub struct DeltaParts {
     pub router_weight: Vec<f32>,
     /// `train.router.bias`: `[experts]` (softmax gating; ignored by Laplace).
     pub router_bias: Vec<f32>,
+    /// `train.slots.scale`: `[slots]`; model `m`'s block of the experts' input is scaled by
+    /// `1 + slot_scale[m]`.
+    pub slot_scale: Vec<f32>,
 }
 
 impl DeltaParts {
@@ -71,6 +78,7 @@ impl DeltaParts {
             expert_v: vec![0.0; e * rank_expert * d],
             router_weight: vec![0.0; e * cfg.gate_hidden],
             router_bias: vec![0.0; e],
+            slot_scale: vec![0.0; cfg.num_slots()],
         }
     }
 
@@ -95,6 +103,7 @@ impl DeltaParts {
                 &self.router_weight,
             ),
             ("train.router.bias", vec![e], &self.router_bias),
+            ("train.slots.scale", vec![cfg.num_slots()], &self.slot_scale),
         ]
     }
 
@@ -125,6 +134,19 @@ impl DeltaParts {
         let k = rs + re;
         let mut br = vec![0.0f32; rs * half];
         linear_forward(&self.shared_b, d, rs, &r, None, half, d, &mut br);
+        // The slot scales' change of every expert: ΔS = M·D·Rᵀ, D the per-column scale.
+        let slot_delta = self.slot_scale.iter().any(|&v| v != 0.0).then(|| {
+            let mut md = seeded_map(&cfg, seed).1;
+            let scales = self.column_scales(&cfg);
+            for row in md.chunks_exact_mut(d) {
+                for (v, sc) in row.iter_mut().zip(&scales) {
+                    *v *= sc;
+                }
+            }
+            let mut ds = vec![0.0f32; o * half];
+            linear_forward(&md, d, o, &r, None, half, d, &mut ds);
+            ds
+        });
         let experts = base
             .experts
             .iter()
@@ -151,6 +173,11 @@ impl DeltaParts {
                 }
                 let mut delta_s = vec![0.0f32; o * half];
                 linear_forward(&left, k, o, &right, None, half, k, &mut delta_s);
+                if let Some(slot_delta) = &slot_delta {
+                    for (v, sd) in delta_s.iter_mut().zip(slot_delta) {
+                        *v += sd;
+                    }
+                }
                 let mut expert = expert.clone();
                 let hidden = cfg.expert_hidden;
                 for (fc2_row, ds_row) in expert
@@ -167,6 +194,15 @@ impl DeltaParts {
             })
             .collect();
         FuseMoe::from_parts(cfg, gate, experts)
+    }
+
+    /// `slot_scale` spread over the input's columns (each slot's block gets its value).
+    pub(crate) fn column_scales(&self, cfg: &FuseMoeConfig) -> Vec<f32> {
+        cfg.input_dims
+            .iter()
+            .zip(&self.slot_scale)
+            .flat_map(|(&width, &scale)| std::iter::repeat_n(scale, width))
+            .collect()
     }
 
     /// Writes the parts and the materialised layer's version.
@@ -257,6 +293,7 @@ impl DeltaParts {
             expert_v,
             router_weight: tensor("train.router.weight")?.1,
             router_bias: tensor("train.router.bias")?.1,
+            slot_scale: tensor("train.slots.scale")?.1,
         };
         // Shapes against the config (re-read so the error names the tensor).
         for (name, shape, data) in parts.shapes(cfg) {
@@ -281,6 +318,23 @@ impl DeltaParts {
         parts.router_bias.truncate(cfg.num_experts);
         Ok(parts)
     }
+}
+
+/// The seeded factor `R` (`half × input`) and the shared map `M = S·R` (`output × input`),
+/// computed with `linear_forward`'s fixed summation order (the same bits on every machine).
+pub(crate) fn seeded_map(cfg: &FuseMoeConfig, seed: u64) -> (Vec<f32>, Vec<f32>) {
+    let (d, o, half) = (cfg.input_dim(), cfg.output_dim, cfg.expert_hidden / 2);
+    let (r, s) = shared_factors(cfg, seed);
+    // linear_forward wants Rᵀ as the weight.
+    let mut r_t = vec![0.0f32; d * half];
+    for a in 0..half {
+        for j in 0..d {
+            r_t[j * half + a] = r[a * d + j];
+        }
+    }
+    let mut m = vec![0.0f32; o * d];
+    linear_forward(&s, half, o, &r_t, None, d, half, &mut m);
+    (r, m)
 }
 
 /// Training folds into `fc2` through `Rᵀ`, which needs `R` to have orthonormal columns: true

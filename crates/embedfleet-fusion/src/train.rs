@@ -23,6 +23,8 @@
 //! - retrieval pairs: cross-entropy over in-batch negatives (query × positives, scale 20);
 //! - both averaged over the Matryoshka prefixes (each prefix renormalised);
 //! - the Switch load-balance term `coef · E · Σ fᵢ·Pᵢ` (coefficient from the config, 0.01);
+//!   after each step the router biases also move towards even load (auxiliary-loss-free
+//!   balancing, `balance_rate`);
 //! - gating noise `N(0, gating_noise_std)` on the router logits, training only.
 
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -31,10 +33,9 @@ use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::{FuseMoeConfig, GatingKind};
-use crate::delta::{check_foldable, DeltaParts};
+use crate::delta::{check_foldable, seeded_map, DeltaParts};
 use crate::error::FusionError;
 use crate::gate::gate_hidden;
-use crate::init::shared_factors;
 use crate::linear::linear_forward;
 use crate::metrics::{self, Matrix};
 use crate::model::FuseMoe;
@@ -94,6 +95,14 @@ pub struct TrainOptions {
     pub matryoshka_dims: Vec<usize>,
     /// Cosine scale of both losses.
     pub scale: f64,
+    /// Step of the router-bias balancing after each optimiser step: every expert's bias moves
+    /// by this towards an even share of the batch's routes (up when under-used, down when
+    /// over-used), as in Wang et al., 2024, "Auxiliary-Loss-Free Load Balancing Strategy for
+    /// Mixture-of-Experts". 0 turns it off.
+    pub balance_rate: f64,
+    /// Learning rate of the per-slot scales: two numbers that must travel far (a weaker model
+    /// is best at roughly half weight) in the few epochs the other parts take to overfit.
+    pub slot_learning_rate: f64,
 }
 
 impl Default for TrainOptions {
@@ -106,10 +115,12 @@ impl Default for TrainOptions {
             max_epochs: 12,
             patience: 3,
             batch_size: 64,
-            learning_rate: 1e-3,
+            learning_rate: 1e-4,
             weight_decay: 0.01,
             matryoshka_dims: vec![64, 128, 256, 512, 768, 1536],
             scale: 20.0,
+            balance_rate: 0.005,
+            slot_learning_rate: 1e-2,
         }
     }
 }
@@ -167,17 +178,22 @@ struct Params {
     v: Var,
     router_w: Var,
     router_b: Var,
+    /// `[slots]`: each model's block of `x` is scaled by `1 + value` in the experts' map, then
+    /// all by their root mean square ([`Trainer::slot_factors`]).
+    slot_scale: Var,
 }
 
 /// Fixed inputs of every row: `x` (assembled, experts' input), the gate's hidden state, and
-/// the seeded map's output `M·x`.
+/// the seeded map's output of each slot's block, `M·x_m` (`slots × output` per row; their sum
+/// is `M·x`).
 struct RowFeatures {
     input_dim: usize,
     hidden_dim: usize,
     output_dim: usize,
+    slots: usize,
     x: Vec<f32>,
     hidden: Vec<f32>,
-    base: Vec<f32>,
+    base_slots: Vec<f32>,
 }
 
 impl RowFeatures {
@@ -196,7 +212,11 @@ impl RowFeatures {
         Ok((
             pick(&self.x, self.input_dim)?,
             pick(&self.hidden, self.hidden_dim)?,
-            pick(&self.base, self.output_dim)?,
+            pick(&self.base_slots, self.slots * self.output_dim)?.reshape((
+                rows.len(),
+                self.slots,
+                self.output_dim,
+            ))?,
         ))
     }
 }
@@ -256,7 +276,6 @@ fn row_features(
         cfg.gate_hidden,
         cfg.output_dim,
     );
-    let half = cfg.expert_hidden / 2;
     let mut assembled = vec![0.0f32; rows.len() * gw];
     for (index, (row, out)) in rows.iter().zip(assembled.chunks_exact_mut(gw)).enumerate() {
         let partials: Vec<Option<&[f32]>> = row.iter().map(|p| p.as_deref()).collect();
@@ -271,29 +290,42 @@ fn row_features(
     for chunk in assembled.chunks(1024 * gw) {
         hidden.extend(gate_hidden(cfg, &base.gate, chunk, chunk.len() / gw));
     }
-    // M = S·R (output × input): linear_forward wants Rᵀ as the weight.
-    let (r, s) = shared_factors(cfg, seed);
-    let mut r_t = vec![0.0f32; d * half];
-    for a in 0..half {
-        for j in 0..d {
-            r_t[j * half + a] = r[a * d + j];
-        }
-    }
-    let mut m = vec![0.0f32; o * d];
-    linear_forward(&s, half, o, &r_t, None, d, half, &mut m);
+    let m = seeded_map(cfg, seed).1;
     let mut x = Vec::with_capacity(rows.len() * d);
     for row in assembled.chunks_exact(gw) {
         x.extend_from_slice(&row[..d]);
     }
-    let mut base_out = vec![0.0f32; rows.len() * o];
-    linear_forward(&x, d, rows.len(), &m, None, o, d, &mut base_out);
+    // M·x_m for each slot m: the slot's columns of M against the slot's block of x.
+    let slots = cfg.num_slots();
+    let mut base_slots = vec![0.0f32; rows.len() * slots * o];
+    for (slot, (&offset, &width)) in cfg.slot_offsets().iter().zip(&cfg.input_dims).enumerate() {
+        let columns: Vec<f32> = m
+            .chunks_exact(d)
+            .flat_map(|row| row[offset..offset + width].iter().copied())
+            .collect();
+        let mut out = vec![0.0f32; rows.len() * o];
+        linear_forward(
+            &x[offset..],
+            d,
+            rows.len(),
+            &columns,
+            None,
+            o,
+            width,
+            &mut out,
+        );
+        for (r, chunk) in out.chunks_exact(o).enumerate() {
+            base_slots[(r * slots + slot) * o..(r * slots + slot + 1) * o].copy_from_slice(chunk);
+        }
+    }
     Ok(RowFeatures {
         input_dim: d,
         hidden_dim: gh,
         output_dim: o,
+        slots,
         x,
         hidden,
-        base: base_out,
+        base_slots,
     })
 }
 
@@ -344,6 +376,7 @@ impl<'a> Trainer<'a> {
             v: Var::from_vec(random(e * re * d, init_std), (e * re, d), &dev)?,
             router_w: Var::zeros((e, cfg.gate_hidden), DType::F32, &dev)?,
             router_b: Var::zeros(e, DType::F32, &dev)?,
+            slot_scale: Var::zeros(cfg.num_slots(), DType::F32, &dev)?,
         };
         let router_w0 = Tensor::from_slice(&base.gate.router_weight, (e, cfg.gate_hidden), &dev)?;
         let router_b0 = Tensor::from_vec(
@@ -376,16 +409,18 @@ impl<'a> Trainer<'a> {
     }
 
     /// Fused (unnormalised) vectors of `rows`; with `rng`, gating noise is added and the
-    /// load-balance loss is returned too.
+    /// load-balance loss and the routes per expert are returned too.
     fn embed(
         &self,
         rows: &[usize],
         rng: Option<&mut ChaCha8Rng>,
-    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+    ) -> candle_core::Result<(Tensor, Option<(Tensor, Vec<f32>)>)> {
         let cfg = self.cfg;
         let (n, e, k) = (rows.len(), cfg.num_experts, cfg.top_k);
         let p = &self.params;
-        let (x, h, base) = self.features.gather(rows, &self.dev)?;
+        let (x, h, base_slots) = self.features.gather(rows, &self.dev)?;
+        let scales = self.slot_factors()?.reshape((1, cfg.num_slots(), 1))?;
+        let base = base_slots.broadcast_mul(&scales)?.sum(1)?;
         let w_router = (&self.router_w0 + p.router_w.as_tensor())?;
         let b_router = (&self.router_b0 + p.router_b.as_tensor())?;
         let mut logits = h.matmul(&w_router.t()?)?.broadcast_add(&b_router)?;
@@ -435,11 +470,20 @@ impl<'a> Trainer<'a> {
                 &self.dev,
             )?;
             let coef = cfg.load_balance_coef as f64 * e as f64;
-            Some(((probs * share)?.sum_all()? * coef)?)
+            Some((((probs * share)?.sum_all()? * coef)?, counts))
         } else {
             None
         };
         Ok((fused, balance))
+    }
+
+    /// Each slot's factor `1 + w` divided by the factors' root mean square: only the models'
+    /// relative weights are trained. Free factors shrank together within a few epochs, which
+    /// turned the seeded map down and the low-rank parts up until they overfit.
+    fn slot_factors(&self) -> candle_core::Result<Tensor> {
+        let raw = (self.params.slot_scale.as_tensor() + 1.0)?;
+        let rms = raw.sqr()?.mean_all()?.sqrt()?;
+        raw.broadcast_div(&rms)
     }
 
     fn normalized_prefix(t: &Tensor, dims: usize) -> candle_core::Result<Tensor> {
@@ -562,6 +606,30 @@ impl<'a> Trainer<'a> {
         })
     }
 
+    /// Auxiliary-loss-free balancing: each expert's router bias moves by `balance_rate` towards
+    /// an even share of the step's routes. The spec's load-balance loss stays in the loss, but
+    /// at its coefficient (0.01) it is too weak against the task losses to balance the seeded
+    /// gate, which sends about half of the routes of STS-B and SciFact texts to one expert.
+    fn balance(&self, routes: &[f32]) -> candle_core::Result<()> {
+        let rate = self.options.balance_rate as f32;
+        let total: f32 = routes.iter().sum();
+        if rate == 0.0 || total == 0.0 {
+            return Ok(());
+        }
+        let even = total / routes.len() as f32;
+        let step: Vec<f32> = routes
+            .iter()
+            .map(|&r| match r.partial_cmp(&even) {
+                Some(std::cmp::Ordering::Less) => rate,
+                Some(std::cmp::Ordering::Greater) => -rate,
+                _ => 0.0,
+            })
+            .collect();
+        let step = Tensor::from_vec(step, routes.len(), &self.dev)?;
+        let bias = &self.params.router_b;
+        bias.set(&(bias.as_tensor() + step)?)
+    }
+
     fn snapshot(&self) -> candle_core::Result<DeltaParts> {
         let cfg = self.cfg;
         let (o, e) = (cfg.output_dim, cfg.num_experts);
@@ -586,6 +654,7 @@ impl<'a> Trainer<'a> {
             expert_v: flat(&self.params.v)?,
             router_weight: flat(&self.params.router_w)?,
             router_bias: flat(&self.params.router_b)?,
+            slot_scale: (self.slot_factors()? - 1.0)?.to_vec1::<f32>()?,
         })
     }
 
@@ -615,6 +684,14 @@ impl<'a> Trainer<'a> {
                 ..ParamsAdamW::default()
             },
         )?;
+        let mut slot_optimizer = AdamW::new(
+            vec![p.slot_scale.clone()],
+            ParamsAdamW {
+                lr: opts.slot_learning_rate,
+                weight_decay: 0.0,
+                ..ParamsAdamW::default()
+            },
+        )?;
         let untrained = self.held_out(data, retrieval)?;
         // Zero parts, i.e. the seeded layer: what is returned if no epoch beats it.
         let mut best_parts = DeltaParts::zeros(self.cfg, opts.rank_shared, opts.rank_expert);
@@ -636,6 +713,7 @@ impl<'a> Trainer<'a> {
             shuffle(&mut retrieval_pairs, &mut rng);
             let mut loss_sum = 0.0;
             for step in 0..steps {
+                let mut routes = vec![0.0f32; self.cfg.num_experts];
                 let mut loss: Option<Tensor> = None;
                 let mut add = |t: Tensor| -> candle_core::Result<()> {
                     loss = Some(match loss.take() {
@@ -655,8 +733,9 @@ impl<'a> Trainer<'a> {
                     let n = batch.len();
                     let scores: Vec<f32> = batch.iter().map(|p| p.score).collect();
                     add(self.cosent(&fused.narrow(0, 0, n)?, &fused.narrow(0, n, n)?, &scores)?)?;
-                    if let Some(b) = balance {
+                    if let Some((b, counts)) = balance {
                         add(b)?;
+                        accumulate(&mut routes, &counts);
                     }
                 }
                 if retrieval_pairs.len() >= 2 {
@@ -669,14 +748,18 @@ impl<'a> Trainer<'a> {
                     let (fused, balance) = self.embed(&rows, Some(&mut rng))?;
                     let n = batch.len();
                     add(self.contrastive(&fused.narrow(0, 0, n)?, &fused.narrow(0, n, n)?)?)?;
-                    if let Some(b) = balance {
+                    if let Some((b, counts)) = balance {
                         add(b)?;
+                        accumulate(&mut routes, &counts);
                     }
                 }
                 let Some(loss) = loss else { break };
                 let value = loss.to_scalar::<f32>()? as f64;
                 loss_sum += value;
-                optimizer.backward_step(&loss)?;
+                let grads = loss.backward()?;
+                optimizer.step(&grads)?;
+                slot_optimizer.step(&grads)?;
+                self.balance(&routes)?;
                 on_event(&TrainEvent::Step {
                     epoch,
                     step,
@@ -712,6 +795,12 @@ impl<'a> Trainer<'a> {
             best_epoch,
             epoch_losses,
         })
+    }
+}
+
+fn accumulate(total: &mut [f32], counts: &[f32]) {
+    for (t, c) in total.iter_mut().zip(counts) {
+        *t += c;
     }
 }
 

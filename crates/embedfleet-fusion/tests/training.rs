@@ -36,7 +36,7 @@ struct Task {
 
 fn synthetic_task(seed: u64) -> Task {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut gauss = |rng: &mut rand::rngs::StdRng| -> f32 {
+    let gauss = |rng: &mut rand::rngs::StdRng| -> f32 {
         // Sum of uniforms: close enough to normal for a synthetic task.
         (0..6).map(|_| rng.random::<f32>() - 0.5).sum::<f32>()
     };
@@ -274,6 +274,37 @@ fn zero_parts_materialise_to_the_seeded_layer() {
         layer.version(),
         FuseMoe::from_seed(config(), 5).unwrap().version()
     );
+}
+
+/// A slot scale of −1 removes that model's block from every expert's map: rows that differ
+/// only in slot 0 then fuse to (nearly: the seeded 2 % per-expert perturbation and the gate
+/// still see slot 0) the same vector, where the seeded layer tells them apart.
+#[test]
+fn a_slot_scale_of_minus_one_folds_that_model_out_of_the_experts() {
+    let mut parts = embedfleet_fusion::delta::DeltaParts::zeros(&config(), 4, 2);
+    parts.slot_scale = vec![-1.0, 0.0];
+    let folded = parts.materialize(&config(), 5).unwrap();
+    let seeded = FuseMoe::from_seed(config(), 5).unwrap();
+    let task = synthetic_task(5);
+    let slot1 = task.rows[0][1].as_deref();
+    let cosine = |layer: &FuseMoe, other: usize| {
+        let a = layer.fuse(&[task.rows[0][0].as_deref(), slot1]).unwrap();
+        let b = layer
+            .fuse(&[task.rows[other][0].as_deref(), slot1])
+            .unwrap();
+        a.embedding
+            .iter()
+            .zip(&b.embedding)
+            .map(|(x, y)| x * y)
+            .sum::<f32>()
+    };
+    for other in 1..6 {
+        assert!(
+            cosine(&seeded, other) < 0.95,
+            "the seeded layer reads slot 0"
+        );
+        assert!(cosine(&folded, other) > 0.99, "slot 0 is folded out");
+    }
 }
 
 #[test]

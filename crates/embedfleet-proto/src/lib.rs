@@ -10,6 +10,8 @@
 //! - [`modality`]: [`Modality`], the four kinds of input.
 //! - [`limits`]: [`RequestLimits`], the size bounds checked before any model work.
 //! - [`reply`]: [`EmbedReply`] and its parts.
+//! - [`output`]: `dimensions` and `encoding_format` ([`OutputOptions`], [`Embedding`]),
+//!   applied to the fused vectors on the way out.
 //! - [`error`]: [`ProtoError`] with its [`ErrorKind`] and status code, and the error payload
 //!   [`ErrorBody`].
 //! - [`codec`]: [`Encoding`], JSON or MessagePack by `Content-Type`.
@@ -36,6 +38,7 @@ pub mod error;
 pub mod input;
 pub mod limits;
 pub mod modality;
+pub mod output;
 pub mod reply;
 pub mod request;
 pub mod subjects;
@@ -46,6 +49,7 @@ pub use error::{ErrorBody, ErrorDetail, ErrorKind, ProtoError};
 pub use input::{Input, InputItem};
 pub use limits::RequestLimits;
 pub use modality::Modality;
+pub use output::{Embedding, EncodingFormat, OutputOptions};
 pub use reply::{EmbedReply, EmbeddingData, EmbeddingObject, ExpertSelection, ListObject, Usage};
 pub use request::{EmbedRequest, Fallback, InputType, TextInput};
 pub use subjects::*;

@@ -6,6 +6,8 @@ use std::fmt;
 use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::Embedding;
+
 /// Defines a zero-sized marker that serialises as one constant string and deserialises only
 /// from it, so the OpenAI-compatible `object` fields cannot be set to anything else.
 macro_rules! object_tag {
@@ -99,9 +101,10 @@ pub struct EmbeddingData {
     pub object: EmbeddingObject,
     /// Position of the input in the request.
     pub index: usize,
-    /// The fused vector; absent when the request had `fuse: false`.
+    /// The fused vector in the request's `encoding_format` (float unless asked otherwise);
+    /// absent when the request had `fuse: false`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub embedding: Option<Vec<f32>>,
+    pub embedding: Option<Embedding>,
     /// Per-model vectors by model name; present when partials were asked for. A `BTreeMap` so
     /// that the encoded reply is deterministic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -132,11 +135,18 @@ impl EmbeddingData {
         EmbeddingData {
             object: EmbeddingObject,
             index,
-            embedding: Some(embedding),
+            embedding: Some(Embedding::Float(embedding)),
             partials: None,
             experts: None,
             cached: false,
         }
+    }
+}
+
+impl EmbeddingData {
+    /// The fused vector of a `float` reply.
+    pub fn float_embedding(&self) -> Option<&[f32]> {
+        self.embedding.as_ref().and_then(Embedding::as_float)
     }
 }
 

@@ -7,6 +7,7 @@ use serde::de::{self, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::input::checked_text;
+use crate::output::{EncodingFormat, OutputOptions};
 use crate::{Input, InputItem, ProtoError, RequestLimits};
 
 /// The OpenAI-style `input` shorthand: one string or an array of strings.
@@ -100,6 +101,22 @@ pub struct EmbedRequest {
     /// failure of its own): `strict` (default) fails the request with 503 naming the model;
     /// `partial` fuses the models that did answer and lists the others in `degraded`.
     pub fallback: Fallback,
+    /// Matryoshka: return the first N components of the fused vector, renormalised (1 to the
+    /// fused width, 1536). Absent: the whole vector. Applied on the way out: the cache keeps
+    /// the full vector. Needs `fuse: true`.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::output::deserialize_dimensions"
+    )]
+    pub dimensions: Option<usize>,
+    /// How the fused vector is sent: `float` (default), `base64`, `int8`, `uint8`, `binary`,
+    /// `ubinary` ([`crate::output`]). Partials are always float.
+    #[serde(skip_serializing_if = "is_float")]
+    pub encoding_format: EncodingFormat,
+}
+
+fn is_float(format: &EncodingFormat) -> bool {
+    *format == EncodingFormat::Float
 }
 
 /// A request's answer to an unavailable model.
@@ -147,6 +164,8 @@ impl Default for EmbedRequest {
             instruction: None,
             input_type: InputType::Document,
             fallback: Fallback::Strict,
+            dimensions: None,
+            encoding_format: EncodingFormat::Float,
         }
     }
 }
@@ -213,6 +232,40 @@ impl EmbedRequest {
     pub fn with_truncate(mut self, truncate: bool) -> Self {
         self.truncate = truncate;
         self
+    }
+
+    /// Sets `dimensions`.
+    pub fn with_dimensions(mut self, dimensions: usize) -> Self {
+        self.dimensions = Some(dimensions);
+        self
+    }
+
+    /// Sets `encoding_format`.
+    pub fn with_encoding_format(mut self, format: EncodingFormat) -> Self {
+        self.encoding_format = format;
+        self
+    }
+
+    /// `dimensions` and `encoding_format`, checked as far as the request alone allows:
+    /// `dimensions: 0` and output options on an unfused request are `bad_request`. The upper
+    /// bound is the fused layer's width, checked with [`OutputOptions::check_width`].
+    pub fn output_options(&self) -> Result<OutputOptions, ProtoError> {
+        let options = OutputOptions {
+            dimensions: self.dimensions,
+            encoding_format: self.encoding_format,
+        };
+        if self.dimensions == Some(0) {
+            return Err(ProtoError::bad_request(
+                "`dimensions` is 0: ask for at least one component",
+            ));
+        }
+        if !self.fuse && !options.is_identity() {
+            return Err(ProtoError::bad_request(
+                "`dimensions` and `encoding_format` apply to the fused vector; they need \
+                 `fuse: true`",
+            ));
+        }
+        Ok(options)
     }
 
     /// The instruction, with a blank one treated as absent so that `""` and `null` share a
@@ -376,6 +429,39 @@ mod tests {
         let err =
             serde_json::from_str::<EmbedRequest>(r#"{"input": ["a", 5]}"#).expect_err("mixed");
         assert!(err.to_string().contains("expected a string"), "{err}");
+    }
+
+    #[test]
+    fn dimensions_must_be_a_positive_whole_number_on_a_fused_request() {
+        let req: EmbedRequest =
+            serde_json::from_str(r#"{"input": "a", "dimensions": 256, "encoding_format": "int8"}"#)
+                .expect("decode");
+        let options = req.output_options().expect("valid");
+        assert_eq!(options.dimensions, Some(256));
+        assert_eq!(options.encoding_format, EncodingFormat::Int8);
+        for bad in [r#"256.5"#, r#"256.0"#, r#""256""#, r#"-3"#] {
+            let json = format!(r#"{{"input": "a", "dimensions": {bad}}}"#);
+            let err = crate::Encoding::Json
+                .decode::<EmbedRequest>(json.as_bytes())
+                .expect_err(bad);
+            assert_eq!(err.kind, crate::ErrorKind::InvalidPayload, "{bad}");
+            assert!(err.message.contains("dimensions"), "{bad}: {err}");
+        }
+        let zero = EmbedRequest::texts(["a"]).with_dimensions(0);
+        assert_eq!(
+            zero.output_options().unwrap_err().kind,
+            crate::ErrorKind::BadRequest
+        );
+        let unfused = EmbedRequest::texts(["a"])
+            .with_fuse(false)
+            .with_encoding_format(EncodingFormat::Binary);
+        assert_eq!(
+            unfused.output_options().unwrap_err().kind,
+            crate::ErrorKind::BadRequest
+        );
+        // Defaults stay off the wire, so older readers see the request they know.
+        let json = serde_json::to_value(EmbedRequest::texts(["a"])).unwrap();
+        assert!(json.get("dimensions").is_none() && json.get("encoding_format").is_none());
     }
 
     #[test]

@@ -105,7 +105,7 @@ fn documented_reply_decodes() {
     assert_eq!(reply.usage.total_tokens, 12);
     let item = &reply.data[0];
     assert_eq!(item.index, 0);
-    assert_eq!(item.embedding.as_deref(), Some(&[0.6f32, 0.8][..]));
+    assert_eq!(item.float_embedding(), Some(&[0.6f32, 0.8][..]));
     let partials = item.partials.as_ref().expect("partials");
     assert_eq!(partials.keys().collect::<Vec<_>>(), ["minilm", "mpnet"]);
     let experts = item.experts.as_ref().expect("experts");

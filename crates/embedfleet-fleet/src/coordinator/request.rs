@@ -31,6 +31,7 @@ impl Coordinator {
         self.config.limits.check_payload_len(payload.len())?;
         let request: EmbedRequest = encoding.decode(payload)?;
         let inputs = request.to_inputs(&self.config.limits)?;
+        let output = request.output_options()?;
         let models = self.resolve_models(request.models.as_deref())?;
         crate::plan::check_modalities(&inputs, &models).map_err(|untaken| {
             ProtoError::new(
@@ -42,6 +43,9 @@ impl Coordinator {
             )
         })?;
         let layer_set = self.admit(&models, request.fuse)?;
+        if let (Some(set), Some(_)) = (&layer_set, output.dimensions) {
+            output.check_width(self.fusion_layer(set).await?.config().output_dim)?;
+        }
         let work = RequestWork {
             inputs,
             models,
@@ -53,7 +57,10 @@ impl Coordinator {
             truncate: request.truncate,
             fallback: request.fallback,
         };
-        self.embed(work, deadline).await
+        // `dimensions` and `encoding_format` on the way out: the cache holds full floats.
+        let mut answer = self.embed(work, deadline).await?;
+        output.apply(&mut answer.reply)?;
+        Ok(answer)
     }
 
     /// The request's model set in slot order; the configured default when it names none.
@@ -284,7 +291,7 @@ impl Coordinator {
             .map(|i| {
                 let mut element = EmbeddingData::new(i);
                 if let Some(entry) = fused[i].take() {
-                    element.embedding = Some(entry.embedding);
+                    element.embedding = Some(entry.embedding.into());
                     element.experts = Some(entry.experts);
                 }
                 element.cached = match (&layer, work.partials) {
