@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use embedfleet_fleet::fusion::FusionStage;
 use embedfleet_fleet::CoordinatorConfig;
-use embedfleet_models::{catalogue, EmbeddingModel};
+use embedfleet_models::catalogue;
 use embedfleet_proto::{EmbedReply, EmbedRequest, Encoding, Input};
 use embedfleet_testkit::{FixedVectorModel, RedisServer};
 use support::{close, normalized, spawn_worker, wait_for_revision, Fleet};
