@@ -159,7 +159,8 @@ impl Pipeline {
         first_index: usize,
     ) -> Result<PipelineOutput, PipelineError> {
         // Before any model work: a width over the fused vector's is the caller's mistake.
-        let width = self.fusion()?.config().output_dim;
+        // The fused width does not depend on the models (the layer need not be built yet).
+        let width = embedfleet_fusion::FuseMoeConfig::for_input_dims(vec![1]).output_dim;
         if let Some(dimensions) = request.output.dimensions.filter(|&d| d > width || d == 0) {
             return Err(PipelineError::Dimensions { dimensions, width });
         }
