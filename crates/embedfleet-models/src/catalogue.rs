@@ -46,7 +46,10 @@ pub enum Prompting {
 impl Prompting {
     /// Whether `instruction` can change this model's vectors.
     pub fn uses_instruction(self) -> bool {
-        matches!(self, Self::Instruction { .. } | Self::InstructedQuery { .. })
+        matches!(
+            self,
+            Self::Instruction { .. } | Self::InstructedQuery { .. }
+        )
     }
 
     /// Whether `input_type` can change this model's vectors.
@@ -83,7 +86,8 @@ impl Prompting {
         input_type: InputType,
     ) -> Option<&'a str> {
         match (self, input_type) {
-            (Self::Plain, _) | (Self::QueryPrefix(_) | Self::InstructedQuery { .. }, InputType::Document) => None,
+            (Self::Plain, _)
+            | (Self::QueryPrefix(_) | Self::InstructedQuery { .. }, InputType::Document) => None,
             (Self::QueryPrefix(prefix), InputType::Query) => Some(prefix),
             (Self::Instruction { default }, _) => Some(instruction.unwrap_or(default)),
             (Self::InstructedQuery { default_task }, InputType::Query) => Some(

@@ -295,8 +295,10 @@ mod tests {
     #[test]
     fn only_f32_keeps_the_weights_revision() {
         assert_eq!(Dtype::F32.revision("local-ab12"), "local-ab12");
-        let revisions: std::collections::HashSet<String> =
-            Dtype::ALL.iter().map(|d| d.revision("local-ab12")).collect();
+        let revisions: std::collections::HashSet<String> = Dtype::ALL
+            .iter()
+            .map(|d| d.revision("local-ab12"))
+            .collect();
         assert_eq!(revisions.len(), Dtype::ALL.len());
         assert_eq!(Dtype::Q4k.revision("local-ab12"), "local-ab12+q4k");
     }

@@ -264,15 +264,29 @@ fn packed_attention_tensor_ops(
     heads: usize,
     bias: Option<&RelativeBias>,
 ) -> Result<Tensor> {
-    let groups = batch.groups_within(heads, PADDED_SCORES_BUDGET);
+    in_padded_groups(qkv, batch, heads, PADDED_SCORES_BUDGET, |qkv, batch| {
+        padded_attention(qkv, batch, heads, bias)
+    })
+}
+
+/// Runs `attend` over groups of sequences whose padded scores stay within `budget` elements
+/// ([`PackedBatch::groups_within`]) and joins the contexts back in packed order.
+pub fn in_padded_groups(
+    qkv: &Tensor,
+    batch: &PackedBatch,
+    heads: usize,
+    budget: usize,
+    attend: impl Fn(&Tensor, &PackedBatch) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let groups = batch.groups_within(heads, budget);
     if groups.len() == 1 {
-        return padded_attention(qkv, batch, heads, bias);
+        return attend(qkv, batch);
     }
     let mut contexts = Vec::with_capacity(groups.len());
     for group in groups {
         let rows = batch.offsets[group.start]..batch.offsets[group.end];
         let part = qkv.narrow(0, rows.start, rows.len())?;
-        contexts.push(padded_attention(&part, &batch.slice(group), heads, bias)?);
+        contexts.push(attend(&part, &batch.slice(group))?);
     }
     Tensor::cat(&contexts, 0)
 }
@@ -312,7 +326,8 @@ fn padded_attention(
                 }
             }
         }
-        let bias = Tensor::from_vec(values, (1, heads, len, len), device)?.to_dtype(scores.dtype())?;
+        let bias =
+            Tensor::from_vec(values, (1, heads, len, len), device)?.to_dtype(scores.dtype())?;
         scores = scores.broadcast_add(&bias)?;
     }
     // Keys past a sequence's end get -inf; every query row keeps at least its first key.
@@ -391,7 +406,12 @@ mod tests {
             .into_iter()
             .map(|group| {
                 let rows = batch.offsets[group.start]..batch.offsets[group.end];
-                padded_attention(&qkv.narrow(0, rows.start, rows.len())?, &batch.slice(group), heads, None)
+                padded_attention(
+                    &qkv.narrow(0, rows.start, rows.len())?,
+                    &batch.slice(group),
+                    heads,
+                    None,
+                )
             })
             .collect::<Result<Vec<_>>>()?;
         let parts = Tensor::cat(&parts, 0)?.to_vec2::<f32>()?;

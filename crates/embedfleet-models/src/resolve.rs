@@ -58,7 +58,9 @@ impl WeightFiles {
     /// device's free memory before it starts.
     pub fn parameters(&self) -> Result<u64, ModelError> {
         match self {
-            WeightFiles::Safetensors(paths) => paths.iter().map(|path| count_parameters(path)).sum(),
+            WeightFiles::Safetensors(paths) => {
+                paths.iter().map(|path| count_parameters(path)).sum()
+            }
             WeightFiles::PytorchBin(path) => Ok(file_size(path)? / 4),
         }
     }

@@ -204,25 +204,24 @@ impl EmbeddingModel for T5Embedder {
     ) -> Result<Vec<ModelEmbedding>, ModelError> {
         let texts = input_texts(self.spec, inputs)?;
         let prompting = self.spec.prompting;
-        let (ids, skip) = match prompting
-            .instruction_for(options.instruction.as_deref(), options.input_type)
-        {
-            // Only INSTRUCTOR's instruction is left out of the pool; a prefix another prompting
-            // adds (none of the T5 models has one today) is pooled with the text.
-            Some(instruction) => {
-                let skip = match prompting {
-                    Prompting::Instruction { .. } => self.instruction_tokens(instruction)?,
-                    _ => 0,
-                };
-                let prompts: Vec<String> = texts
-                    .iter()
-                    .map(|text| prompting.prompt(instruction, text))
-                    .collect();
-                let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
-                (self.tokenizer.encode(&prompts, options.truncate, 0)?, skip)
-            }
-            None => (self.tokenizer.encode(&texts, options.truncate, 0)?, 0),
-        };
+        let (ids, skip) =
+            match prompting.instruction_for(options.instruction.as_deref(), options.input_type) {
+                // Only INSTRUCTOR's instruction is left out of the pool; a prefix another prompting
+                // adds (none of the T5 models has one today) is pooled with the text.
+                Some(instruction) => {
+                    let skip = match prompting {
+                        Prompting::Instruction { .. } => self.instruction_tokens(instruction)?,
+                        _ => 0,
+                    };
+                    let prompts: Vec<String> = texts
+                        .iter()
+                        .map(|text| prompting.prompt(instruction, text))
+                        .collect();
+                    let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+                    (self.tokenizer.encode(&prompts, options.truncate, 0)?, skip)
+                }
+                None => (self.tokenizer.encode(&texts, options.truncate, 0)?, 0),
+            };
         embed_in_passes(
             self.spec,
             &ids,

@@ -88,7 +88,9 @@ impl TextEmbedder {
             path: files.weights.primary().to_path_buf(),
             reason: e.to_string(),
         };
-        let vb = files.weights.var_builder(dtype.activation_dtype(), device)?;
+        let vb = files
+            .weights
+            .var_builder(dtype.activation_dtype(), device)?;
         let projections = Projections::new(dtype);
         let encoder = TextEncoder::load(vb, &config, &projections).map_err(corrupt)?;
         projections.warn_fallbacks(spec.name);
@@ -141,11 +143,10 @@ impl EmbeddingModel for TextEmbedder {
         options: &EmbedOptions,
     ) -> Result<Vec<ModelEmbedding>, ModelError> {
         let texts = input_texts(self.spec, inputs)?;
-        let texts = self.spec.prompting.apply(
-            options.instruction.as_deref(),
-            options.input_type,
-            &texts,
-        );
+        let texts =
+            self.spec
+                .prompting
+                .apply(options.instruction.as_deref(), options.input_type, &texts);
         let texts: Vec<&str> = texts.iter().map(|text| text.as_ref()).collect();
         let ids = self.tokenizer.encode(&texts, options.truncate, 0)?;
         embed_in_passes(

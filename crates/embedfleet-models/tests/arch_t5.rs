@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use embedfleet_models::{
-    catalogue, Device, Dtype, EmbedOptions, EmbeddingModel, ModelError, ModelInput,
-    ModelRegistry, T5Embedder, WeightResolver,
+    catalogue, Device, Dtype, EmbedOptions, EmbeddingModel, ModelError, ModelInput, ModelRegistry,
+    T5Embedder, WeightResolver,
 };
 use embedfleet_proto::{ErrorKind, InputType};
 use serde_json::Value;

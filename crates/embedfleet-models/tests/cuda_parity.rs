@@ -62,7 +62,10 @@ fn load(dir: &Path, model: &str, device: DeviceName, dtype: Dtype) -> Arc<dyn Em
 }
 
 fn inputs() -> Vec<ModelInput> {
-    TEXTS.iter().map(|t| ModelInput::Text(t.to_string())).collect()
+    TEXTS
+        .iter()
+        .map(|t| ModelInput::Text(t.to_string()))
+        .collect()
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {
@@ -109,7 +112,9 @@ fn every_architecture_matches_the_cpu_on_the_gpu_at_every_dtype() {
             let worst = min_cosine(reference, &gpu);
             report.push(format!("{variant}/{model}@{dtype}: {worst:.6}"));
             if worst < floor {
-                failures.push(format!("{variant}/{model}@{dtype}: cosine {worst} < {floor}"));
+                failures.push(format!(
+                    "{variant}/{model}@{dtype}: cosine {worst} < {floor}"
+                ));
             }
         }
     }
@@ -148,5 +153,8 @@ fn a_model_bigger_than_free_memory_is_refused_before_loading() {
 #[test]
 fn a_gpu_that_does_not_exist_is_a_typed_error() {
     let error = DeviceName::Cuda(97).open().unwrap_err();
-    assert!(matches!(error, ModelError::DeviceUnavailable { .. }), "{error}");
+    assert!(
+        matches!(error, ModelError::DeviceUnavailable { .. }),
+        "{error}"
+    );
 }

@@ -56,7 +56,11 @@ pub enum PositionScheme {
     Roberta,
 }
 
-fn load_layer(vb: VarBuilder, cfg: &BertConfig, projections: &Projections) -> Result<PostNormLayer> {
+fn load_layer(
+    vb: VarBuilder,
+    cfg: &BertConfig,
+    projections: &Projections,
+) -> Result<PostNormLayer> {
     let hidden = cfg.hidden_size;
     let attention = vb.pp("attention");
     let self_attention = attention.pp("self");
@@ -76,7 +80,12 @@ fn load_layer(vb: VarBuilder, cfg: &BertConfig, projections: &Projections) -> Re
             vb.pp("intermediate.dense"),
             projections,
         )?,
-        output: linear(cfg.intermediate_size, hidden, vb.pp("output.dense"), projections)?,
+        output: linear(
+            cfg.intermediate_size,
+            hidden,
+            vb.pp("output.dense"),
+            projections,
+        )?,
         output_norm: layer_norm(hidden, cfg.layer_norm_eps, vb.pp("output.LayerNorm"))?,
     };
     PostNormLayer::new(weights, cfg.num_attention_heads, cfg.hidden_act)

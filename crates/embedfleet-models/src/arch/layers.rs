@@ -388,8 +388,8 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (batch.tokens(), hidden), &Device::Cpu)?;
         for act in [HiddenAct::Gelu, HiddenAct::GeluApproximate, HiddenAct::Relu] {
             let w = weights(hidden, intermediate, 1)?;
-            let reference = PostNormLayer::with_tensor_ops(w.clone(), heads, act)
-                .forward(&x, &batch, None)?;
+            let reference =
+                PostNormLayer::with_tensor_ops(w.clone(), heads, act).forward(&x, &batch, None)?;
             let cpu = PostNormLayer::new(w, heads, act)?;
             assert!(matches!(cpu.weights, LayerImpl::Cpu(_)));
             let fast = cpu.forward(&x, &batch, None)?;

@@ -20,12 +20,12 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::projection::{Projection, Projections};
-use crate::dtype::Dtype;
 use crate::cpu_kernels;
 use crate::decoder_kernels::{
     add_in_place, apply_rope, packed_causal_attention, rms_norm, silu_mul, AttentionShape,
     RopeTable,
 };
+use crate::dtype::Dtype;
 use crate::packed::PackedBatch;
 
 fn default_rms_norm_eps() -> f64 {
@@ -366,17 +366,13 @@ fn tensor_attention(
     rope: &(Tensor, Tensor),
     shape: AttentionShape,
 ) -> Result<Tensor> {
-    let groups = batch.groups_within(shape.q_heads, PADDED_SCORES_BUDGET);
-    if groups.len() == 1 {
-        return padded_attention(qkv, batch, rope, shape);
-    }
-    let mut contexts = Vec::with_capacity(groups.len());
-    for group in groups {
-        let rows = batch.offsets[group.start]..batch.offsets[group.end];
-        let part = qkv.narrow(0, rows.start, rows.len())?;
-        contexts.push(padded_attention(&part, &batch.slice(group), rope, shape)?);
-    }
-    Tensor::cat(&contexts, 0)
+    crate::packed::in_padded_groups(
+        qkv,
+        batch,
+        shape.q_heads,
+        PADDED_SCORES_BUDGET,
+        |qkv, batch| padded_attention(qkv, batch, rope, shape),
+    )
 }
 
 fn padded_attention(
@@ -467,9 +463,8 @@ impl MistralModel {
     /// Loads the decoder with its linear layers built by `projections` (`vb` holds the weights
     /// at the dtype's [`Dtype::activation_dtype`]): dense f32 on a CPU runs on the CPU kernels.
     pub fn load(vb: VarBuilder, cfg: &MistralConfig, projections: &Projections) -> Result<Self> {
-        let cpu_kernels = projections.dtype() == Dtype::F32
-            && vb.device().is_cpu()
-            && vb.dtype() == DType::F32;
+        let cpu_kernels =
+            projections.dtype() == Dtype::F32 && vb.device().is_cpu() && vb.dtype() == DType::F32;
         Self::build(vb, cfg, projections, cpu_kernels)
     }
 
@@ -569,7 +564,6 @@ impl MistralModel {
         }
     }
 }
-
 
 #[cfg(test)]
 mod tests {

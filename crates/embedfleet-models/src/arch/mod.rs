@@ -65,14 +65,9 @@ impl TextEncoder {
                 bert::PositionScheme::Bert,
                 projections,
             )?),
-            TextEncoderConfig::Roberta(cfg) | TextEncoderConfig::XlmRoberta(cfg) => {
-                Self::Bert(bert::BertModel::load(
-                    vb,
-                    cfg,
-                    bert::PositionScheme::Roberta,
-                    projections,
-                )?)
-            }
+            TextEncoderConfig::Roberta(cfg) | TextEncoderConfig::XlmRoberta(cfg) => Self::Bert(
+                bert::BertModel::load(vb, cfg, bert::PositionScheme::Roberta, projections)?,
+            ),
             TextEncoderConfig::Mpnet(cfg) => {
                 Self::MpNet(mpnet::MpNetModel::load(vb, cfg, projections)?)
             }

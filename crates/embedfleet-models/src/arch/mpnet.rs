@@ -71,11 +71,21 @@ fn relative_position_bucket(relative_position: i64, num_buckets: usize) -> usize
     bucket as usize
 }
 
-fn load_layer(vb: VarBuilder, cfg: &MpNetConfig, projections: &Projections) -> Result<PostNormLayer> {
+fn load_layer(
+    vb: VarBuilder,
+    cfg: &MpNetConfig,
+    projections: &Projections,
+) -> Result<PostNormLayer> {
     let hidden = cfg.hidden_size;
     let attn = vb.pp("attention.attn");
     let weights = LayerWeights {
-        qkv: fused_qkv(attn.pp("q"), attn.pp("k"), attn.pp("v"), hidden, projections)?,
+        qkv: fused_qkv(
+            attn.pp("q"),
+            attn.pp("k"),
+            attn.pp("v"),
+            hidden,
+            projections,
+        )?,
         attention_out: linear(hidden, hidden, attn.pp("o"), projections)?,
         attention_norm: layer_norm(hidden, cfg.layer_norm_eps, vb.pp("attention.LayerNorm"))?,
         intermediate: linear(
@@ -84,7 +94,12 @@ fn load_layer(vb: VarBuilder, cfg: &MpNetConfig, projections: &Projections) -> R
             vb.pp("intermediate.dense"),
             projections,
         )?,
-        output: linear(cfg.intermediate_size, hidden, vb.pp("output.dense"), projections)?,
+        output: linear(
+            cfg.intermediate_size,
+            hidden,
+            vb.pp("output.dense"),
+            projections,
+        )?,
         output_norm: layer_norm(hidden, cfg.layer_norm_eps, vb.pp("output.LayerNorm"))?,
     };
     PostNormLayer::new(weights, cfg.num_attention_heads, cfg.hidden_act)

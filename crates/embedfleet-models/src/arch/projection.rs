@@ -228,7 +228,10 @@ mod tests {
         ] {
             let layer = Projections::new(dtype).build(weight.clone(), Some(bias.clone()))?;
             assert_eq!(layer.format(), Some(format));
-            assert!(layer.cpu_f32().is_none(), "{dtype} must not take the f32 kernels");
+            assert!(
+                layer.cpu_f32().is_none(),
+                "{dtype} must not take the f32 kernels"
+            );
             let got = layer.forward(&x)?;
             assert_eq!(got.dims(), [7, 96]);
             let similarity = cosine(&got, &want);
