@@ -56,31 +56,47 @@ fn two_cards_print_a_table_commands_and_helm_values() {
 
 #[test]
 fn bad_flags_and_impossible_plans_are_one_line_errors() {
-    for (args, says) in [
-        (vec!["--gpus", "16TB"], "unit"),
+    // A flag clap itself rejects is a usage error (exit 2); a plan that cannot be made is a
+    // run-time error (exit 1). Both are one line on stderr.
+    const USAGE: i32 = 2;
+    const FAILED: i32 = 1;
+    for (args, code, says) in [
+        (vec!["--gpus", "16TB"], FAILED, "unit"),
         (
             vec!["--gpus", "16GB", "--models", "gpt5"],
+            FAILED,
             "unknown model `gpt5`",
         ),
-        (vec!["--gpus", "16GB", "--dtype", "int2"], "unknown dtype"),
+        (
+            vec!["--gpus", "16GB", "--dtype", "int2"],
+            USAGE,
+            "unknown dtype",
+        ),
         (
             vec!["--gpus", "16GB", "--dtype", "sentence-t5-xxl=f16"],
+            FAILED,
             "bf16",
         ),
         (
             vec!["--gpus", "16GB", "--replicas", "minilm=0"],
+            FAILED,
             "at least 1",
         ),
-        (vec!["--gpus", "16GB", "--replicas", "minilm=2"], "replicas"),
+        (
+            vec!["--gpus", "16GB", "--replicas", "minilm=2"],
+            FAILED,
+            "replicas",
+        ),
         (
             vec!["--gpus", "2GB", "--models", "e5-mistral"],
+            FAILED,
             "e5-mistral",
         ),
-        (vec!["--gpus", "16GB", "--dtype", "f32"], "GiB"),
+        (vec!["--gpus", "16GB", "--dtype", "f32"], FAILED, "GiB"),
     ] {
         let output = run(&args);
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(output.status.code(), Some(code), "{args:?}: {stderr}");
         assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
         assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
