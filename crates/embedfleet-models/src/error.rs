@@ -85,6 +85,23 @@ pub enum ModelError {
         #[source]
         source: candle_core::Error,
     },
+
+    // Media input (audio_input.rs; images share the kinds).
+    #[error("input {index}: {reason}")]
+    InvalidMedia { index: usize, reason: String },
+
+    #[error("input {index}: {reason}")]
+    UnsupportedFormat { index: usize, reason: String },
+
+    #[error("input {index} is {seconds:.1} s of audio, over the limit of {max_seconds:.0} s")]
+    AudioTooLong {
+        index: usize,
+        seconds: f64,
+        max_seconds: f64,
+    },
+
+    #[error("input {index} holds only silence")]
+    SilentAudio { index: usize },
 }
 
 impl ModelError {
@@ -93,7 +110,10 @@ impl ModelError {
         match self {
             Self::UnknownModel { .. } => ErrorKind::UnknownModel,
             Self::UnsupportedModality { .. } => ErrorKind::UnsupportedModality,
-            Self::EmptyInput { .. } => ErrorKind::EmptyInput,
+            Self::EmptyInput { .. } | Self::SilentAudio { .. } => ErrorKind::EmptyInput,
+            Self::InvalidMedia { .. } => ErrorKind::InvalidMedia,
+            Self::UnsupportedFormat { .. } => ErrorKind::UnsupportedFormat,
+            Self::AudioTooLong { .. } => ErrorKind::TooLarge,
             Self::InputTooLong { .. } | Self::InstructionTooLong { .. } => ErrorKind::InputTooLong,
             // The model exists in the catalogue but this node cannot serve it: another node may.
             Self::WeightsNotFound { .. }
@@ -120,6 +140,10 @@ impl ModelError {
                 | Self::InputTooLong { .. }
                 | Self::InstructionTooLong { .. }
                 | Self::Tokenize { .. }
+                | Self::InvalidMedia { .. }
+                | Self::UnsupportedFormat { .. }
+                | Self::AudioTooLong { .. }
+                | Self::SilentAudio { .. }
         )
     }
 

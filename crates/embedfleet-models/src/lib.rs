@@ -8,8 +8,11 @@
 //! - [`dtype`]: the weight dtypes (f32, f16, bf16, q8_0, q4k) and the per-model `--dtype` flag.
 //! - [`resolve`]: where weights come from (local directory, HF cache, hub).
 //! - [`text`]: tokenizer + encoder + pooling for transformer text encoders.
-//! - [`arch`]: one file per architecture (`bert.rs`, `mpnet.rs`, `t5.rs`, `mistral.rs`) over shared layers,
-//!   their linear layers dense or quantised (`arch/projection.rs`).
+//! - [`arch`]: one file per architecture (`bert.rs`, `mpnet.rs`, `t5.rs`, `mistral.rs`,
+//!   `whisper.rs`) over shared layers, their linear layers dense or quantised
+//!   (`arch/projection.rs`).
+//! - [`audio_embedder`]: whisper-large: audio bytes to a pooled Whisper encoder vector, over
+//!   [`audio_input`] (decode, mono, 16 kHz, limits) and [`mel`] (Whisper's log-mel features).
 //! - [`t5_embedder`]: the T5 sentence encoders (sentence-t5, INSTRUCTOR and its instructions).
 //! - [`st_modules`]: sentence-transformers module folders (pooling, `Dense` heads, `Normalize`).
 //! - [`decoder_embedder`]: e5-mistral: query template, EOS, decoder, last-token pooling.
@@ -22,6 +25,8 @@
 //! - [`error`]: [`ModelError`] and its wire codes.
 
 pub mod arch;
+pub mod audio_embedder;
+pub mod audio_input;
 pub mod catalogue;
 pub mod cpu_kernels;
 pub mod decoder_embedder;
@@ -29,6 +34,7 @@ pub mod decoder_kernels;
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod mel;
 pub mod model;
 pub mod packed;
 mod passes;
@@ -41,6 +47,8 @@ pub mod text;
 pub mod tokenize;
 
 pub use candle_core::Device;
+pub use audio_embedder::WhisperEmbedder;
+pub use audio_input::AudioLimits;
 pub use catalogue::{ModelSpec, Pooling, Prompting, CATALOGUE};
 pub use decoder_embedder::DecoderEmbedder;
 pub use device::DeviceName;

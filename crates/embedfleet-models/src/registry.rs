@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use candle_core::Device;
 use once_cell::sync::OnceCell;
 
+use crate::audio_embedder::WhisperEmbedder;
+use crate::audio_input::AudioLimits;
 use crate::catalogue::{self, Architecture, ModelSpec};
 use crate::decoder_embedder::DecoderEmbedder;
 use crate::device::check_fits;
@@ -25,6 +27,8 @@ pub struct ModelRegistry {
     device: Device,
     /// The dtype of each model; by default the device's (f32 on a CPU).
     dtypes: ModelDtypes,
+    /// Duration limit of audio inputs (whisper-large).
+    audio_limits: AudioLimits,
     /// One cell per model name. The map lock is held only to find the cell; the load itself runs
     /// under the cell, so loading one model never blocks users of another.
     slots: Mutex<HashMap<&'static str, Slot>>,
@@ -38,6 +42,7 @@ impl ModelRegistry {
             resolver,
             device,
             dtypes: ModelDtypes::default(),
+            audio_limits: AudioLimits::default(),
             slots: Mutex::default(),
             loads: AtomicUsize::new(0),
         }
@@ -46,6 +51,12 @@ impl ModelRegistry {
     /// Loads each model at the dtype `dtypes` gives it.
     pub fn with_dtypes(mut self, dtypes: ModelDtypes) -> Self {
         self.dtypes = dtypes;
+        self
+    }
+
+    /// Applies `limits` to the audio inputs of the models loaded from now on.
+    pub fn with_audio_limits(mut self, limits: AudioLimits) -> Self {
+        self.audio_limits = limits;
         self
     }
 
@@ -63,7 +74,13 @@ impl ModelRegistry {
             slots.entry(spec.name).or_default().clone()
         };
         slot.get_or_try_init(|| {
-            let model = load(spec, &self.resolver, &self.device, self.dtype_of(spec))?;
+            let model = load(
+                spec,
+                &self.resolver,
+                &self.device,
+                self.dtype_of(spec),
+                self.audio_limits,
+            )?;
             self.loads.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
                 model = spec.name,
@@ -106,6 +123,7 @@ pub fn runs(architecture: Architecture) -> bool {
             | Architecture::MpNet
             | Architecture::T5Encoder
             | Architecture::Mistral
+            | Architecture::WhisperEncoder
     )
 }
 
@@ -114,6 +132,7 @@ fn load(
     resolver: &WeightResolver,
     device: &Device,
     dtype: Dtype,
+    audio_limits: AudioLimits,
 ) -> Result<Arc<dyn EmbeddingModel>, ModelError> {
     if !runs(spec.architecture) {
         return Err(ModelError::ArchitectureUnavailable {
@@ -129,6 +148,13 @@ fn load(
     Ok(match spec.architecture {
         Architecture::T5Encoder => Arc::new(T5Embedder::load_at(spec, &files, device, dtype)?),
         Architecture::Mistral => Arc::new(DecoderEmbedder::load_at(spec, &files, device, dtype)?),
+        Architecture::WhisperEncoder => Arc::new(WhisperEmbedder::load_at(
+            spec,
+            &files,
+            device,
+            dtype,
+            audio_limits,
+        )?),
         _ => Arc::new(TextEmbedder::load_at(spec, &files, device, dtype)?),
     })
 }

@@ -41,11 +41,16 @@ pub enum ErrorKind {
     Timeout,
     /// A bug or an unexpected failure on the server side.
     Internal,
+    /// Media bytes that do not decode: corrupt or truncated data, or impossible parameters (an
+    /// audio sample rate of 0 or 10 MHz).
+    InvalidMedia,
+    /// Well-formed media of a format or codec this build does not decode.
+    UnsupportedFormat,
 }
 
 impl ErrorKind {
     /// Every kind, in declaration order (for tests and documentation tables).
-    pub const ALL: [ErrorKind; 12] = [
+    pub const ALL: [ErrorKind; 14] = [
         ErrorKind::InvalidPayload,
         ErrorKind::BadRequest,
         ErrorKind::EmptyInput,
@@ -58,6 +63,8 @@ impl ErrorKind {
         ErrorKind::NoWorker,
         ErrorKind::Timeout,
         ErrorKind::Internal,
+        ErrorKind::InvalidMedia,
+        ErrorKind::UnsupportedFormat,
     ];
 
     /// The HTTP-like status code, sent as `Nats-Service-Error-Code` and in [`ErrorDetail::code`].
@@ -66,10 +73,11 @@ impl ErrorKind {
             ErrorKind::InvalidPayload
             | ErrorKind::BadRequest
             | ErrorKind::EmptyInput
-            | ErrorKind::InvalidBase64 => 400,
+            | ErrorKind::InvalidBase64
+            | ErrorKind::InvalidMedia => 400,
             ErrorKind::UnknownModel => 404,
             ErrorKind::TooLarge | ErrorKind::InputTooLong => 413,
-            ErrorKind::UnsupportedModality => 422,
+            ErrorKind::UnsupportedModality | ErrorKind::UnsupportedFormat => 422,
             ErrorKind::Overloaded => 429,
             ErrorKind::NoWorker | ErrorKind::Timeout => 503,
             ErrorKind::Internal => 500,
@@ -91,6 +99,8 @@ impl ErrorKind {
             ErrorKind::NoWorker => "no_worker",
             ErrorKind::Timeout => "timeout",
             ErrorKind::Internal => "internal",
+            ErrorKind::InvalidMedia => "invalid_media",
+            ErrorKind::UnsupportedFormat => "unsupported_format",
         }
     }
 

@@ -15,6 +15,10 @@ const BASE64: GeneralPurpose = GeneralPurpose::new(
     GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
 );
 
+/// The highest audio sample rate the contract takes (Hz): past every studio format (384 kHz), so
+/// that a rate like 10 MHz is refused as the client error it is rather than resampled.
+pub const MAX_SAMPLE_RATE: u32 = 384_000;
+
 /// One multimodal item as it travels in `inputs`: exactly one of `text`, `code`, `image_b64`,
 /// `audio_b64`, plus the companion field of that kind.
 ///
@@ -133,6 +137,11 @@ impl InputItem {
         if let Some(b64) = &self.audio_b64 {
             if self.sample_rate == Some(0) {
                 return Err(ProtoError::bad_request("`sample_rate` must be positive"));
+            }
+            if let Some(rate) = self.sample_rate.filter(|&rate| rate > MAX_SAMPLE_RATE) {
+                return Err(ProtoError::bad_request(format!(
+                    "`sample_rate` {rate} Hz is over the {MAX_SAMPLE_RATE} Hz this contract takes"
+                )));
             }
             return Ok(Input::Audio {
                 bytes: decode_media("audio_b64", b64, limits)?,
@@ -394,6 +403,10 @@ mod tests {
         assert_eq!(kind_of(&stray), Some(ErrorKind::BadRequest));
         let zero = InputItem::audio(&[1, 2], Some(0));
         assert_eq!(kind_of(&zero), Some(ErrorKind::BadRequest));
+        let ten_mhz = InputItem::audio(&[1, 2], Some(10_000_000));
+        assert_eq!(kind_of(&ten_mhz), Some(ErrorKind::BadRequest));
+        let top = InputItem::audio(&[1, 2], Some(MAX_SAMPLE_RATE));
+        assert_eq!(kind_of(&top), None);
     }
 
     #[test]

@@ -46,7 +46,7 @@ pub mod subjects;
 pub use codec::Encoding;
 pub use content_key::ContentKey;
 pub use error::{ErrorBody, ErrorDetail, ErrorKind, ProtoError};
-pub use input::{Input, InputItem};
+pub use input::{Input, InputItem, MAX_SAMPLE_RATE};
 pub use limits::RequestLimits;
 pub use modality::Modality;
 pub use output::{Embedding, EncodingFormat, OutputOptions};

@@ -7,6 +7,7 @@ pub mod mistral;
 pub mod mpnet;
 pub mod projection;
 pub mod t5;
+pub mod whisper;
 
 use candle_core::{Result, Tensor};
 use serde::Deserialize;
