@@ -1,7 +1,7 @@
 //! `embedfleet embed`: the in-process pipeline, no server, or with `--nats-url` a running fleet
-//! (`embedfleet serve`) through `embedfleet-client`. Inputs come from the arguments, or one per
-//! stdin line; each becomes one JSON object on stdout, shaped like one `data` element of the wire
-//! reply, the same in both modes.
+//! (`embedfleet serve`) through `embedfleet-client`. Inputs come from the arguments (texts, then
+//! `--audio` files), or one per stdin line; each becomes one JSON object on stdout, shaped like
+//! one `data` element of the wire reply, the same in both modes.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -13,9 +13,11 @@ use clap::Args;
 use embedfleet_client::{ClientError, EmbedClient};
 use embedfleet_fleet::{Pipeline, PipelineRequest};
 use embedfleet_models::{
-    DeviceName, EmbedOptions, ModelDtypes, ModelInput, ModelRegistry, WeightResolver,
+    AudioLimits, DeviceName, EmbedOptions, ModelDtypes, ModelInput, ModelRegistry, WeightResolver,
 };
-use embedfleet_proto::{EmbedRequest, EmbeddingData, EncodingFormat, InputType, OutputOptions};
+use embedfleet_proto::{
+    EmbedRequest, EmbeddingData, EncodingFormat, InputItem, InputType, OutputOptions,
+};
 
 /// The models `embed` runs in this process when `--models` is not given. With `--nats-url` the
 /// fleet's own default set applies instead.
@@ -23,8 +25,15 @@ const DEFAULT_MODELS: [&str; 2] = ["minilm", "mpnet"];
 
 #[derive(Args)]
 pub struct EmbedArgs {
-    /// Texts to embed; with none, one input per stdin line.
+    /// Texts to embed; with none (and no --audio), one input per stdin line.
     texts: Vec<String>,
+    /// Audio files to embed (WAV, FLAC, MP3, Ogg Vorbis; whisper-large reads them), after the
+    /// texts in the output.
+    #[arg(long = "audio", value_name = "FILE", num_args = 1..)]
+    audio: Vec<PathBuf>,
+    /// Longest audio embedded in process, in seconds; longer is refused.
+    #[arg(long, env = "EMBEDFLEET_MAX_AUDIO_SECONDS", default_value_t = 600.0)]
+    max_audio_seconds: f64,
     /// Models to run, comma-separated (`embedfleet models` lists them) [default: minilm,mpnet;
     /// with --nats-url, the fleet's default set].
     #[arg(long, value_delimiter = ',')]
@@ -109,7 +118,10 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
     let resolver = WeightResolver::from_env(args.model_dir.clone());
     let registry = Arc::new(
         ModelRegistry::new(resolver, args.device.open()?)
-            .with_dtypes(args.dtype.clone().unwrap_or_default()),
+            .with_dtypes(args.dtype.clone().unwrap_or_default())
+            .with_audio_limits(AudioLimits {
+                max_seconds: args.max_audio_seconds,
+            }),
     );
     let pipeline = Pipeline::new(registry, &models, args.fusion_weights.as_deref())?;
     pipeline.warm_up()?;
@@ -131,8 +143,10 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
 
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    if !args.texts.is_empty() {
-        let inputs: Vec<ModelInput> = args.texts.iter().cloned().map(ModelInput::Text).collect();
+    if !args.texts.is_empty() || !args.audio.is_empty() {
+        let mut inputs: Vec<ModelInput> =
+            args.texts.iter().cloned().map(ModelInput::Text).collect();
+        inputs.extend(audio_inputs(&args.audio)?);
         emit(&pipeline, &inputs, &request, 0, &mut out)?;
         return Ok(out.flush()?);
     }
@@ -141,6 +155,34 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         emit(&pipeline, &inputs, &request, first_index, &mut out)?;
         Ok(out.flush()?)
     })
+}
+
+/// Files larger than this are refused before they are read; the decoder's duration limit
+/// bounds what a smaller file may expand to.
+const MAX_MEDIA_FILE_BYTES: u64 = 256 << 20;
+
+/// The `--audio` files as inputs, each read whole (the container says its own rate).
+fn audio_inputs(paths: &[PathBuf]) -> anyhow::Result<Vec<ModelInput>> {
+    paths
+        .iter()
+        .map(|path| {
+            let size = std::fs::metadata(path)
+                .with_context(|| format!("reading {}", path.display()))?
+                .len();
+            if size > MAX_MEDIA_FILE_BYTES {
+                bail!(
+                    "{} is {size} bytes, over {MAX_MEDIA_FILE_BYTES}",
+                    path.display()
+                );
+            }
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            Ok(ModelInput::Audio {
+                bytes,
+                sample_rate: None,
+            })
+        })
+        .collect()
 }
 
 fn parse_encoding_format(text: &str) -> Result<EncodingFormat, String> {
@@ -243,6 +285,23 @@ fn run_remote(args: &EmbedArgs, url: &str) -> anyhow::Result<()> {
 
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
+    if !args.audio.is_empty() {
+        // Texts and audio as `inputs` items, in the in-process order.
+        let mut items: Vec<InputItem> = args.texts.iter().map(InputItem::text).collect();
+        for input in audio_inputs(&args.audio)? {
+            items.push(input.to_item());
+        }
+        for (n, chunk) in items.chunks(batch_size).enumerate() {
+            let mut request = remote_request(args, Vec::new());
+            request.input = None;
+            request.inputs = Some(chunk.to_vec());
+            let reply = runtime
+                .block_on(client.embed(&request))
+                .map_err(|e| remote_error(e, url))?;
+            emit_reply(reply.data, chunk.len(), n * batch_size, &mut out)?;
+        }
+        return Ok(out.flush()?);
+    }
     let mut embed = |texts: Vec<String>, first_index: usize| -> anyhow::Result<()> {
         let expected = texts.len();
         let reply = runtime

@@ -203,6 +203,9 @@ pub struct WorkerArgs {
     /// q8_0/q4k quantise the linear layers at load. Default: f32 on a CPU. T5 refuses f16.
     #[arg(long)]
     pub dtype: Option<ModelDtypes>,
+    /// Longest audio input whisper-large embeds, in seconds; longer is `too_large` (413).
+    #[arg(long, env = "EMBEDFLEET_MAX_AUDIO_SECONDS", default_value_t = 600.0)]
+    pub max_audio_seconds: f64,
     /// Most inputs in one forward batch.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub max_batch: u64,

@@ -6,7 +6,7 @@ use clap::Args;
 
 use embedfleet_fleet::metrics::{self, WorkerCollector};
 use embedfleet_fleet::worker::{ModelWorker, WorkerConfig};
-use embedfleet_models::{EmbedOptions, EmbeddingModel, ModelRegistry, WeightResolver};
+use embedfleet_models::{AudioLimits, EmbedOptions, EmbeddingModel, ModelRegistry, WeightResolver};
 use embedfleet_proto::{Input, Modality};
 
 use crate::fleet_args::{self, NatsArgs, QueueArgs, WorkerArgs};
@@ -39,7 +39,10 @@ pub fn load_models(
     let specs = fleet_args::model_specs(names)?;
     let device = worker.device.open()?;
     let registry = ModelRegistry::new(WeightResolver::from_env(worker.model_dir.clone()), device)
-        .with_dtypes(worker.dtype.clone().unwrap_or_default());
+        .with_dtypes(worker.dtype.clone().unwrap_or_default())
+        .with_audio_limits(AudioLimits {
+            max_seconds: worker.max_audio_seconds,
+        });
     specs
         .iter()
         .map(|spec| {

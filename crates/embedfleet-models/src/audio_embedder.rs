@@ -126,8 +126,12 @@ impl WhisperEmbedder {
     fn encode_window(&self, window: &[f32], frames: usize) -> candle_core::Result<Vec<f32>> {
         let features = self.mel.window_features(window);
         let input_frames = self.encoder.config().input_frames();
-        let mel = Tensor::from_vec(features, (1, self.mel.mel_bins(), input_frames), &self.device)?
-            .to_dtype(self.dtype.activation_dtype())?;
+        let mel = Tensor::from_vec(
+            features,
+            (1, self.mel.mel_bins(), input_frames),
+            &self.device,
+        )?
+        .to_dtype(self.dtype.activation_dtype())?;
         let hidden = self.encoder.forward(&mel)?.squeeze(0)?;
         mean_over_frames(&hidden, frames)
     }
@@ -161,7 +165,10 @@ impl EmbeddingModel for WhisperEmbedder {
         options: &EmbedOptions,
     ) -> Result<Vec<ModelEmbedding>, ModelError> {
         // Modality first, so a mixed batch fails before any audio is decoded.
-        if let Some(input) = inputs.iter().find(|input| !self.spec.takes(input.modality())) {
+        if let Some(input) = inputs
+            .iter()
+            .find(|input| !self.spec.takes(input.modality()))
+        {
             return Err(ModelError::UnsupportedModality {
                 model: self.spec.name.to_string(),
                 modality: input.modality(),

@@ -156,7 +156,12 @@ fn decode_mono(
         .format(
             &Hint::new(),
             stream,
-            &FormatOptions::default(),
+            // Gapless: the MP3 encoder delay and padding (LAME header) and Vorbis' pre-skip are
+            // trimmed, so every format of a clip lines up with the original samples.
+            &FormatOptions {
+                enable_gapless: true,
+                ..FormatOptions::default()
+            },
             &MetadataOptions::default(),
         )
         .map_err(|e| from_symphonia(index, e))?;
@@ -175,9 +180,7 @@ fn decode_mono(
     if !(MIN_SAMPLE_RATE..=MAX_SAMPLE_RATE).contains(&rate) {
         return Err(invalid(
             index,
-            format!(
-                "sample rate {rate} Hz is outside {MIN_SAMPLE_RATE}..={MAX_SAMPLE_RATE} Hz"
-            ),
+            format!("sample rate {rate} Hz is outside {MIN_SAMPLE_RATE}..={MAX_SAMPLE_RATE} Hz"),
         ));
     }
     if let Some(declared) = declared_rate.filter(|&declared| declared != rate) {
@@ -325,8 +328,7 @@ impl To16k {
         let Some(resampler) = &mut self.resampler else {
             return Ok(self.out);
         };
-        let expected =
-            (frames * u64::from(SAMPLE_RATE)).div_ceil(u64::from(self.rate)) as usize;
+        let expected = (frames * u64::from(SAMPLE_RATE)).div_ceil(u64::from(self.rate)) as usize;
         let delay = resampler.output_delay();
         let part = resampler
             .process_partial(Some(&[&self.pending[..]]), None)
@@ -390,6 +392,9 @@ mod tests {
     #[test]
     fn push_size_does_not_change_the_result() {
         let input = tone(44_100, 0.5, 300.0);
-        assert_eq!(resample(44_100, &input, 37), resample(44_100, &input, 10_000));
+        assert_eq!(
+            resample(44_100, &input, 37),
+            resample(44_100, &input, 10_000)
+        );
     }
 }

@@ -46,9 +46,9 @@ pub mod t5_embedder;
 pub mod text;
 pub mod tokenize;
 
-pub use candle_core::Device;
 pub use audio_embedder::WhisperEmbedder;
 pub use audio_input::AudioLimits;
+pub use candle_core::Device;
 pub use catalogue::{ModelSpec, Pooling, Prompting, CATALOGUE};
 pub use decoder_embedder::DecoderEmbedder;
 pub use device::DeviceName;

@@ -15,7 +15,9 @@ use embedfleet_proto::ErrorKind;
 use proptest::prelude::*;
 
 fn clip(name: &str) -> Vec<u8> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/audio").join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/audio")
+        .join(name);
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -62,7 +64,10 @@ fn kind(result: Result<Waveform, ModelError>) -> (ErrorKind, u16) {
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -70,12 +75,24 @@ fn every_pcm_width_of_the_same_clip_decodes_to_the_same_waveform() {
     let samples = speech_i16();
     let reference = decode(&clip("speech-16k.wav")).unwrap();
     assert_eq!(reference.samples.len(), samples.len());
-    assert_eq!((reference.source_rate, reference.source_channels), (16_000, 1));
+    assert_eq!(
+        (reference.source_rate, reference.source_channels),
+        (16_000, 1)
+    );
     assert_eq!(reference.samples[1000], f32::from(samples[1000]) / 32768.0);
 
-    let s24: Vec<u8> = samples.iter().flat_map(|&s| (i32::from(s) << 8).to_le_bytes()[..3].to_vec()).collect();
-    let s32: Vec<u8> = samples.iter().flat_map(|&s| (i32::from(s) << 16).to_le_bytes()).collect();
-    let f32le: Vec<u8> = samples.iter().flat_map(|&s| (f32::from(s) / 32768.0).to_le_bytes()).collect();
+    let s24: Vec<u8> = samples
+        .iter()
+        .flat_map(|&s| (i32::from(s) << 8).to_le_bytes()[..3].to_vec())
+        .collect();
+    let s32: Vec<u8> = samples
+        .iter()
+        .flat_map(|&s| (i32::from(s) << 16).to_le_bytes())
+        .collect();
+    let f32le: Vec<u8> = samples
+        .iter()
+        .flat_map(|&s| (f32::from(s) / 32768.0).to_le_bytes())
+        .collect();
     for (name, bytes) in [
         ("24-bit", wav(1, 1, 16_000, 24, &s24)),
         ("32-bit", wav(1, 1, 16_000, 32, &s32)),
@@ -100,10 +117,19 @@ fn other_rates_channels_and_codecs_land_on_the_16k_timeline() {
         ("speech-22k.ogg", 22_050, 1),
     ] {
         let got = decode(&clip(name)).unwrap();
-        assert_eq!((got.source_rate, got.source_channels), (rate, channels), "{name}");
+        assert_eq!(
+            (got.source_rate, got.source_channels),
+            (rate, channels),
+            "{name}"
+        );
         // Same duration to within the codec's padding (MP3 frames, Vorbis blocks): 60 ms.
         let diff = got.samples.len().abs_diff(reference.samples.len());
-        assert!(diff <= 960, "{name}: {} vs {} samples", got.samples.len(), reference.samples.len());
+        assert!(
+            diff <= 960,
+            "{name}: {} vs {} samples",
+            got.samples.len(),
+            reference.samples.len()
+        );
         let peak = got.samples.iter().fold(0.0f32, |m, s| m.max(s.abs()));
         assert!(peak > 0.1 && peak <= 1.5, "{name}: peak {peak}");
     }
@@ -123,13 +149,25 @@ fn bad_input_gets_its_code() {
     let samples: Vec<u8> = speech_i16().iter().flat_map(|s| s.to_le_bytes()).collect();
 
     // Not audio at all, and a WAV of a codec we do not decode (MPEG audio in WAV, format 0x55).
-    assert_eq!(kind(decode(b"hello, this is not a sound file at all")), (ErrorKind::UnsupportedFormat, 422));
-    assert_eq!(kind(decode(&wav(0x55, 1, 16_000, 16, &samples[..4096]))), (ErrorKind::UnsupportedFormat, 422));
+    assert_eq!(
+        kind(decode(b"hello, this is not a sound file at all")),
+        (ErrorKind::UnsupportedFormat, 422)
+    );
+    assert_eq!(
+        kind(decode(&wav(0x55, 1, 16_000, 16, &samples[..4096]))),
+        (ErrorKind::UnsupportedFormat, 422)
+    );
 
     // Truncated: the header promises more frames than the file holds.
-    assert_eq!(kind(decode(&good[..good.len() / 2])), (ErrorKind::InvalidMedia, 400));
+    assert_eq!(
+        kind(decode(&good[..good.len() / 2])),
+        (ErrorKind::InvalidMedia, 400)
+    );
     let flac = clip("speech-44k-stereo.flac");
-    assert_eq!(kind(decode(&flac[..flac.len() / 2])), (ErrorKind::InvalidMedia, 400));
+    assert_eq!(
+        kind(decode(&flac[..flac.len() / 2])),
+        (ErrorKind::InvalidMedia, 400)
+    );
     // Corrupt: FLAC frames carry CRCs.
     let mut corrupt = flac.clone();
     for byte in &mut corrupt[flac.len() / 2..flac.len() / 2 + 64] {
@@ -139,22 +177,40 @@ fn bad_input_gets_its_code() {
 
     // Impossible sample rates in the header.
     for rate in [0, 10_000_000] {
-        assert_eq!(kind(decode(&wav(1, 1, rate, 16, &samples))), (ErrorKind::InvalidMedia, 400), "{rate} Hz");
+        assert_eq!(
+            kind(decode(&wav(1, 1, rate, 16, &samples))),
+            (ErrorKind::InvalidMedia, 400),
+            "{rate} Hz"
+        );
     }
 
     // Nothing to embed: no bytes, no frames, only silence.
     assert_eq!(kind(decode(b"")), (ErrorKind::EmptyInput, 400));
-    assert_eq!(kind(decode(&wav(1, 1, 16_000, 16, &[]))), (ErrorKind::EmptyInput, 400));
-    assert_eq!(kind(decode(&wav(1, 1, 16_000, 16, &vec![0; 32_000]))), (ErrorKind::EmptyInput, 400));
+    assert_eq!(
+        kind(decode(&wav(1, 1, 16_000, 16, &[]))),
+        (ErrorKind::EmptyInput, 400)
+    );
+    assert_eq!(
+        kind(decode(&wav(1, 1, 16_000, 16, &vec![0; 32_000]))),
+        (ErrorKind::EmptyInput, 400)
+    );
 }
 
 #[test]
 fn audio_past_the_limit_is_too_large_before_it_is_decoded() {
     let short = AudioLimits { max_seconds: 1.0 };
-    for name in ["speech-16k.wav", "speech-44k-stereo.flac", "speech-44k-stereo.mp3", "speech-22k.ogg"] {
+    for name in [
+        "speech-16k.wav",
+        "speech-44k-stereo.flac",
+        "speech-44k-stereo.mp3",
+        "speech-22k.ogg",
+    ] {
         let result = decode_audio(&clip(name), None, &short, 3);
         let error = result.expect_err(name);
-        assert!(matches!(error, ModelError::AudioTooLong { index: 3, .. }), "{name}: {error}");
+        assert!(
+            matches!(error, ModelError::AudioTooLong { index: 3, .. }),
+            "{name}: {error}"
+        );
         assert_eq!(error.kind().code(), 413);
     }
     // A 44-byte header that claims eleven minutes is refused from the header alone.
@@ -186,7 +242,10 @@ fn mutated(mut bytes: Vec<u8>, mutations: &[Mutation]) -> Vec<u8> {
             Mutation::Cut { at } => bytes.truncate(at % len),
             Mutation::Splice { at, bytes: run } => {
                 let at = at % len;
-                bytes.splice(at.min(bytes.len())..at.min(bytes.len()), run.iter().copied());
+                bytes.splice(
+                    at.min(bytes.len())..at.min(bytes.len()),
+                    run.iter().copied(),
+                );
             }
         }
     }
@@ -205,7 +264,10 @@ fn mutation() -> impl Strategy<Value = Mutation> {
 /// Cases of the mutation test: 256 by default (about a second on two cores); more with
 /// `AUDIO_FUZZ_CASES` for a longer local run.
 fn fuzz_cases() -> u32 {
-    std::env::var("AUDIO_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+    std::env::var("AUDIO_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256)
 }
 
 proptest! {

@@ -55,8 +55,12 @@ fn reference() -> Reference {
 }
 
 fn clip(name: &str) -> Vec<u8> {
-    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/audio").join(name))
-        .unwrap()
+    std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/audio")
+            .join(name),
+    )
+    .unwrap()
 }
 
 /// `$EMBEDFLEET_MODELS_DIR/whisper-tiny-en` or `<repo>/models/whisper-tiny-en`, if there.
@@ -132,7 +136,9 @@ fn encoder_matches_transformers_on_tiny_en() {
     // The width rule: tiny.en loads in the 1280-wide slot and reports its own width.
     assert_eq!((model.dim(), model.spec().dim), (reference.d_model, 1280));
 
-    let got = model.embed_batch(&[audio(clip("speech-16k.wav"))], &raw()).unwrap();
+    let got = model
+        .embed_batch(&[audio(clip("speech-16k.wav"))], &raw())
+        .unwrap();
     assert_eq!(got[0].tokens, reference.positions);
     let similarity = cosine(&got[0].vector, &reference.vector);
     assert!(similarity >= 0.9999, "cosine {similarity}");
@@ -165,16 +171,24 @@ fn the_same_sentence_in_every_format_gives_near_identical_vectors() {
         "speech-22k.ogg",
     ];
     let inputs: Vec<ModelInput> = names.iter().map(|name| audio(clip(name))).collect();
-    let got = model.embed_batch(&inputs, &EmbedOptions::default()).unwrap();
+    let got = model
+        .embed_batch(&inputs, &EmbedOptions::default())
+        .unwrap();
     let reference = reference();
     for (name, embedding) in names.iter().zip(&got) {
         let format = &reference.formats[*name];
         let to_reference = cosine(&embedding.vector, &format.vector);
         let to_wav = cosine(&embedding.vector, &got[0].vector);
         eprintln!("{name}: cosine {to_reference:.5} to the reference pipeline, {to_wav:.5} to the 16 kHz WAV");
-        assert!(to_reference >= 0.999, "{name}: cosine {to_reference} to the reference pipeline");
+        assert!(
+            to_reference >= 0.999,
+            "{name}: cosine {to_reference} to the reference pipeline"
+        );
         if *name == "speech-8k.wav" {
-            assert!((to_wav - format.cosine_to_16k_wav).abs() <= 0.003, "{name}: {to_wav}");
+            assert!(
+                (to_wav - format.cosine_to_16k_wav).abs() <= 0.003,
+                "{name}: {to_wav}"
+            );
         } else {
             assert!(to_wav >= 0.99, "{name}: cosine {to_wav} to the 16 kHz WAV");
         }

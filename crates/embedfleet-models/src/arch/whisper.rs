@@ -17,7 +17,9 @@
 //! the same code. Pooling lives in the embedder (`audio_embedder.rs`).
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{conv1d, layer_norm, linear, linear_no_bias, Conv1d, Conv1dConfig, LayerNorm, Linear, VarBuilder};
+use candle_nn::{
+    conv1d, layer_norm, linear, linear_no_bias, Conv1d, Conv1dConfig, LayerNorm, Linear, VarBuilder,
+};
 use serde::Deserialize;
 
 /// The encoder's part of a Whisper `config.json`.
@@ -61,8 +63,7 @@ impl WhisperConfig {
                 self.activation_function
             ));
         }
-        if self.encoder_attention_heads == 0 || self.d_model % self.encoder_attention_heads != 0
-        {
+        if self.encoder_attention_heads == 0 || self.d_model % self.encoder_attention_heads != 0 {
             return Err(format!(
                 "d_model {} is not a multiple of encoder_attention_heads {}",
                 self.d_model, self.encoder_attention_heads
