@@ -159,6 +159,10 @@ fn text_and_audio_in_process_and_through_the_fleet() {
             }
         };
         let good = std::fs::read(&wav).unwrap();
+        // The clip's 44-byte header, saying so: a WAV of no frames.
+        let mut no_frames = good[..44].to_vec();
+        no_frames[4..8].copy_from_slice(&36u32.to_le_bytes());
+        no_frames[40..44].copy_from_slice(&0u32.to_le_bytes());
         let cases: [(Vec<u8>, Option<u32>, u16, &str); 4] = [
             (
                 b"not a sound file".to_vec(),
@@ -168,7 +172,7 @@ fn text_and_audio_in_process_and_through_the_fleet() {
             ),
             (good[..good.len() / 2].to_vec(), None, 400, "invalid_media"),
             (good.clone(), Some(44_100), 400, "invalid_media"),
-            (good[..44].to_vec(), None, 400, "empty_input"),
+            (no_frames, None, 400, "empty_input"),
         ];
         for (bytes, rate, code, kind) in cases {
             let request = EmbedRequest::items([InputItem::audio(&bytes, rate)]);
