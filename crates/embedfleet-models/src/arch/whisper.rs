@@ -63,7 +63,9 @@ impl WhisperConfig {
                 self.activation_function
             ));
         }
-        if self.encoder_attention_heads == 0 || self.d_model % self.encoder_attention_heads != 0 {
+        if self.encoder_attention_heads == 0
+            || !self.d_model.is_multiple_of(self.encoder_attention_heads)
+        {
             return Err(format!(
                 "d_model {} is not a multiple of encoder_attention_heads {}",
                 self.d_model, self.encoder_attention_heads
