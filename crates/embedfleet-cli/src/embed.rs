@@ -1,7 +1,7 @@
 //! `embedfleet embed`: the in-process pipeline, no server, or with `--nats-url` a running fleet
-//! (`embedfleet serve`) through `embedfleet-client`. Inputs come from the arguments, or one per
-//! stdin line; each becomes one JSON object on stdout, shaped like one `data` element of the wire
-//! reply, the same in both modes.
+//! (`embedfleet serve`) through `embedfleet-client`. Inputs come from the arguments (`--image`
+//! files first, then the texts), or one per stdin line; each becomes one JSON object on stdout,
+//! shaped like one `data` element of the wire reply, the same in both modes.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -15,7 +15,9 @@ use embedfleet_fleet::{Pipeline, PipelineRequest};
 use embedfleet_models::{
     DeviceName, EmbedOptions, ModelDtypes, ModelInput, ModelRegistry, WeightResolver,
 };
-use embedfleet_proto::{EmbedRequest, EmbeddingData, EncodingFormat, InputType, OutputOptions};
+use embedfleet_proto::{
+    EmbedRequest, EmbeddingData, EncodingFormat, InputItem, InputType, OutputOptions,
+};
 
 /// The models `embed` runs in this process when `--models` is not given. With `--nats-url` the
 /// fleet's own default set applies instead.
@@ -23,8 +25,15 @@ const DEFAULT_MODELS: [&str; 2] = ["minilm", "mpnet"];
 
 #[derive(Args)]
 pub struct EmbedArgs {
-    /// Texts to embed; with none, one input per stdin line.
+    /// Texts to embed; with none (and no --image), one input per stdin line.
     texts: Vec<String>,
+    /// An image file to embed (PNG, JPEG, WebP, GIF), sent as its bytes; repeat the flag for
+    /// several. Images come before the texts in the output. Only models that take images
+    /// (clip-vit-l) embed them; the others' slots are masked in the fused vector.
+    #[arg(long = "image", value_name = "FILE")]
+    images: Vec<PathBuf>,
+    #[command(flatten)]
+    image_limits: crate::fleet_args::ImageLimitArgs,
     /// Models to run, comma-separated (`embedfleet models` lists them) [default: minilm,mpnet;
     /// with --nats-url, the fleet's default set].
     #[arg(long, value_delimiter = ',')]
@@ -109,7 +118,8 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
     let resolver = WeightResolver::from_env(args.model_dir.clone());
     let registry = Arc::new(
         ModelRegistry::new(resolver, args.device.open()?)
-            .with_dtypes(args.dtype.clone().unwrap_or_default()),
+            .with_dtypes(args.dtype.clone().unwrap_or_default())
+            .with_image_limits(args.image_limits.limits()),
     );
     let pipeline = Pipeline::new(registry, &models, args.fusion_weights.as_deref())?;
     pipeline.warm_up()?;
@@ -131,8 +141,9 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
 
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    if !args.texts.is_empty() {
-        let inputs: Vec<ModelInput> = args.texts.iter().cloned().map(ModelInput::Text).collect();
+    if !args.texts.is_empty() || !args.images.is_empty() {
+        let mut inputs = file_inputs(&args.images)?;
+        inputs.extend(args.texts.iter().cloned().map(ModelInput::Text));
         emit(&pipeline, &inputs, &request, 0, &mut out)?;
         return Ok(out.flush()?);
     }
@@ -141,6 +152,23 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         emit(&pipeline, &inputs, &request, first_index, &mut out)?;
         Ok(out.flush()?)
     })
+}
+
+/// The `--image` files as inputs: their bytes as they are (the models decode them), the
+/// extension as the format hint.
+fn file_inputs(images: &[PathBuf]) -> anyhow::Result<Vec<ModelInput>> {
+    images
+        .iter()
+        .map(|path| {
+            let bytes = std::fs::read(path)
+                .with_context(|| format!("reading --image {}", path.display()))?;
+            let format = path
+                .extension()
+                .and_then(|e| e.to_str())
+                .map(str::to_ascii_lowercase);
+            Ok(ModelInput::Image { bytes, format })
+        })
+        .collect()
 }
 
 fn parse_encoding_format(text: &str) -> Result<EncodingFormat, String> {
@@ -243,27 +271,37 @@ fn run_remote(args: &EmbedArgs, url: &str) -> anyhow::Result<()> {
 
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let mut embed = |texts: Vec<String>, first_index: usize| -> anyhow::Result<()> {
-        let expected = texts.len();
+    let mut embed = |items: Vec<InputItem>, first_index: usize| -> anyhow::Result<()> {
+        let expected = items.len();
         let reply = runtime
-            .block_on(client.embed(&remote_request(args, texts)))
+            .block_on(client.embed(&remote_request(args, items)))
             .map_err(|e| remote_error(e, url))?;
         emit_reply(reply.data, expected, first_index, &mut out)?;
         Ok(out.flush()?)
     };
-    if !args.texts.is_empty() {
-        for (n, chunk) in args.texts.chunks(batch_size).enumerate() {
+    if !args.texts.is_empty() || !args.images.is_empty() {
+        let mut items: Vec<InputItem> = file_inputs(&args.images)?
+            .iter()
+            .map(ModelInput::to_item)
+            .collect();
+        items.extend(args.texts.iter().cloned().map(InputItem::text));
+        for (n, chunk) in items.chunks(batch_size).enumerate() {
             embed(chunk.to_vec(), n * batch_size)?;
         }
         return Ok(());
     }
-    for_each_stdin_chunk(batch_size, embed)
+    for_each_stdin_chunk(batch_size, |texts, first_index| {
+        embed(
+            texts.into_iter().map(InputItem::text).collect(),
+            first_index,
+        )
+    })
 }
 
-/// The embed.v1 request for `texts` under the command's flags. Without `--models` it names
+/// The embed.v1 request for `items` under the command's flags. Without `--models` it names
 /// none, so the fleet runs its own default set.
-fn remote_request(args: &EmbedArgs, texts: Vec<String>) -> EmbedRequest {
-    let mut request = EmbedRequest::texts(texts)
+fn remote_request(args: &EmbedArgs, items: Vec<InputItem>) -> EmbedRequest {
+    let mut request = EmbedRequest::items(items)
         .with_fuse(!args.no_fuse)
         .with_partials(args.partials)
         .with_normalize(!args.no_normalize)

@@ -39,7 +39,8 @@ pub fn load_models(
     let specs = fleet_args::model_specs(names)?;
     let device = worker.device.open()?;
     let registry = ModelRegistry::new(WeightResolver::from_env(worker.model_dir.clone()), device)
-        .with_dtypes(worker.dtype.clone().unwrap_or_default());
+        .with_dtypes(worker.dtype.clone().unwrap_or_default())
+        .with_image_limits(worker.images.limits());
     specs
         .iter()
         .map(|spec| {

@@ -131,15 +131,16 @@ impl Pipeline {
         }
         let widths = self.widths()?;
         let weights = self.fusion_weights.as_deref();
-        let layer = crate::fusion::build_layer(&widths, weights).map_err(|source| match weights {
-            Some(path) => PipelineError::FusionWeights {
-                path: path.to_path_buf(),
-                models: crate::fusion::names(&self.models).join(", "),
-                widths: widths.clone(),
-                source,
-            },
-            None => PipelineError::Fusion(source),
-        })?;
+        let layer =
+            crate::fusion::build_layer(&widths, weights).map_err(|source| match weights {
+                Some(path) => PipelineError::FusionWeights {
+                    path: path.to_path_buf(),
+                    models: crate::fusion::names(&self.models).join(", "),
+                    widths: widths.clone(),
+                    source,
+                },
+                None => PipelineError::Fusion(source),
+            })?;
         // Two first calls may both build; the layers are identical and one is kept.
         Ok(self.fusion.get_or_init(|| layer))
     }

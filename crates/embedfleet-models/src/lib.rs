@@ -8,9 +8,11 @@
 //! - [`dtype`]: the weight dtypes (f32, f16, bf16, q8_0, q4k) and the per-model `--dtype` flag.
 //! - [`resolve`]: where weights come from (local directory, HF cache, hub).
 //! - [`text`]: tokenizer + encoder + pooling for transformer text encoders.
-//! - [`arch`]: one file per architecture (`bert.rs`, `mpnet.rs`, `t5.rs`, `mistral.rs`) over shared layers,
+//! - [`arch`]: one file per architecture (`bert.rs`, `mpnet.rs`, `t5.rs`, `mistral.rs`, `clip.rs`) over shared layers,
 //!   their linear layers dense or quantised (`arch/projection.rs`).
 //! - [`t5_embedder`]: the T5 sentence encoders (sentence-t5, INSTRUCTOR and its instructions).
+//! - [`clip_embedder`]: CLIP (`clip-vit-l`): images to the vision tower, text to the text tower;
+//!   [`image_input`]: image decoding, limits and `CLIPImageProcessor`'s preprocessing.
 //! - [`st_modules`]: sentence-transformers module folders (pooling, `Dense` heads, `Normalize`).
 //! - [`decoder_embedder`]: e5-mistral: query template, EOS, decoder, last-token pooling.
 //! - [`packed`]: padding-free batches and the attention that runs on them.
@@ -23,12 +25,14 @@
 
 pub mod arch;
 pub mod catalogue;
+pub mod clip_embedder;
 pub mod cpu_kernels;
 pub mod decoder_embedder;
 pub mod decoder_kernels;
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod image_input;
 pub mod model;
 pub mod packed;
 mod passes;
@@ -42,6 +46,7 @@ pub mod tokenize;
 
 pub use candle_core::Device;
 pub use catalogue::{ModelSpec, Pooling, Prompting, CATALOGUE};
+pub use clip_embedder::ClipEmbedder;
 pub use decoder_embedder::DecoderEmbedder;
 pub use device::DeviceName;
 pub use dtype::{Dtype, DtypeError, ModelDtypes};
@@ -49,6 +54,7 @@ pub use dtype::{Dtype, DtypeError, ModelDtypes};
 /// crate.
 pub use embedfleet_proto::InputType;
 pub use error::ModelError;
+pub use image_input::ImageLimits;
 pub use model::{EmbedOptions, EmbeddingModel, ModelEmbedding, ModelInput};
 pub use registry::ModelRegistry;
 pub use resolve::{ModelFiles, WeightFiles, WeightResolver};

@@ -9,10 +9,12 @@ use candle_core::Device;
 use once_cell::sync::OnceCell;
 
 use crate::catalogue::{self, Architecture, ModelSpec};
+use crate::clip_embedder::ClipEmbedder;
 use crate::decoder_embedder::DecoderEmbedder;
 use crate::device::check_fits;
 use crate::dtype::{Dtype, ModelDtypes};
 use crate::error::ModelError;
+use crate::image_input::ImageLimits;
 use crate::model::EmbeddingModel;
 use crate::resolve::WeightResolver;
 use crate::t5_embedder::T5Embedder;
@@ -25,6 +27,8 @@ pub struct ModelRegistry {
     device: Device,
     /// The dtype of each model; by default the device's (f32 on a CPU).
     dtypes: ModelDtypes,
+    /// Bounds on image inputs (CLIP), checked before decoding.
+    image_limits: ImageLimits,
     /// One cell per model name. The map lock is held only to find the cell; the load itself runs
     /// under the cell, so loading one model never blocks users of another.
     slots: Mutex<HashMap<&'static str, Slot>>,
@@ -38,6 +42,7 @@ impl ModelRegistry {
             resolver,
             device,
             dtypes: ModelDtypes::default(),
+            image_limits: ImageLimits::default(),
             slots: Mutex::default(),
             loads: AtomicUsize::new(0),
         }
@@ -46,6 +51,12 @@ impl ModelRegistry {
     /// Loads each model at the dtype `dtypes` gives it.
     pub fn with_dtypes(mut self, dtypes: ModelDtypes) -> Self {
         self.dtypes = dtypes;
+        self
+    }
+
+    /// Bounds image inputs by `limits` instead of the defaults.
+    pub fn with_image_limits(mut self, limits: ImageLimits) -> Self {
+        self.image_limits = limits;
         self
     }
 
@@ -63,7 +74,7 @@ impl ModelRegistry {
             slots.entry(spec.name).or_default().clone()
         };
         slot.get_or_try_init(|| {
-            let model = load(spec, &self.resolver, &self.device, self.dtype_of(spec))?;
+            let model = load(spec, self, self.dtype_of(spec))?;
             self.loads.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
                 model = spec.name,
@@ -106,15 +117,16 @@ pub fn runs(architecture: Architecture) -> bool {
             | Architecture::MpNet
             | Architecture::T5Encoder
             | Architecture::Mistral
+            | Architecture::Clip
     )
 }
 
 fn load(
     spec: &'static ModelSpec,
-    resolver: &WeightResolver,
-    device: &Device,
+    registry: &ModelRegistry,
     dtype: Dtype,
 ) -> Result<Arc<dyn EmbeddingModel>, ModelError> {
+    let (resolver, device) = (&registry.resolver, &registry.device);
     if !runs(spec.architecture) {
         return Err(ModelError::ArchitectureUnavailable {
             model: spec.name.to_string(),
@@ -129,6 +141,13 @@ fn load(
     Ok(match spec.architecture {
         Architecture::T5Encoder => Arc::new(T5Embedder::load_at(spec, &files, device, dtype)?),
         Architecture::Mistral => Arc::new(DecoderEmbedder::load_at(spec, &files, device, dtype)?),
+        Architecture::Clip => Arc::new(ClipEmbedder::load_at(
+            spec,
+            &files,
+            device,
+            dtype,
+            registry.image_limits,
+        )?),
         _ => Arc::new(TextEmbedder::load_at(spec, &files, device, dtype)?),
     })
 }

@@ -33,6 +33,11 @@ pub enum ErrorKind {
     InputTooLong,
     /// A requested model cannot take the modality of an input.
     UnsupportedModality,
+    /// An image or audio payload that does not decode: corrupt, truncated.
+    InvalidMedia,
+    /// Media in a format the server does not decode, or that it cannot embed (an image under the
+    /// minimum size).
+    UnsupportedMedia,
     /// The fleet is at its in-flight limit; retry later.
     Overloaded,
     /// No worker currently serves a needed model.
@@ -45,7 +50,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, in declaration order (for tests and documentation tables).
-    pub const ALL: [ErrorKind; 12] = [
+    pub const ALL: [ErrorKind; 14] = [
         ErrorKind::InvalidPayload,
         ErrorKind::BadRequest,
         ErrorKind::EmptyInput,
@@ -58,6 +63,8 @@ impl ErrorKind {
         ErrorKind::NoWorker,
         ErrorKind::Timeout,
         ErrorKind::Internal,
+        ErrorKind::InvalidMedia,
+        ErrorKind::UnsupportedMedia,
     ];
 
     /// The HTTP-like status code, sent as `Nats-Service-Error-Code` and in [`ErrorDetail::code`].
@@ -66,10 +73,11 @@ impl ErrorKind {
             ErrorKind::InvalidPayload
             | ErrorKind::BadRequest
             | ErrorKind::EmptyInput
-            | ErrorKind::InvalidBase64 => 400,
+            | ErrorKind::InvalidBase64
+            | ErrorKind::InvalidMedia => 400,
             ErrorKind::UnknownModel => 404,
             ErrorKind::TooLarge | ErrorKind::InputTooLong => 413,
-            ErrorKind::UnsupportedModality => 422,
+            ErrorKind::UnsupportedModality | ErrorKind::UnsupportedMedia => 422,
             ErrorKind::Overloaded => 429,
             ErrorKind::NoWorker | ErrorKind::Timeout => 503,
             ErrorKind::Internal => 500,
@@ -87,6 +95,8 @@ impl ErrorKind {
             ErrorKind::TooLarge => "too_large",
             ErrorKind::InputTooLong => "input_too_long",
             ErrorKind::UnsupportedModality => "unsupported_modality",
+            ErrorKind::InvalidMedia => "invalid_media",
+            ErrorKind::UnsupportedMedia => "unsupported_media",
             ErrorKind::Overloaded => "overloaded",
             ErrorKind::NoWorker => "no_worker",
             ErrorKind::Timeout => "timeout",
@@ -307,7 +317,9 @@ mod tests {
 
     #[test]
     fn codes_match_the_contract() {
-        let expected = [400, 400, 400, 400, 404, 413, 413, 422, 429, 503, 503, 500];
+        let expected = [
+            400, 400, 400, 400, 404, 413, 413, 422, 429, 503, 503, 500, 400, 422,
+        ];
         let got: Vec<u16> = ErrorKind::ALL.iter().map(|k| k.code()).collect();
         assert_eq!(got, expected);
     }
