@@ -93,9 +93,7 @@ fn bench_model(
     };
     let registry =
         ModelRegistry::new(resolver, device.clone()).with_dtypes(ModelDtypes::all(dtype));
-    let model = registry
-        .get(model)
-        .unwrap_or_else(|e| panic!("{label}: {e}"));
+    let model = registry.get(model).unwrap_or_else(|e| panic!("{label}: {e}"));
     let mut group = criterion.benchmark_group("gpu_per_model_latency");
     group
         .warm_up_time(Duration::from_secs(1))
@@ -136,10 +134,7 @@ fn bench_fusion(criterion: &mut Criterion) {
                     .collect()
             })
             .collect();
-        for (precision, name) in [
-            (WeightPrecision::F32, "f32"),
-            (WeightPrecision::Bf16, "bf16"),
-        ] {
+        for (precision, name) in [(WeightPrecision::F32, "f32"), (WeightPrecision::Bf16, "bf16")] {
             let gpu = CudaFuseMoe::new(&model, precision, 0).expect("layer uploads");
             let mut group = criterion.benchmark_group("gpu_fusemoe_fusion");
             group

@@ -31,15 +31,7 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
     // Weight memory per dtype; activations come on top (see docs/architecture.md).
     println!(
         "{:<4} {:<16} {:>5} {:>6} {:<10} {:<12} {:>7} {:>12} {:<4} {:<12}  hf repo",
-        "id",
-        "name",
-        "dim",
-        "maxlen",
-        "pooling",
-        "takes",
-        "f32 GiB",
-        "f16/bf16 GiB",
-        "runs",
+        "id", "name", "dim", "maxlen", "pooling", "takes", "f32 GiB", "f16/bf16 GiB", "runs",
         "prompting"
     );
     let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;

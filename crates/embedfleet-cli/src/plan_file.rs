@@ -46,8 +46,8 @@ pub fn read_plan(path: &Path) -> anyhow::Result<Vec<DeviceGroup>> {
 }
 
 fn parse_plan(text: &str) -> anyhow::Result<Vec<DeviceGroup>> {
-    let plan: PlanJson = serde_json::from_str(text)
-        .context("not a plan written by `embedfleet plan --format json`")?;
+    let plan: PlanJson =
+        serde_json::from_str(text).context("not a plan written by `embedfleet plan --format json`")?;
     let groups: Vec<DeviceGroup> = plan
         .devices
         .into_iter()
@@ -93,16 +93,8 @@ mod tests {
     #[test]
     fn an_empty_or_foreign_file_is_a_clear_error() {
         let empty = r#"{"devices": [{"device": {"index": 0}, "models": []}]}"#;
-        assert!(parse_plan(empty)
-            .unwrap_err()
-            .to_string()
-            .contains("no models"));
+        assert!(parse_plan(empty).unwrap_err().to_string().contains("no models"));
         let foreign = parse_plan(r#"{"models": ["minilm"]}"#).unwrap_err();
-        assert!(
-            foreign
-                .to_string()
-                .contains("embedfleet plan --format json"),
-            "{foreign}"
-        );
+        assert!(foreign.to_string().contains("embedfleet plan --format json"), "{foreign}");
     }
 }

@@ -13,8 +13,8 @@ use embedfleet_fleet::worker::{ModelWorker, WorkerConfig};
 
 use crate::coordinator::{FUSION_BUILT, SERVING};
 use crate::fleet_args::{self, CacheArgs, CoordinatorArgs, QueueArgs, WorkerArgs};
-use crate::http_args::{HttpArgs, RoleHttp};
 use crate::plan_file::{read_plan, DeviceGroup};
+use crate::http_args::{HttpArgs, RoleHttp};
 use crate::worker::{declare_queues, load_models, CONSUMERS_BOUND, MODELS_LOADED};
 
 #[derive(Args)]
@@ -60,13 +60,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     for group in &groups {
         let dtype = match group.dtypes.is_empty() {
             true => args.worker.dtype.clone(),
-            false => Some(
-                group
-                    .dtypes
-                    .join(",")
-                    .parse()
-                    .map_err(|e| anyhow::anyhow!("--plan: dtypes of {}: {e}", group.device))?,
-            ),
+            false => Some(group.dtypes.join(",").parse().map_err(|e| {
+                anyhow::anyhow!("--plan: dtypes of {}: {e}", group.device)
+            })?),
         };
         let worker = WorkerArgs {
             device: group.device,

@@ -30,13 +30,7 @@ const TEXT_MODELS: [(&str, &str, usize); 10] = [
 ];
 
 /// The BERT-family fixture models alone (all narrower than their catalogue slots).
-const BERT_FAMILY: [&str; 5] = [
-    "bge-large",
-    "codebert",
-    "contriever",
-    "dragon-plus",
-    "gte-large",
-];
+const BERT_FAMILY: [&str; 5] = ["bge-large", "codebert", "contriever", "dragon-plus", "gte-large"];
 
 fn checkpoints() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

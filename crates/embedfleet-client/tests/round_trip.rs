@@ -54,9 +54,7 @@ async fn start_fleet(url: &str, config: CoordinatorConfig) -> Fleet {
         .expect("cache");
     let fusion = FusionStage::seeded();
     // Built up front, as `serve` does, so that no request's deadline pays for it.
-    let layer = fusion
-        .layer(&default_set(), &catalogue_widths(&default_set()))
-        .expect("fusion layer");
+    let layer = fusion.layer(&default_set(), &catalogue_widths(&default_set())).expect("fusion layer");
     let coordinator = Coordinator::new(
         connect().await,
         config,

@@ -99,9 +99,8 @@ mod gpu {
         /// Checks the driver and that a context opens on `ordinal` (uploading a tiny layer).
         pub fn open(ordinal: usize) -> Result<Self, String> {
             cuda_available().map_err(|e| e.to_string())?;
-            let probe =
-                FuseMoe::from_seed(embedfleet_fusion::FuseMoeConfig::for_input_dims(vec![8]), 0)
-                    .map_err(|e| e.to_string())?;
+            let probe = FuseMoe::from_seed(embedfleet_fusion::FuseMoeConfig::for_input_dims(vec![8]), 0)
+                .map_err(|e| e.to_string())?;
             CudaFuseMoe::new(&probe, WeightPrecision::F32, ordinal).map_err(|e| e.to_string())?;
             Ok(GpuLayers {
                 ordinal,
@@ -143,14 +142,10 @@ mod tests {
     fn a_gpu_that_cannot_be_opened_falls_back_to_the_cpu_and_fuses_the_same() {
         let device = FusionDevice::open(DeviceName::Cuda(97));
         assert_eq!(device.name(), DeviceName::Cpu);
-        let layer =
-            Arc::new(FuseMoe::from_seed(FuseMoeConfig::for_input_dims(vec![4, 6]), 3).unwrap());
+        let layer = Arc::new(FuseMoe::from_seed(FuseMoeConfig::for_input_dims(vec![4, 6]), 3).unwrap());
         let (a, b) = (vec![0.5f32; 4], vec![-0.25f32; 6]);
         let rows = vec![vec![Some(&a[..]), Some(&b[..])]];
         let fused = device.fuse_batch(&layer, &rows).unwrap();
-        assert_eq!(
-            fused[0].embedding,
-            layer.fuse_batch(&rows).unwrap()[0].embedding
-        );
+        assert_eq!(fused[0].embedding, layer.fuse_batch(&rows).unwrap()[0].embedding);
     }
 }

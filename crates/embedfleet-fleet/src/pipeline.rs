@@ -131,16 +131,15 @@ impl Pipeline {
         }
         let widths = self.widths()?;
         let weights = self.fusion_weights.as_deref();
-        let layer =
-            crate::fusion::build_layer(&widths, weights).map_err(|source| match weights {
-                Some(path) => PipelineError::FusionWeights {
-                    path: path.to_path_buf(),
-                    models: crate::fusion::names(&self.models).join(", "),
-                    widths: widths.clone(),
-                    source,
-                },
-                None => PipelineError::Fusion(source),
-            })?;
+        let layer = crate::fusion::build_layer(&widths, weights).map_err(|source| match weights {
+            Some(path) => PipelineError::FusionWeights {
+                path: path.to_path_buf(),
+                models: crate::fusion::names(&self.models).join(", "),
+                widths: widths.clone(),
+                source,
+            },
+            None => PipelineError::Fusion(source),
+        })?;
         // Two first calls may both build; the layers are identical and one is kept.
         Ok(self.fusion.get_or_init(|| layer))
     }
@@ -269,6 +268,10 @@ fn renumber(error: ModelError, taken: &[usize], first_index: usize) -> ModelErro
             index: global(index),
             tokens,
             max,
+        },
+        ModelError::BadImage { index, source } => ModelError::BadImage {
+            index: global(index),
+            source,
         },
         other => other,
     }
