@@ -4,13 +4,18 @@
     pip install -r requirements.txt        # nats-py
     embedfleet serve                       # prints the NATS URL it listens on
     python3 embed.py nats://127.0.0.1:PORT
+    python3 embed.py nats://127.0.0.1:PORT --image cat.png    # an image too (needs clip-vit-l)
 
-The URL comes from the first argument, else $NATS_URL, else nats://127.0.0.1:4222. The request
+The URL comes from the first argument, else $NATS_URL, else nats://127.0.0.1:4222. With
+`--image FILE` the request carries the image (base64, `image_b64`) before the text, and names
+clip-vit-l and minilm, so the fleet must serve both (`embedfleet serve --models clip-vit-l,minilm`):
+the image's vector comes from CLIP alone, the text's from both. The request
 is the embed.v1 JSON of docs/protocol.md; any NATS client in any language can send it the same
 way. Exits 1 with a one-line message when the fleet cannot answer.
 """
 
 import asyncio
+import base64
 import json
 import os
 import sys
@@ -30,7 +35,15 @@ def fail(message: str) -> None:
 
 
 async def main() -> None:
-    url = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
+    args = sys.argv[1:]
+    image = None
+    if "--image" in args:
+        at = args.index("--image")
+        if at + 1 >= len(args):
+            fail("--image needs a file")
+        image = args[at + 1]
+        del args[at : at + 2]
+    url = args[0] if args else os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
 
     # 1. Connect. nats-py retries a refused server (60 times, 2 s apart, by default); one retry
     #    is enough here, so a wrong URL fails in about a second. Note that 0 retries means
@@ -55,6 +68,19 @@ async def main() -> None:
         #    comes back in the same one). Every option besides `input` takes its default: the
         #    fleet's models, fused, normalised, truncated.
         request = {"input": "hello"}
+        if image is not None:
+            # Media travel as standard base64 of the file's bytes; `format` is only a hint (the
+            # server sniffs the bytes). Images reach only the models that take them.
+            try:
+                with open(image, "rb") as file:
+                    encoded = base64.b64encode(file.read()).decode()
+            except OSError as error:
+                fail(f"cannot read {image}: {error}")
+            format_hint = os.path.splitext(image)[1].lstrip(".").lower() or None
+            request = {
+                "inputs": [{"image_b64": encoded, "format": format_hint}, {"text": "hello"}],
+                "models": ["clip-vit-l", "minilm"],
+            }
         try:
             reply = await nc.request(
                 EMBED_ENDPOINT,
@@ -79,12 +105,12 @@ async def main() -> None:
 
         # 4. The reply: one `data` element per input, with the fused vector in `embedding`.
         body = json.loads(reply.data)
-        first = body["data"][0]
-        vector = first["embedding"]
-        head = ", ".join(f"{x:+.4f}" for x in vector[:5])
         print(f"model: {body['model']}")
-        print(f"dimension: {len(vector)}")
-        print(f"first values: [{head}, ...]")
+        for element in body["data"]:
+            vector = element["embedding"]
+            head = ", ".join(f"{x:+.4f}" for x in vector[:5])
+            print(f"input {element['index']}: dimension {len(vector)}, first values: [{head}, ...]")
+        first = body["data"][0]
         print(f"cached: {first.get('cached', False)}, tokens: {body['usage']['prompt_tokens']}")
     finally:
         await nc.close()

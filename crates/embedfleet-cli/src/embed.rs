@@ -1,7 +1,7 @@
 //! `embedfleet embed`: the in-process pipeline, no server, or with `--nats-url` a running fleet
-//! (`embedfleet serve`) through `embedfleet-client`. Inputs come from the arguments (texts, then
-//! `--audio` files), or one per stdin line; each becomes one JSON object on stdout, shaped like
-//! one `data` element of the wire reply, the same in both modes.
+//! (`embedfleet serve`) through `embedfleet-client`. Inputs come from the arguments (`--image`
+//! files first, then the texts, then `--audio` files), or one per stdin line; each becomes one
+//! JSON object on stdout, shaped like one `data` element of the wire reply, the same in both modes.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -25,7 +25,7 @@ const DEFAULT_MODELS: [&str; 2] = ["minilm", "mpnet"];
 
 #[derive(Args)]
 pub struct EmbedArgs {
-    /// Texts to embed; with none (and no --audio), one input per stdin line.
+    /// Texts to embed; with none (and no --image or --audio), one input per stdin line.
     texts: Vec<String>,
     /// Audio files to embed (WAV, FLAC, MP3, Ogg Vorbis; whisper-large reads them), after the
     /// texts in the output.
@@ -34,6 +34,13 @@ pub struct EmbedArgs {
     /// Longest audio embedded in process, in seconds; longer is refused.
     #[arg(long, env = "EMBEDFLEET_MAX_AUDIO_SECONDS", default_value_t = 600.0)]
     max_audio_seconds: f64,
+    /// An image file to embed (PNG, JPEG, WebP, GIF), sent as its bytes; repeat the flag for
+    /// several. Images come before the texts in the output. Only models that take images
+    /// (clip-vit-l) embed them; the others' slots are masked in the fused vector.
+    #[arg(long = "image", value_name = "FILE")]
+    images: Vec<PathBuf>,
+    #[command(flatten)]
+    image_limits: crate::fleet_args::ImageLimitArgs,
     /// Models to run, comma-separated (`embedfleet models` lists them) [default: minilm,mpnet;
     /// with --nats-url, the fleet's default set].
     #[arg(long, value_delimiter = ',')]
@@ -121,7 +128,8 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
             .with_dtypes(args.dtype.clone().unwrap_or_default())
             .with_audio_limits(AudioLimits {
                 max_seconds: args.max_audio_seconds,
-            }),
+            })
+            .with_image_limits(args.image_limits.limits()),
     );
     let pipeline = Pipeline::new(registry, &models, args.fusion_weights.as_deref())?;
     pipeline.warm_up()?;
@@ -143,10 +151,8 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
 
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    if !args.texts.is_empty() || !args.audio.is_empty() {
-        let mut inputs: Vec<ModelInput> =
-            args.texts.iter().cloned().map(ModelInput::Text).collect();
-        inputs.extend(audio_inputs(&args.audio)?);
+    if has_argument_inputs(&args) {
+        let inputs = argument_inputs(&args)?;
         emit(&pipeline, &inputs, &request, 0, &mut out)?;
         return Ok(out.flush()?);
     }
@@ -157,32 +163,49 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
     })
 }
 
-/// Files larger than this are refused before they are read; the decoder's duration limit
-/// bounds what a smaller file may expand to.
+/// Files larger than this are refused before they are read; the decoders' own limits (image
+/// dimensions, audio duration) bound what a smaller file may expand to.
 const MAX_MEDIA_FILE_BYTES: u64 = 256 << 20;
 
-/// The `--audio` files as inputs, each read whole (the container says its own rate).
-fn audio_inputs(paths: &[PathBuf]) -> anyhow::Result<Vec<ModelInput>> {
-    paths
-        .iter()
-        .map(|path| {
-            let size = std::fs::metadata(path)
-                .with_context(|| format!("reading {}", path.display()))?
-                .len();
-            if size > MAX_MEDIA_FILE_BYTES {
-                bail!(
-                    "{} is {size} bytes, over {MAX_MEDIA_FILE_BYTES}",
-                    path.display()
-                );
-            }
-            let bytes =
-                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            Ok(ModelInput::Audio {
-                bytes,
-                sample_rate: None,
-            })
-        })
-        .collect()
+fn has_argument_inputs(args: &EmbedArgs) -> bool {
+    !args.texts.is_empty() || !args.images.is_empty() || !args.audio.is_empty()
+}
+
+/// The inputs named on the command line: `--image` files, then the texts, then `--audio` files.
+fn argument_inputs(args: &EmbedArgs) -> anyhow::Result<Vec<ModelInput>> {
+    let mut inputs = Vec::new();
+    for path in &args.images {
+        let bytes = read_media_file(path, "--image")?;
+        // The extension is only a hint: the decoder sniffs the bytes.
+        let format = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
+        inputs.push(ModelInput::Image { bytes, format });
+    }
+    inputs.extend(args.texts.iter().cloned().map(ModelInput::Text));
+    for path in &args.audio {
+        // The container says its own sample rate.
+        let bytes = read_media_file(path, "--audio")?;
+        inputs.push(ModelInput::Audio {
+            bytes,
+            sample_rate: None,
+        });
+    }
+    Ok(inputs)
+}
+
+fn read_media_file(path: &std::path::Path, flag: &str) -> anyhow::Result<Vec<u8>> {
+    let size = std::fs::metadata(path)
+        .with_context(|| format!("reading {flag} {}", path.display()))?
+        .len();
+    if size > MAX_MEDIA_FILE_BYTES {
+        bail!(
+            "{flag} {} is {size} bytes, over {MAX_MEDIA_FILE_BYTES}",
+            path.display()
+        );
+    }
+    std::fs::read(path).with_context(|| format!("reading {flag} {}", path.display()))
 }
 
 fn parse_encoding_format(text: &str) -> Result<EncodingFormat, String> {
@@ -285,44 +308,36 @@ fn run_remote(args: &EmbedArgs, url: &str) -> anyhow::Result<()> {
 
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    if !args.audio.is_empty() {
-        // Texts and audio as `inputs` items, in the in-process order.
-        let mut items: Vec<InputItem> = args.texts.iter().map(InputItem::text).collect();
-        for input in audio_inputs(&args.audio)? {
-            items.push(input.to_item());
-        }
-        for (n, chunk) in items.chunks(batch_size).enumerate() {
-            let mut request = remote_request(args, Vec::new());
-            request.input = None;
-            request.inputs = Some(chunk.to_vec());
-            let reply = runtime
-                .block_on(client.embed(&request))
-                .map_err(|e| remote_error(e, url))?;
-            emit_reply(reply.data, chunk.len(), n * batch_size, &mut out)?;
-        }
-        return Ok(out.flush()?);
-    }
-    let mut embed = |texts: Vec<String>, first_index: usize| -> anyhow::Result<()> {
-        let expected = texts.len();
+    let mut embed = |items: Vec<InputItem>, first_index: usize| -> anyhow::Result<()> {
+        let expected = items.len();
         let reply = runtime
-            .block_on(client.embed(&remote_request(args, texts)))
+            .block_on(client.embed(&remote_request(args, items)))
             .map_err(|e| remote_error(e, url))?;
         emit_reply(reply.data, expected, first_index, &mut out)?;
         Ok(out.flush()?)
     };
-    if !args.texts.is_empty() {
-        for (n, chunk) in args.texts.chunks(batch_size).enumerate() {
+    if has_argument_inputs(args) {
+        let items: Vec<InputItem> = argument_inputs(args)?
+            .iter()
+            .map(ModelInput::to_item)
+            .collect();
+        for (n, chunk) in items.chunks(batch_size).enumerate() {
             embed(chunk.to_vec(), n * batch_size)?;
         }
         return Ok(());
     }
-    for_each_stdin_chunk(batch_size, embed)
+    for_each_stdin_chunk(batch_size, |texts, first_index| {
+        embed(
+            texts.into_iter().map(InputItem::text).collect(),
+            first_index,
+        )
+    })
 }
 
-/// The embed.v1 request for `texts` under the command's flags. Without `--models` it names
+/// The embed.v1 request for `items` under the command's flags. Without `--models` it names
 /// none, so the fleet runs its own default set.
-fn remote_request(args: &EmbedArgs, texts: Vec<String>) -> EmbedRequest {
-    let mut request = EmbedRequest::texts(texts)
+fn remote_request(args: &EmbedArgs, items: Vec<InputItem>) -> EmbedRequest {
+    let mut request = EmbedRequest::items(items)
         .with_fuse(!args.no_fuse)
         .with_partials(args.partials)
         .with_normalize(!args.no_normalize)

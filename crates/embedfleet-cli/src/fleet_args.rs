@@ -14,7 +14,7 @@ use embedfleet_cache::{CacheConfig, VectorCache};
 use embedfleet_fleet::fusion::{catalogue_widths, FusionStage};
 use embedfleet_fleet::fusion_device::FusionDevice;
 use embedfleet_fleet::{BatchConfig, CoordinatorConfig, QueueConfig};
-use embedfleet_models::{catalogue, DeviceName, ModelDtypes, ModelSpec};
+use embedfleet_models::{catalogue, DeviceName, ImageLimits, ModelDtypes, ModelSpec};
 
 /// Where NATS is.
 #[derive(Args, Debug, Clone)]
@@ -222,6 +222,32 @@ pub struct WorkerArgs {
     /// other workers and this worker reports itself unready until the call returns (0: off).
     #[arg(long, default_value_t = 120_000)]
     pub hung_after_ms: u64,
+    #[command(flatten)]
+    pub images: ImageLimitArgs,
+}
+
+/// Bounds on image inputs (clip-vit-l), checked on the declared dimensions before decoding:
+/// past them an image is refused with 413, so a decompression bomb costs a header read.
+#[derive(Args, Clone, Debug)]
+pub struct ImageLimitArgs {
+    /// Widest and tallest image accepted, in pixels.
+    #[arg(long, env = "EMBEDFLEET_IMAGE_MAX_SIDE", default_value_t = 8192,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub image_max_side: u32,
+    /// Most pixels (width x height) in one image.
+    #[arg(long, env = "EMBEDFLEET_IMAGE_MAX_PIXELS", default_value_t = 64_000_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub image_max_pixels: u64,
+}
+
+impl ImageLimitArgs {
+    pub fn limits(&self) -> ImageLimits {
+        ImageLimits {
+            max_side: self.image_max_side,
+            max_pixels: self.image_max_pixels,
+            ..ImageLimits::default()
+        }
+    }
 }
 
 impl WorkerArgs {

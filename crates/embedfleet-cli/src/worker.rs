@@ -42,7 +42,8 @@ pub fn load_models(
         .with_dtypes(worker.dtype.clone().unwrap_or_default())
         .with_audio_limits(AudioLimits {
             max_seconds: worker.max_audio_seconds,
-        });
+        })
+        .with_image_limits(worker.images.limits());
     specs
         .iter()
         .map(|spec| {

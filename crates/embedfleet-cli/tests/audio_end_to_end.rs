@@ -168,7 +168,7 @@ fn text_and_audio_in_process_and_through_the_fleet() {
                 b"not a sound file".to_vec(),
                 None,
                 422,
-                "unsupported_format",
+                "unsupported_media",
             ),
             (good[..good.len() / 2].to_vec(), None, 400, "invalid_media"),
             (good.clone(), Some(44_100), 400, "invalid_media"),

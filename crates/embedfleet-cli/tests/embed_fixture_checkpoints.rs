@@ -257,7 +257,7 @@ fn models_says_which_architectures_run() {
         assert_eq!(runs(name), Some(Value::Bool(true)), "{name}");
     }
     assert_eq!(runs("whisper-large"), Some(Value::Bool(true)));
-    assert_eq!(runs("clip-vit-l"), Some(Value::Bool(false)));
+    assert_eq!(runs("clip-vit-l"), Some(Value::Bool(true)));
     assert_eq!(rows.len(), 12);
     let bge = rows.iter().find(|row| row["name"] == "bge-large").unwrap();
     assert_eq!(bge["prompting"], "query-prefix");

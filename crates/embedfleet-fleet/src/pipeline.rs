@@ -270,6 +270,10 @@ fn renumber(error: ModelError, taken: &[usize], first_index: usize) -> ModelErro
             tokens,
             max,
         },
+        ModelError::BadImage { index, source } => ModelError::BadImage {
+            index: global(index),
+            source,
+        },
         other => other,
     }
 }

@@ -11,7 +11,7 @@
 //!   decoded length as it grows, so a small file that claims hours stops early.
 //!
 //! Every failure is a typed [`ModelError`] with its wire code: `invalid_media` (400) for bytes
-//! that do not decode or declare impossible parameters, `unsupported_format` (422) for
+//! that do not decode or declare impossible parameters, `unsupported_media` (422) for
 //! containers and codecs outside the list above, `empty_input` (400) for no samples or only
 //! silence, `too_large` (413) past the limit. A panic inside a decoder is caught and reported
 //! as `invalid_media`: outside bytes never take the worker down.

@@ -76,6 +76,14 @@ pub enum ModelError {
         reason: String,
     },
 
+    /// An image input that cannot be embedded (corrupt, unsupported, too large: its kind says).
+    #[error("input {index}: {source}")]
+    BadImage {
+        index: usize,
+        #[source]
+        source: crate::image_input::ImageInputError,
+    },
+
     #[error("tokenizing for `{model}` failed: {reason}")]
     Tokenize { model: String, reason: String },
 
@@ -112,9 +120,10 @@ impl ModelError {
             Self::UnsupportedModality { .. } => ErrorKind::UnsupportedModality,
             Self::EmptyInput { .. } | Self::SilentAudio { .. } => ErrorKind::EmptyInput,
             Self::InvalidMedia { .. } => ErrorKind::InvalidMedia,
-            Self::UnsupportedFormat { .. } => ErrorKind::UnsupportedFormat,
+            Self::UnsupportedFormat { .. } => ErrorKind::UnsupportedMedia,
             Self::AudioTooLong { .. } => ErrorKind::TooLarge,
             Self::InputTooLong { .. } | Self::InstructionTooLong { .. } => ErrorKind::InputTooLong,
+            Self::BadImage { source, .. } => source.kind(),
             // The model exists in the catalogue but this node cannot serve it: another node may.
             Self::WeightsNotFound { .. }
             | Self::ArchitectureUnavailable { .. }
@@ -144,6 +153,7 @@ impl ModelError {
                 | Self::UnsupportedFormat { .. }
                 | Self::AudioTooLong { .. }
                 | Self::SilentAudio { .. }
+                | Self::BadImage { .. }
         )
     }
 

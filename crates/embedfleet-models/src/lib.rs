@@ -9,11 +9,13 @@
 //! - [`resolve`]: where weights come from (local directory, HF cache, hub).
 //! - [`text`]: tokenizer + encoder + pooling for transformer text encoders.
 //! - [`arch`]: one file per architecture (`bert.rs`, `mpnet.rs`, `t5.rs`, `mistral.rs`,
-//!   `whisper.rs`) over shared layers, their linear layers dense or quantised
+//!   `whisper.rs`, `clip.rs`) over shared layers, their linear layers dense or quantised
 //!   (`arch/projection.rs`).
 //! - [`audio_embedder`]: whisper-large: audio bytes to a pooled Whisper encoder vector, over
 //!   [`audio_input`] (decode, mono, 16 kHz, limits) and [`mel`] (Whisper's log-mel features).
 //! - [`t5_embedder`]: the T5 sentence encoders (sentence-t5, INSTRUCTOR and its instructions).
+//! - [`clip_embedder`]: CLIP (`clip-vit-l`): images to the vision tower, text to the text tower;
+//!   [`image_input`]: image decoding, limits and `CLIPImageProcessor`'s preprocessing.
 //! - [`st_modules`]: sentence-transformers module folders (pooling, `Dense` heads, `Normalize`).
 //! - [`decoder_embedder`]: e5-mistral: query template, EOS, decoder, last-token pooling.
 //! - [`packed`]: padding-free batches and the attention that runs on them.
@@ -28,12 +30,14 @@ pub mod arch;
 pub mod audio_embedder;
 pub mod audio_input;
 pub mod catalogue;
+pub mod clip_embedder;
 pub mod cpu_kernels;
 pub mod decoder_embedder;
 pub mod decoder_kernels;
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod image_input;
 pub mod mel;
 pub mod model;
 pub mod packed;
@@ -50,6 +54,7 @@ pub use audio_embedder::WhisperEmbedder;
 pub use audio_input::AudioLimits;
 pub use candle_core::Device;
 pub use catalogue::{ModelSpec, Pooling, Prompting, CATALOGUE};
+pub use clip_embedder::ClipEmbedder;
 pub use decoder_embedder::DecoderEmbedder;
 pub use device::DeviceName;
 pub use dtype::{Dtype, DtypeError, ModelDtypes};
@@ -57,6 +62,7 @@ pub use dtype::{Dtype, DtypeError, ModelDtypes};
 /// crate.
 pub use embedfleet_proto::InputType;
 pub use error::ModelError;
+pub use image_input::ImageLimits;
 pub use model::{EmbedOptions, EmbeddingModel, ModelEmbedding, ModelInput};
 pub use registry::ModelRegistry;
 pub use resolve::{ModelFiles, WeightFiles, WeightResolver};

@@ -11,10 +11,12 @@ use once_cell::sync::OnceCell;
 use crate::audio_embedder::WhisperEmbedder;
 use crate::audio_input::AudioLimits;
 use crate::catalogue::{self, Architecture, ModelSpec};
+use crate::clip_embedder::ClipEmbedder;
 use crate::decoder_embedder::DecoderEmbedder;
 use crate::device::check_fits;
 use crate::dtype::{Dtype, ModelDtypes};
 use crate::error::ModelError;
+use crate::image_input::ImageLimits;
 use crate::model::EmbeddingModel;
 use crate::resolve::WeightResolver;
 use crate::t5_embedder::T5Embedder;
@@ -29,6 +31,8 @@ pub struct ModelRegistry {
     dtypes: ModelDtypes,
     /// Duration limit of audio inputs (whisper-large).
     audio_limits: AudioLimits,
+    /// Bounds on image inputs (CLIP), checked before decoding.
+    image_limits: ImageLimits,
     /// One cell per model name. The map lock is held only to find the cell; the load itself runs
     /// under the cell, so loading one model never blocks users of another.
     slots: Mutex<HashMap<&'static str, Slot>>,
@@ -43,6 +47,7 @@ impl ModelRegistry {
             device,
             dtypes: ModelDtypes::default(),
             audio_limits: AudioLimits::default(),
+            image_limits: ImageLimits::default(),
             slots: Mutex::default(),
             loads: AtomicUsize::new(0),
         }
@@ -60,6 +65,12 @@ impl ModelRegistry {
         self
     }
 
+    /// Bounds image inputs by `limits` instead of the defaults.
+    pub fn with_image_limits(mut self, limits: ImageLimits) -> Self {
+        self.image_limits = limits;
+        self
+    }
+
     /// The dtype `name` loads (or was loaded) at.
     pub fn dtype_of(&self, spec: &ModelSpec) -> Dtype {
         self.dtypes.for_model(spec, self.device.is_cpu())
@@ -74,13 +85,7 @@ impl ModelRegistry {
             slots.entry(spec.name).or_default().clone()
         };
         slot.get_or_try_init(|| {
-            let model = load(
-                spec,
-                &self.resolver,
-                &self.device,
-                self.dtype_of(spec),
-                self.audio_limits,
-            )?;
+            let model = load(spec, self, self.dtype_of(spec))?;
             self.loads.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
                 model = spec.name,
@@ -124,16 +129,16 @@ pub fn runs(architecture: Architecture) -> bool {
             | Architecture::T5Encoder
             | Architecture::Mistral
             | Architecture::WhisperEncoder
+            | Architecture::Clip
     )
 }
 
 fn load(
     spec: &'static ModelSpec,
-    resolver: &WeightResolver,
-    device: &Device,
+    registry: &ModelRegistry,
     dtype: Dtype,
-    audio_limits: AudioLimits,
 ) -> Result<Arc<dyn EmbeddingModel>, ModelError> {
+    let (resolver, device) = (&registry.resolver, &registry.device);
     if !runs(spec.architecture) {
         return Err(ModelError::ArchitectureUnavailable {
             model: spec.name.to_string(),
@@ -153,7 +158,14 @@ fn load(
             &files,
             device,
             dtype,
-            audio_limits,
+            registry.audio_limits,
+        )?),
+        Architecture::Clip => Arc::new(ClipEmbedder::load_at(
+            spec,
+            &files,
+            device,
+            dtype,
+            registry.image_limits,
         )?),
         _ => Arc::new(TextEmbedder::load_at(spec, &files, device, dtype)?),
     })

@@ -151,11 +151,11 @@ fn bad_input_gets_its_code() {
     // Not audio at all, and a WAV of a codec we do not decode (MPEG audio in WAV, format 0x55).
     assert_eq!(
         kind(decode(b"hello, this is not a sound file at all")),
-        (ErrorKind::UnsupportedFormat, 422)
+        (ErrorKind::UnsupportedMedia, 422)
     );
     assert_eq!(
         kind(decode(&wav(0x55, 1, 16_000, 16, &samples[..4096]))),
-        (ErrorKind::UnsupportedFormat, 422)
+        (ErrorKind::UnsupportedMedia, 422)
     );
 
     // Truncated: the header promises more frames than the file holds.

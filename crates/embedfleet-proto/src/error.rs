@@ -33,6 +33,12 @@ pub enum ErrorKind {
     InputTooLong,
     /// A requested model cannot take the modality of an input.
     UnsupportedModality,
+    /// An image or audio payload that does not decode: corrupt or truncated data, or impossible
+    /// parameters (an audio sample rate of 0 or 10 MHz).
+    InvalidMedia,
+    /// Media in a format or codec the server does not decode, or that it cannot embed (an image
+    /// under the minimum size, silent-only audio).
+    UnsupportedMedia,
     /// The fleet is at its in-flight limit; retry later.
     Overloaded,
     /// No worker currently serves a needed model.
@@ -41,11 +47,6 @@ pub enum ErrorKind {
     Timeout,
     /// A bug or an unexpected failure on the server side.
     Internal,
-    /// Media bytes that do not decode: corrupt or truncated data, or impossible parameters (an
-    /// audio sample rate of 0 or 10 MHz).
-    InvalidMedia,
-    /// Well-formed media of a format or codec this build does not decode.
-    UnsupportedFormat,
 }
 
 impl ErrorKind {
@@ -64,7 +65,7 @@ impl ErrorKind {
         ErrorKind::Timeout,
         ErrorKind::Internal,
         ErrorKind::InvalidMedia,
-        ErrorKind::UnsupportedFormat,
+        ErrorKind::UnsupportedMedia,
     ];
 
     /// The HTTP-like status code, sent as `Nats-Service-Error-Code` and in [`ErrorDetail::code`].
@@ -77,7 +78,7 @@ impl ErrorKind {
             | ErrorKind::InvalidMedia => 400,
             ErrorKind::UnknownModel => 404,
             ErrorKind::TooLarge | ErrorKind::InputTooLong => 413,
-            ErrorKind::UnsupportedModality | ErrorKind::UnsupportedFormat => 422,
+            ErrorKind::UnsupportedModality | ErrorKind::UnsupportedMedia => 422,
             ErrorKind::Overloaded => 429,
             ErrorKind::NoWorker | ErrorKind::Timeout => 503,
             ErrorKind::Internal => 500,
@@ -95,12 +96,12 @@ impl ErrorKind {
             ErrorKind::TooLarge => "too_large",
             ErrorKind::InputTooLong => "input_too_long",
             ErrorKind::UnsupportedModality => "unsupported_modality",
+            ErrorKind::InvalidMedia => "invalid_media",
+            ErrorKind::UnsupportedMedia => "unsupported_media",
             ErrorKind::Overloaded => "overloaded",
             ErrorKind::NoWorker => "no_worker",
             ErrorKind::Timeout => "timeout",
             ErrorKind::Internal => "internal",
-            ErrorKind::InvalidMedia => "invalid_media",
-            ErrorKind::UnsupportedFormat => "unsupported_format",
         }
     }
 
@@ -317,7 +318,9 @@ mod tests {
 
     #[test]
     fn codes_match_the_contract() {
-        let expected = [400, 400, 400, 400, 404, 413, 413, 422, 429, 503, 503, 500];
+        let expected = [
+            400, 400, 400, 400, 404, 413, 413, 422, 429, 503, 503, 500, 400, 422,
+        ];
         let got: Vec<u16> = ErrorKind::ALL.iter().map(|k| k.code()).collect();
         assert_eq!(got, expected);
     }

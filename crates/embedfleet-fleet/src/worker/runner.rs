@@ -353,7 +353,9 @@ pub(super) async fn settle(message: &Message, kind: AckKind) {
 /// The batch index a permanent error blames, when it names one.
 fn blamed_input(error: &ModelError) -> Option<usize> {
     match error {
-        ModelError::EmptyInput { index } | ModelError::InputTooLong { index, .. } => Some(*index),
+        ModelError::EmptyInput { index }
+        | ModelError::InputTooLong { index, .. }
+        | ModelError::BadImage { index, .. } => Some(*index),
         _ => None,
     }
 }
@@ -370,6 +372,11 @@ fn message_for_job(error: &ModelError, input: usize) -> String {
             index: input,
             tokens: *tokens,
             max: *max,
+        }
+        .to_string(),
+        ModelError::BadImage { source, .. } => ModelError::BadImage {
+            index: input,
+            source: source.clone(),
         }
         .to_string(),
         other => other.to_string(),

@@ -2,6 +2,7 @@
 //! agree with the catalogue's, so a wrong directory fails at load rather than embedding garbage.
 
 pub mod bert;
+pub mod clip;
 pub mod layers;
 pub mod mistral;
 pub mod mpnet;
