@@ -86,7 +86,10 @@ pub(crate) fn is_refusal(error: &redis::RedisError) -> bool {
 
 fn read_file(path: &Path, setting: &str) -> Result<Vec<u8>, CacheError> {
     std::fs::read(path).map_err(|error| {
-        CacheError::InvalidConfig(format!("{setting}: cannot read {}: {error}", path.display()))
+        CacheError::InvalidConfig(format!(
+            "{setting}: cannot read {}: {error}",
+            path.display()
+        ))
     })
 }
 

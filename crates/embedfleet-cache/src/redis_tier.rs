@@ -91,7 +91,8 @@ impl RedisTier {
                 Ok(())
             }
             Ok(Err(error)) => {
-                self.health.failed(&self.url_for_logs, &CacheError::Redis(error));
+                self.health
+                    .failed(&self.url_for_logs, &CacheError::Redis(error));
                 Ok(())
             }
             Err(_elapsed) => {

@@ -39,7 +39,8 @@ pub fn run(args: CoordinatorRoleArgs) -> anyhow::Result<()> {
     http.ready(FUSION_BUILT);
     fleet_args::runtime()?.block_on(async {
         let shutdown = fleet_args::shutdown_on_signals()?;
-        let client = fleet_args::connect(&args.nats.nats_url, "embedfleet-coordinator", &security).await?;
+        let client =
+            fleet_args::connect(&args.nats.nats_url, "embedfleet-coordinator", &security).await?;
         http.watch_nats(&client);
         let cache = args.cache.connect().await?;
         let coordinator = Coordinator::new(

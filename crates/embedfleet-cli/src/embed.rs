@@ -321,10 +321,10 @@ fn remote_error(error: ClientError, url: &str) -> anyhow::Error {
         ),
         ClientError::Connect { source, .. } => anyhow::anyhow!(
             "cannot connect to NATS at {url} ({source}): {}",
-            match source.kind() {
-                async_nats::ConnectErrorKind::Io | async_nats::ConnectErrorKind::TimedOut =>
+            match crate::security_args::connect_hint(&source) {
+                crate::security_args::UNREACHABLE_HINT =>
                     "check the URL (`embedfleet serve` prints the one it listens on)",
-                _ => crate::security_args::connect_hint(&source),
+                hint => hint,
             }
         ),
         ClientError::Timeout(waited) => anyhow::anyhow!(

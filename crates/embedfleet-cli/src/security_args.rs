@@ -110,7 +110,17 @@ impl RedisSecurityArgs {
 /// the server refused us, the address when it could not be reached.
 pub fn connect_hint(error: &async_nats::ConnectError) -> &'static str {
     use async_nats::ConnectErrorKind;
+    // async-nats reports a certificate it does not trust as an I/O error whose text is rustls'
+    // ("invalid peer certificate: UnknownIssuer"), not as its TLS kind.
+    let text = error.to_string().to_ascii_lowercase();
+    let tls_failure = ["certificate", "tls", "handshake"]
+        .iter()
+        .any(|word| text.contains(word));
     match error.kind() {
+        ConnectErrorKind::Io if tls_failure => {
+            "the TLS handshake failed; check the URL scheme, --nats-tls-ca and \
+             --nats-tls-cert/--nats-tls-key"
+        }
         ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
             "the server refused the credentials; check --nats-creds, --nats-nkey-seed-file, \
              --nats-user/--nats-password-file or --nats-token-file"
@@ -119,6 +129,9 @@ pub fn connect_hint(error: &async_nats::ConnectError) -> &'static str {
             "the TLS handshake failed; check the URL scheme, --nats-tls-ca and \
              --nats-tls-cert/--nats-tls-key"
         }
-        _ => "is the server up and the address right?",
+        _ => UNREACHABLE_HINT,
     }
 }
+
+/// [`connect_hint`] for a server that could not be reached at all.
+pub const UNREACHABLE_HINT: &str = "is the server up and the address right?";

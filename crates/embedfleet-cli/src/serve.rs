@@ -13,9 +13,9 @@ use embedfleet_fleet::worker::{ModelWorker, WorkerConfig};
 
 use crate::coordinator::{FUSION_BUILT, SERVING};
 use crate::fleet_args::{self, CacheArgs, CoordinatorArgs, QueueArgs, WorkerArgs};
+use crate::http_args::{HttpArgs, RoleHttp};
 use crate::plan_file::{read_plan, DeviceGroup};
 use crate::security_args::NatsSecurityArgs;
-use crate::http_args::{HttpArgs, RoleHttp};
 use crate::worker::{declare_queues, load_models, CONSUMERS_BOUND, MODELS_LOADED};
 
 #[derive(Args)]
@@ -65,9 +65,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     for group in &groups {
         let dtype = match group.dtypes.is_empty() {
             true => args.worker.dtype.clone(),
-            false => Some(group.dtypes.join(",").parse().map_err(|e| {
-                anyhow::anyhow!("--plan: dtypes of {}: {e}", group.device)
-            })?),
+            false => Some(
+                group
+                    .dtypes
+                    .join(",")
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--plan: dtypes of {}: {e}", group.device))?,
+            ),
         };
         let worker = WorkerArgs {
             device: group.device,
@@ -109,8 +113,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         // Separate connections: a burst of replies on one never delays the other's acks.
         let coordinator_client =
             fleet_args::connect(&url, "embedfleet-serve-coordinator", &security).await?;
-        let worker_client =
-            fleet_args::connect(&url, "embedfleet-serve-worker", &security).await?;
+        let worker_client = fleet_args::connect(&url, "embedfleet-serve-worker", &security).await?;
         http.watch_nats(&coordinator_client);
         let cache = args.cache.connect().await?;
         let queues = args.queues.config();

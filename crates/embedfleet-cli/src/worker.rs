@@ -98,7 +98,8 @@ pub fn run(args: WorkerRoleArgs) -> anyhow::Result<()> {
     http.ready(MODELS_LOADED);
     fleet_args::runtime()?.block_on(async {
         let shutdown = fleet_args::shutdown_on_signals()?;
-        let client = fleet_args::connect(&args.nats.nats_url, "embedfleet-worker", &security).await?;
+        let client =
+            fleet_args::connect(&args.nats.nats_url, "embedfleet-worker", &security).await?;
         http.watch_nats(&client);
         let config = WorkerConfig {
             queues: args.queues.config(),

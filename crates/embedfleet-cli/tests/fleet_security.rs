@@ -130,7 +130,10 @@ fn run(args: &[String], env: &[(&str, &str)]) -> Output {
 fn assert_refused(output: &Output, needles: &[&str], secret: &str) {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "stderr: {stderr}");
-    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error: ")).collect();
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
     assert_eq!(errors.len(), 1, "one error line: {stderr}");
     for needle in needles {
         assert!(errors[0].contains(needle), "{needle:?} in {stderr}");
@@ -154,7 +157,10 @@ fn printed_vectors(output: &Output) -> Vec<Vec<f32>> {
         .collect()
 }
 
-/// `DBSIZE` of a TLS Redis, as the ACL user.
+/// The test's own Redis user: the fleet's may not even count the keys.
+const INSPECTOR_PASSWORD: &str = "inspector-pw-0c4d";
+
+/// `DBSIZE` of a TLS Redis, as `user`.
 fn redis_dbsize(url: &str, pki: &Pki, user: &str, password: &str) -> u64 {
     let info = redis::IntoConnectionInfo::into_connection_info(url).expect("url");
     let settings = info
@@ -212,7 +218,8 @@ fn user_password_and_nkey_over_mutual_tls_with_a_tls_redis() {
     let redis_password_file = write_file(secrets, "redis-password", redis_password);
     let redis = RedisServer::start_tls(&format!(
         "tls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\nuser default off\n\
-         user embedfleet on >{redis_password} ~embedfleet:* +@connection +mget +set\n",
+         user embedfleet on >{redis_password} ~embedfleet:* +@connection +mget +set\n\
+         user inspector on >{INSPECTOR_PASSWORD} ~* +@connection +dbsize\n",
         pki.server_cert.display(),
         pki.server_key.display(),
         pki.ca.display()
@@ -246,7 +253,11 @@ fn user_password_and_nkey_over_mutual_tls_with_a_tls_redis() {
     let output = run(&coordinator(&pki.nats_flags()), &[]);
     assert_refused(
         &output,
-        &["cannot connect to NATS", "authorization violation", "--nats-user"],
+        &[
+            "cannot connect to NATS",
+            "authorization violation",
+            "--nats-user",
+        ],
         nats_password,
     );
     // Credentials but not the CA: the server's certificate is not trusted.
@@ -289,7 +300,7 @@ fn user_password_and_nkey_over_mutual_tls_with_a_tls_redis() {
     assert_eq!(from_cli.len(), 2);
     assert_eq!(from_cli[0].len(), support::FUSED_DIM);
     assert!(
-        redis_dbsize(&redis_url, &pki, "embedfleet", redis_password) > 0,
+        redis_dbsize(&redis_url, &pki, "inspector", INSPECTOR_PASSWORD) > 0,
         "the coordinator cached in the TLS Redis"
     );
 
@@ -378,7 +389,10 @@ fn a_token_and_a_credentials_file() {
         .to_vec();
     serve.extend(["--http-addr".into(), "127.0.0.1:0".into()]);
     serve.extend(flags(&[("--nats-token-file", &token_file)]));
-    let _serve = start_role("serve", &serve.iter().map(String::as_str).collect::<Vec<_>>());
+    let _serve = start_role(
+        "serve",
+        &serve.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     let vectors = printed_vectors(&embed(&flags(&[("--nats-token-file", &token_file)])));
     assert_eq!(vectors[0].len(), support::FUSED_DIM);
 
@@ -405,9 +419,11 @@ fn a_token_and_a_credentials_file() {
     });
 }
 
-/// An operator, an account and a user as nkeys, and the JWTs that chain them.
+/// An operator, its system account (JetStream needs one), an account and a user as nkeys, and
+/// the JWTs that chain them.
 struct Operator {
     operator: nkeys::KeyPair,
+    system: nkeys::KeyPair,
     account: nkeys::KeyPair,
     user: nkeys::KeyPair,
 }
@@ -422,6 +438,7 @@ impl Operator {
     fn new() -> Operator {
         Operator {
             operator: nkeys::KeyPair::new_operator(),
+            system: nkeys::KeyPair::new_account(),
             account: nkeys::KeyPair::new_account(),
             user: nkeys::KeyPair::new_user(),
         }
@@ -443,6 +460,11 @@ impl Operator {
             &self.account.public_key(),
             serde_json::json!({"type": "account", "version": 2, "limits": unlimited}),
         );
+        let system_jwt = jwt(
+            &self.operator,
+            &self.system.public_key(),
+            serde_json::json!({"type": "account", "version": 2}),
+        );
         let user_jwt = jwt(
             &self.account,
             &self.user.public_key(),
@@ -452,8 +474,10 @@ impl Operator {
             }),
         );
         let server = NatsServer::start_with_config(&format!(
-            "operator: {operator_jwt}\nresolver: MEMORY\nresolver_preload: {{\n  {}: {account_jwt}\n}}\n",
-            self.account.public_key()
+            "operator: {operator_jwt}\nsystem_account: {system}\nresolver: MEMORY\n\
+             resolver_preload: {{\n  {system}: {system_jwt}\n  {}: {account_jwt}\n}}\n",
+            self.account.public_key(),
+            system = self.system.public_key(),
         ))
         .expect("nats-server in operator mode");
         let file = write_file(

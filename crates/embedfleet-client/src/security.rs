@@ -85,7 +85,10 @@ pub enum NatsAuth {
     CredsFile(PathBuf),
     /// An nkey seed; the server lists the user's public key.
     Nkey(Secret),
-    UserPassword { user: String, password: Secret },
+    UserPassword {
+        user: String,
+        password: Secret,
+    },
     Token(Secret),
 }
 
@@ -244,7 +247,10 @@ impl SecuritySettings {
             modes.push(NatsAuth::CredsFile(path));
         }
         if let Some(path) = &self.nkey_seed_file {
-            modes.push(NatsAuth::Nkey(Secret::from_file(path, "NATS nkey seed file")?));
+            modes.push(NatsAuth::Nkey(Secret::from_file(
+                path,
+                "NATS nkey seed file",
+            )?));
         }
         match (self.user, password) {
             (Some(user), Some(password)) => modes.push(NatsAuth::UserPassword { user, password }),
@@ -320,7 +326,10 @@ mod tests {
             "the trailing newline is not part of the password"
         );
         let debug = format!("{security:?}");
-        assert!(!debug.contains("hunter2") && debug.contains("***"), "{debug}");
+        assert!(
+            !debug.contains("hunter2") && debug.contains("***"),
+            "{debug}"
+        );
         assert_eq!(security.describe(), "auth=user tls=url");
     }
 
@@ -332,12 +341,18 @@ mod tests {
             token: Some(Secret::new("t")),
             ..SecuritySettings::default()
         };
-        assert!(matches!(two_modes.resolve(), Err(SecurityError::Conflict(_))));
+        assert!(matches!(
+            two_modes.resolve(),
+            Err(SecurityError::Conflict(_))
+        ));
         let lone_user = SecuritySettings {
             user: Some("app".into()),
             ..SecuritySettings::default()
         };
-        assert!(matches!(lone_user.resolve(), Err(SecurityError::Conflict(_))));
+        assert!(matches!(
+            lone_user.resolve(),
+            Err(SecurityError::Conflict(_))
+        ));
         let cert_without_key = SecuritySettings {
             tls: NatsTls {
                 cert_file: Some(dir.path().join("c.pem")),
@@ -359,7 +374,10 @@ mod tests {
             ..SecuritySettings::default()
         };
         let message = missing.resolve().expect_err("missing").to_string();
-        assert!(message.contains("NATS token file") && message.contains("absent"), "{message}");
+        assert!(
+            message.contains("NATS token file") && message.contains("absent"),
+            "{message}"
+        );
         let empty = SecuritySettings {
             token_file: Some(secret_file(dir.path(), "empty", "\n")),
             ..SecuritySettings::default()
