@@ -190,6 +190,9 @@ def check_workers(values: dict, objects: list[dict]) -> None:
         container = next(c for c in pod["containers"] if c["name"] == "worker")
         args = container["args"]
         assert args[0] == "worker"
+        auth = values["nats"]["auth"]
+        check_auth_mount(deployments[name], {e["name"]: e for e in container["env"]}, "nats",
+                         auth["workerSecret"], auth["files"], "EMBEDFLEET_NATS_TLS_CA")
         assert f"--models={','.join(g['models'])}" in args, args
         assert "--model-dir=/models" in args
         assert f"--http-addr=0.0.0.0:{values['http']['port']}" in args
@@ -283,6 +286,13 @@ def check_coordinator(values: dict, objects: list[dict]) -> None:
         assert env["EMBEDFLEET_NATS_URL"]["value"] == values["nats"]["url"]
     redis = values["redis"]
     assert ("EMBEDFLEET_REDIS_URL" in env) == bool(redis["url"] or redis["urlSecret"]["name"])
+    check_auth_mount(deployment, env, "nats", values["nats"]["auth"]["coordinatorSecret"],
+                     values["nats"]["auth"]["files"], "EMBEDFLEET_NATS_TLS_CA")
+    check_auth_mount(deployment, env, "redis", redis["auth"]["secret"], redis["auth"]["files"],
+                     "EMBEDFLEET_REDIS_TLS_CA")
+    if redis["auth"]["secret"] and redis["auth"]["files"]["password"]:
+        assert env["EMBEDFLEET_REDIS_PASSWORD_FILE"]["value"] == (
+            f"/etc/embedfleet/redis/{redis['auth']['files']['password']}")
     assert name in by_kind(objects, "Service")
     assert name in by_kind(objects, "PodDisruptionBudget")
     assert (name in by_kind(objects, "HorizontalPodAutoscaler")) == values["coordinator"]["autoscaling"]["enabled"]
@@ -294,6 +304,23 @@ def check_coordinator(values: dict, objects: list[dict]) -> None:
     assert bool(by_kind(objects, "NetworkPolicy")) == values["networkPolicy"]["enabled"]
     for o in objects:
         assert o["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE, o["metadata"]
+
+
+def check_auth_mount(deployment: dict, env: dict, kind: str, secret: str, files: dict,
+                     ca_var: str) -> None:
+    """A role's credentials Secret is mounted read-only at /etc/embedfleet/<kind> and its CA
+    variable points into it; without a Secret, neither mount nor variable."""
+    pod = deployment["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts = {m["name"]: m for m in pod["containers"][0].get("volumeMounts", [])}
+    name = f"{kind}-auth"
+    if not secret:
+        assert name not in volumes and name not in mounts and ca_var not in env
+        return
+    assert volumes[name]["secret"]["secretName"] == secret
+    assert mounts[name] == {"name": name, "mountPath": f"/etc/embedfleet/{kind}", "readOnly": True}
+    if files["tlsCa"]:
+        assert env[ca_var]["value"] == f"/etc/embedfleet/{kind}/{files['tlsCa']}"
 
 
 # ---- values the chart must refuse -----------------------------------------------------------

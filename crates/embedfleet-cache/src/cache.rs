@@ -39,8 +39,10 @@ impl VectorCache {
     /// error, the cache then starts in an outage and picks Redis up when it answers. Without a
     /// `redis_url` it says once that it runs in-process only.
     ///
-    /// Errors only for a bad configuration or a `redis_url` that does not parse. Must run in a
-    /// Tokio runtime when a `redis_url` is given.
+    /// Errors for a bad configuration, a `redis_url` that does not parse, a secret or TLS file
+    /// that cannot be read, and a Redis that answers but refuses the credentials or the TLS
+    /// handshake ([`CacheError::RedisRefused`]). Must run in a Tokio runtime when a `redis_url`
+    /// is given.
     pub async fn connect(config: CacheConfig) -> Result<Self, CacheError> {
         config.validate()?;
         let redis = match &config.redis_url {
@@ -62,7 +64,8 @@ impl VectorCache {
                 "no redis_url configured: the vector cache is in-process only"
             ),
             Some(redis) => {
-                if redis.ping(STARTUP_PING_WAIT).await {
+                redis.ping(STARTUP_PING_WAIT).await?;
+                if !redis.is_down() {
                     tracing::info!(
                         redis = redis.url_for_logs(),
                         lru_bytes = config.lru_bytes,

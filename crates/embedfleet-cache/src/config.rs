@@ -1,6 +1,7 @@
 //! [`CacheConfig`]: how big the in-process tier is, where Redis is, and how the cache treats it.
 //! A plain serde struct; fill what you need and take the rest from `..CacheConfig::default()`.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -17,9 +18,24 @@ pub struct CacheConfig {
     /// memory would depend on the vector width (a 4096-d partial is 10x a 384-d one). `0`
     /// disables the in-process tier. Default 128 MiB: about 20,000 fused 1536-d f32 vectors.
     pub lru_bytes: usize,
-    /// Redis to share results across processes and restarts, e.g. `redis://127.0.0.1:6379`.
-    /// `None` runs on the in-process tier alone (said once in the log at start).
+    /// Redis to share results across processes and restarts, e.g. `redis://127.0.0.1:6379`, or
+    /// `rediss://` for TLS. A user and password in the URL (`redis://app:secret@host`) are sent
+    /// with `AUTH`; logs show the URL with the password masked. `None` runs on the in-process
+    /// tier alone (said once in the log at start).
     pub redis_url: Option<String>,
+    /// Redis ACL user for `AUTH`, instead of one in the URL.
+    pub redis_username: Option<String>,
+    /// File that holds the Redis password (a trailing newline is ignored), instead of one in the
+    /// URL: a mounted secret keeps the password out of the URL, the process list and the logs.
+    pub redis_password_file: Option<PathBuf>,
+    /// PEM bundle of the CA that signed the server's certificate, for a `rediss://` URL whose
+    /// server the system roots do not vouch for (a private CA).
+    pub redis_tls_ca: Option<PathBuf>,
+    /// PEM client certificate and key, for a Redis that requires them (`tls-auth-clients yes`).
+    /// Both or neither; `rediss://` only.
+    pub redis_tls_cert: Option<PathBuf>,
+    /// The key of [`Self::redis_tls_cert`].
+    pub redis_tls_key: Option<PathBuf>,
     /// Expiry of values written to Redis, in seconds (`SET ... EX`). Default
     /// [`DEFAULT_TTL_SECS`] (7 days), so entries of retired revisions and fusion layers, which no
     /// key names any more, leave Redis even where no `maxmemory` policy is set. `None` keeps
@@ -48,6 +64,11 @@ impl Default for CacheConfig {
         CacheConfig {
             lru_bytes: 128 << 20,
             redis_url: None,
+            redis_username: None,
+            redis_password_file: None,
+            redis_tls_ca: None,
+            redis_tls_cert: None,
+            redis_tls_key: None,
             ttl_secs: Some(DEFAULT_TTL_SECS),
             f16: false,
             redis_timeout_ms: 50,
@@ -86,6 +107,11 @@ impl CacheConfig {
         if self.ttl_secs == Some(0) {
             return Err(CacheError::InvalidConfig(
                 "ttl_secs must be at least 1 (Redis rejects EX 0); null for no expiry".into(),
+            ));
+        }
+        if self.redis_tls_cert.is_some() != self.redis_tls_key.is_some() {
+            return Err(CacheError::InvalidConfig(
+                "redis_tls_cert and redis_tls_key go together".into(),
             ));
         }
         Ok(())

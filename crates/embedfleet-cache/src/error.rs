@@ -17,6 +17,16 @@ pub enum CacheError {
         #[source]
         source: redis::RedisError,
     },
+    /// Redis answered the first call but refused us: a wrong or missing password, an ACL user
+    /// without permission, or a TLS certificate that does not verify. Returned by
+    /// [`crate::VectorCache::connect`], since no amount of waiting fixes it.
+    #[error("redis at {url} refused the connection (check the user, password and TLS settings): {source}")]
+    RedisRefused {
+        /// The URL with any password masked.
+        url: String,
+        #[source]
+        source: redis::RedisError,
+    },
     /// The Redis tier needs a Tokio runtime for its reconnecting connection.
     #[error("the Redis tier must be created inside a Tokio runtime")]
     NoTokioRuntime,

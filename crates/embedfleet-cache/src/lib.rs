@@ -14,6 +14,8 @@
 //! - [`key`]: [`CacheKey`], the namespaced key scheme (`embedfleet:v1:{kind}:{content-key}`).
 //! - [`codec`]: the binary value format (one header byte, then little-endian f32 or f16).
 //! - [`lru`]: [`ByteBoundedLru`], the in-process tier, bounded by bytes rather than entries.
+//! - `redis_connect`: how the Redis tier authenticates (AUTH from the URL or a secret file) and
+//!   speaks TLS (`rediss://`, a private CA, client certificates).
 //! - [`redis_tier`]: the Redis tier: batched MGET / pipelined SET, per-call timeout, outage
 //!   tracking and back-off.
 //! - [`stats`]: [`CacheStats`], counters for metrics.
@@ -49,6 +51,7 @@ pub mod config;
 pub mod error;
 pub mod key;
 pub mod lru;
+mod redis_connect;
 pub mod redis_tier;
 pub mod stats;
 

@@ -47,10 +47,7 @@ impl RedisTier {
     /// unreachable Redis is an outage, not an error. Must run inside a Tokio runtime.
     pub fn new(url: &str, config: &CacheConfig) -> Result<Self, CacheError> {
         let url_for_logs = mask_password(url);
-        let client = redis::Client::open(url).map_err(|source| CacheError::InvalidRedisUrl {
-            url: url_for_logs.clone(),
-            source,
-        })?;
+        let client = crate::redis_connect::client(url, &url_for_logs, config)?;
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(CacheError::NoTokioRuntime);
         }
@@ -76,11 +73,34 @@ impl RedisTier {
     }
 
     /// Checks that Redis answers, allowing `wait` (a connection may need establishing first).
-    /// Used once at start; a failure there is the start of an outage like any other.
-    pub async fn ping(&self, wait: Duration) -> bool {
+    /// Used once at start. A Redis that is away starts an outage like any other and is `Ok`; a
+    /// Redis that answers but refuses us (wrong or missing password, no ACL permission, a TLS
+    /// certificate we do not trust) is [`CacheError::RedisRefused`]: waiting will not fix it.
+    pub async fn ping(&self, wait: Duration) -> Result<(), CacheError> {
         let mut conn = self.manager.clone();
         let ping = async move { redis::cmd("PING").query_async::<String>(&mut conn).await };
-        self.call_within(wait, ping).await.is_some()
+        match tokio::time::timeout(wait, ping).await {
+            Ok(Err(error)) if crate::redis_connect::is_refusal(&error) => {
+                Err(CacheError::RedisRefused {
+                    url: self.url_for_logs.clone(),
+                    source: error,
+                })
+            }
+            Ok(Ok(_)) => {
+                self.health.succeeded(&self.url_for_logs);
+                Ok(())
+            }
+            Ok(Err(error)) => {
+                self.health
+                    .failed(&self.url_for_logs, &CacheError::Redis(error));
+                Ok(())
+            }
+            Err(_elapsed) => {
+                let error = CacheError::RedisTimeout(wait);
+                self.health.failed(&self.url_for_logs, &error);
+                Ok(())
+            }
+        }
     }
 
     /// The stored values of `keys`, `None` for each absent key; `None` overall when Redis could

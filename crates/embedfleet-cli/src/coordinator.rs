@@ -31,13 +31,16 @@ pub struct CoordinatorRoleArgs {
 }
 
 pub fn run(args: CoordinatorRoleArgs) -> anyhow::Result<()> {
+    // Secret files are read first: a wrong path fails in milliseconds, not after the build.
+    let security = args.nats.security.security()?;
     let http = RoleHttp::start(&args.http, "coordinator", &[FUSION_BUILT, SERVING])?;
     let specs = fleet_args::model_specs(&args.models)?;
     let fusion = args.coordinator.fusion_stage(&specs, None)?;
     http.ready(FUSION_BUILT);
     fleet_args::runtime()?.block_on(async {
         let shutdown = fleet_args::shutdown_on_signals()?;
-        let client = fleet_args::connect(&args.nats.nats_url, "embedfleet-coordinator").await?;
+        let client =
+            fleet_args::connect(&args.nats.nats_url, "embedfleet-coordinator", &security).await?;
         http.watch_nats(&client);
         let cache = args.cache.connect().await?;
         let coordinator = Coordinator::new(

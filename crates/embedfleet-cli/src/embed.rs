@@ -19,6 +19,8 @@ use embedfleet_proto::{
     EmbedRequest, EmbeddingData, EncodingFormat, InputItem, InputType, OutputOptions,
 };
 
+use crate::security_args::NatsSecurityArgs;
+
 /// The models `embed` runs in this process when `--models` is not given. With `--nats-url` the
 /// fleet's own default set applies instead.
 const DEFAULT_MODELS: [&str; 2] = ["minilm", "mpnet"];
@@ -95,6 +97,9 @@ pub struct EmbedArgs {
     /// fleet's business and ignored here.
     #[arg(long, value_name = "URL")]
     nats_url: Option<String>,
+    /// Credentials and TLS for --nats-url.
+    #[command(flatten)]
+    nats_security: NatsSecurityArgs,
 }
 
 /// `--input-type`: the wire's `input_type`.
@@ -301,8 +306,9 @@ fn run_remote(args: &EmbedArgs, url: &str) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    let security = args.nats_security.security()?;
     let client = runtime
-        .block_on(EmbedClient::connect(url))
+        .block_on(EmbedClient::connect_with(url, &security))
         .map_err(|e| remote_error(e, url))?;
     let batch_size = usize::from(args.batch_size);
 
@@ -388,8 +394,12 @@ fn remote_error(error: ClientError, url: &str) -> anyhow::Error {
             "no embedfleet service answers on {url}: start one with `embedfleet serve`"
         ),
         ClientError::Connect { source, .. } => anyhow::anyhow!(
-            "cannot connect to NATS at {url} ({source}): check the URL (`embedfleet serve` \
-             prints the one it listens on)"
+            "cannot connect to NATS at {url} ({source}): {}",
+            match crate::security_args::connect_hint(&source) {
+                crate::security_args::UNREACHABLE_HINT =>
+                    "check the URL (`embedfleet serve` prints the one it listens on)",
+                hint => hint,
+            }
         ),
         ClientError::Timeout(waited) => anyhow::anyhow!(
             "the embedfleet service on {url} did not answer within {}s",

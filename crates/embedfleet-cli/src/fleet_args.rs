@@ -1,5 +1,6 @@
 //! Flags and plumbing the fleet roles (`serve`, `coordinator`, `worker`) share: NATS, cache,
-//! queue and batching settings, the runtime, and shutdown on SIGTERM/SIGINT.
+//! queue and batching settings, the runtime, and shutdown on SIGTERM/SIGINT. Credentials and TLS
+//! flags are in `security_args.rs`.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -11,21 +12,26 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 
 use embedfleet_cache::{CacheConfig, VectorCache};
+use embedfleet_client::NatsSecurity;
 use embedfleet_fleet::fusion::{catalogue_widths, FusionStage};
 use embedfleet_fleet::fusion_device::FusionDevice;
 use embedfleet_fleet::{BatchConfig, CoordinatorConfig, QueueConfig};
 use embedfleet_models::{catalogue, DeviceName, ImageLimits, ModelDtypes, ModelSpec};
 
-/// Where NATS is.
+use crate::security_args::{NatsSecurityArgs, RedisSecurityArgs};
+
+/// Where NATS is, and how to prove who we are to it.
 #[derive(Args, Debug, Clone)]
 pub struct NatsArgs {
-    /// NATS server with JetStream, e.g. nats://10.0.0.5:4222.
+    /// NATS server with JetStream, e.g. nats://10.0.0.5:4222 (tls://... for TLS).
     #[arg(
         long,
         env = "EMBEDFLEET_NATS_URL",
         default_value = "nats://127.0.0.1:4222"
     )]
     pub nats_url: String,
+    #[command(flatten)]
+    pub security: NatsSecurityArgs,
 }
 
 /// The job queues (JetStream) as the roles declare them.
@@ -164,6 +170,8 @@ pub struct CacheArgs {
     /// Store vectors as f16: half the memory, about 1e-3 absolute error.
     #[arg(long)]
     pub cache_f16: bool,
+    #[command(flatten)]
+    pub security: RedisSecurityArgs,
 }
 
 impl CacheArgs {
@@ -174,13 +182,13 @@ impl CacheArgs {
                 self.cache_mb
             );
         }
-        let config = CacheConfig {
+        let config = self.security.apply(CacheConfig {
             lru_bytes: self.cache_mb << 20,
             redis_url: self.redis_url.clone(),
             ttl_secs: (self.cache_ttl_secs > 0).then_some(self.cache_ttl_secs),
             f16: self.cache_f16,
             ..CacheConfig::default()
-        };
+        });
         Ok(Arc::new(
             VectorCache::connect(config).await.context("cache")?,
         ))
@@ -281,10 +289,16 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// Connects to NATS, failing fast (with the URL) when it is unreachable at start; after that
-/// the client reconnects on its own, forever.
-pub async fn connect(url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
-    async_nats::ConnectOptions::new()
+/// Connects to NATS with `security`'s credentials and TLS settings, failing fast (with the URL
+/// and why) when it is unreachable or refuses us at start; after that the client reconnects on
+/// its own, forever.
+pub async fn connect(
+    url: &str,
+    name: &str,
+    security: &NatsSecurity,
+) -> anyhow::Result<async_nats::Client> {
+    let options = security.apply(async_nats::ConnectOptions::new()).await?;
+    options
         .name(name)
         .connection_timeout(Duration::from_secs(5))
         .event_callback(|event| async move {
@@ -298,7 +312,20 @@ pub async fn connect(url: &str, name: &str) -> anyhow::Result<async_nats::Client
         })
         .connect(url)
         .await
-        .with_context(|| format!("cannot reach NATS at {url}"))
+        .map_err(|error| connect_error(url, security, error))
+}
+
+/// A failed first connection as one line that says what to check.
+fn connect_error(
+    url: &str,
+    security: &NatsSecurity,
+    error: async_nats::ConnectError,
+) -> anyhow::Error {
+    let hint = crate::security_args::connect_hint(&error);
+    anyhow::anyhow!(
+        "cannot connect to NATS at {url} ({}): {error}: {hint}",
+        security.describe()
+    )
 }
 
 /// A token cancelled on the first SIGTERM or SIGINT. A second signal exits at once, for an

@@ -5,8 +5,9 @@
 //!   fleet through embedfleet-client with `--nats-url`.
 //! - `models.rs`: `embedfleet models`, the catalogue. `plan.rs`: `embedfleet plan`, placement on GPUs.
 //! - `serve.rs`, `coordinator.rs`, `worker.rs`: the fleet roles, one per file; `fleet_args.rs`
-//!   holds what they share (flags, runtime, signals); `http_args.rs` their health and metrics
-//!   endpoint. `fetch.rs`: checkpoints into a model directory; `probe.rs`: a container health
+//!   holds what they share (flags, runtime, signals); `security_args.rs` the NATS and Redis
+//!   credentials and TLS flags of every command that connects; `http_args.rs` their health and
+//!   metrics endpoint. `fetch.rs`: checkpoints into a model directory; `probe.rs`: a container health
 //!   check. `bench/`: `embedfleet bench` (the perf harness, capacity sweep and fleet comparison;
 //!   layout in `bench/mod.rs`).
 //!
@@ -30,6 +31,7 @@ mod plan;
 mod plan_file;
 mod probe;
 mod quantized_search;
+mod security_args;
 mod serve;
 mod worker;
 

@@ -15,6 +15,7 @@ use crate::coordinator::{FUSION_BUILT, SERVING};
 use crate::fleet_args::{self, CacheArgs, CoordinatorArgs, QueueArgs, WorkerArgs};
 use crate::http_args::{HttpArgs, RoleHttp};
 use crate::plan_file::{read_plan, DeviceGroup};
+use crate::security_args::NatsSecurityArgs;
 use crate::worker::{declare_queues, load_models, CONSUMERS_BOUND, MODELS_LOADED};
 
 #[derive(Args)]
@@ -32,6 +33,8 @@ pub struct ServeArgs {
     #[arg(long, env = "EMBEDFLEET_NATS_URL")]
     nats_url: Option<String>,
     #[command(flatten)]
+    nats_security: NatsSecurityArgs,
+    #[command(flatten)]
     coordinator: CoordinatorArgs,
     #[command(flatten)]
     cache: CacheArgs,
@@ -44,6 +47,8 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    // Secret files are read first: a wrong path fails in milliseconds, not after the load.
+    let security = args.nats_security.security()?;
     let conditions = [MODELS_LOADED, CONSUMERS_BOUND, FUSION_BUILT, SERVING];
     let http = RoleHttp::start(&args.http, "serve", &conditions)?;
     let groups = match &args.plan {
@@ -106,8 +111,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let result = fleet_args::runtime()?.block_on(async {
         let shutdown = fleet_args::shutdown_on_signals()?;
         // Separate connections: a burst of replies on one never delays the other's acks.
-        let coordinator_client = fleet_args::connect(&url, "embedfleet-serve-coordinator").await?;
-        let worker_client = fleet_args::connect(&url, "embedfleet-serve-worker").await?;
+        let coordinator_client =
+            fleet_args::connect(&url, "embedfleet-serve-coordinator", &security).await?;
+        let worker_client = fleet_args::connect(&url, "embedfleet-serve-worker", &security).await?;
         http.watch_nats(&coordinator_client);
         let cache = args.cache.connect().await?;
         let queues = args.queues.config();

@@ -95,12 +95,15 @@ pub async fn declare_queues(
 }
 
 pub fn run(args: WorkerRoleArgs) -> anyhow::Result<()> {
+    // Secret files are read first: a wrong path fails in milliseconds, not after the load.
+    let security = args.nats.security.security()?;
     let http = RoleHttp::start(&args.http, "worker", &[MODELS_LOADED, CONSUMERS_BOUND])?;
     let models = load_models(&args.models, &args.worker)?;
     http.ready(MODELS_LOADED);
     fleet_args::runtime()?.block_on(async {
         let shutdown = fleet_args::shutdown_on_signals()?;
-        let client = fleet_args::connect(&args.nats.nats_url, "embedfleet-worker").await?;
+        let client =
+            fleet_args::connect(&args.nats.nats_url, "embedfleet-worker", &security).await?;
         http.watch_nats(&client);
         let config = WorkerConfig {
             queues: args.queues.config(),

@@ -11,7 +11,10 @@
 //! - an error reply (the `Nats-Service-Error` headers, or an [`ErrorBody`] payload) becomes
 //!   [`ClientError::Service`] with the server's [`ProtoError`];
 //! - nobody subscribed to `embed.v1` is [`ClientError::NoResponders`], no reply in time is
-//!   [`ClientError::Timeout`].
+//!   [`ClientError::Timeout`];
+//! - credentials (creds file, nkey, user and password, token) and TLS (private CA, client
+//!   certificate) come from [`NatsSecurity`] ([`security`]), by default from the
+//!   `EMBEDFLEET_NATS_*` environment variables.
 //!
 //! # Example
 //!
@@ -55,6 +58,8 @@
 //! # }
 //! ```
 
+pub mod security;
+
 use std::time::Duration;
 
 use async_nats::{HeaderMap, RequestErrorKind};
@@ -64,6 +69,7 @@ use embedfleet_proto::{
     ProtoError, RequestLimits, CONTENT_TYPE, EMBED_ENDPOINT, SERVICE_ERROR, SERVICE_ERROR_CODE,
     TIMINGS_HEADER,
 };
+pub use security::{NatsAuth, NatsSecurity, NatsTls, Secret, SecurityError, SecuritySettings};
 
 /// How long [`EmbedClient::embed`] waits for a reply unless told otherwise: a little over the
 /// coordinator's own default request timeout (30 s), so that a slow fleet answers with its typed
@@ -79,13 +85,18 @@ pub const DEFAULT_ENCODING: Encoding = Encoding::MsgPack;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
-    /// The NATS server could not be reached ([`EmbedClient::connect`] only).
+    /// The NATS server could not be reached, or refused the credentials or the TLS handshake
+    /// ([`EmbedClient::connect`] only).
     #[error("cannot connect to NATS at {url}: {source}")]
     Connect {
         url: String,
         #[source]
         source: async_nats::ConnectError,
     },
+    /// The security settings cannot be used (an unreadable file, two authentication modes);
+    /// nothing was sent.
+    #[error("{0}")]
+    Security(#[from] SecurityError),
     /// The encoded request is over the request payload limit (ours, or the NATS server's
     /// `max_payload` when that is lower); nothing was sent.
     #[error("request payload is {bytes} bytes, over the limit of {limit} bytes")]
@@ -134,9 +145,20 @@ pub struct EmbedClient {
 }
 
 impl EmbedClient {
-    /// Connects to the NATS server at `url` (`nats://host:port`, or several comma-separated).
+    /// Connects to the NATS server at `url` (`nats://host:port`, or several comma-separated)
+    /// with the credentials and TLS settings of the `EMBEDFLEET_NATS_*` environment variables
+    /// ([`NatsSecurity::from_env`]; none set: a plain connection).
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
-        let nats = async_nats::connect(url)
+        Self::connect_with(url, &NatsSecurity::from_env()?).await
+    }
+
+    /// Connects to the NATS server at `url` with `security`'s credentials and TLS settings.
+    pub async fn connect_with(url: &str, security: &NatsSecurity) -> Result<Self, ClientError> {
+        let options = security
+            .apply(async_nats::ConnectOptions::new().name("embedfleet-client"))
+            .await?;
+        let nats = options
+            .connect(url)
             .await
             .map_err(|source| ClientError::Connect {
                 url: url.to_string(),

@@ -68,6 +68,19 @@ impl NatsServer {
         Ok(NatsServer { process })
     }
 
+    /// [`NatsServer::start`] with `config` appended to the config file: what a test of
+    /// authentication or TLS needs (`authorization { ... }`, `tls { ... }`, `operator: ...`).
+    /// Files it names must outlive the server.
+    pub fn start_with_config(config: &str) -> Result<Self, TestkitError> {
+        let process = ServerProcess::start_prepared(&NATS_SERVER, nats_args, |dir| {
+            write_config(dir)?;
+            let path = dir.join(CONFIG_FILE);
+            let base = std::fs::read_to_string(&path)?;
+            std::fs::write(path, format!("{base}{config}\n"))
+        })?;
+        Ok(NatsServer { process })
+    }
+
     /// `http://127.0.0.1:<monitoring port>` of a server from
     /// [`NatsServer::start_with_monitoring`]; `None` for one without monitoring.
     pub fn monitoring_url(&self) -> Option<String> {

@@ -33,9 +33,6 @@ const LOG_FILE: &str = "server.log";
 
 /// Builds a server's command-line arguments from its port and its directory.
 pub type ArgsFn = fn(port: u16, dir: &Path) -> Vec<OsString>;
-/// Writes what the server reads from its directory (a config file) before its first start; the
-/// directory outlives restarts, so this runs once per directory.
-pub type PrepareFn = fn(dir: &Path) -> std::io::Result<()>;
 
 /// A running (or stopped, ready to restart) server child process. Killed on drop.
 #[derive(Debug)]
@@ -58,11 +55,12 @@ impl ServerProcess {
     }
 
     /// [`Self::start`], with `prepare` filling the server's fresh directory before the first
-    /// spawn (e.g. a config file that `args` names).
+    /// spawn (e.g. a config file that `args` names). The directory outlives restarts, so
+    /// `prepare` runs once per directory.
     pub fn start_prepared(
         binary: &ServerBinary,
         args: ArgsFn,
-        prepare: PrepareFn,
+        prepare: impl Fn(&Path) -> std::io::Result<()>,
     ) -> Result<Self, TestkitError> {
         let binary = binary.locate()?;
         let mut last_log = String::new();

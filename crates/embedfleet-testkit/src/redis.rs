@@ -30,6 +30,25 @@ impl RedisServer {
         Ok(RedisServer { process })
     }
 
+    /// [`RedisServer::start`] with the directives of `config` (redis.conf syntax: `requirepass`,
+    /// `user`, `tls-cert-file`, ...) read from a file. Files it names must outlive the server.
+    pub fn start_with_config(config: &str) -> Result<Self, TestkitError> {
+        let process = ServerProcess::start_prepared(&REDIS_SERVER, redis_config_args, |dir| {
+            std::fs::write(dir.join(CONFIG_FILE), config)
+        })?;
+        Ok(RedisServer { process })
+    }
+
+    /// [`RedisServer::start_with_config`] listening for TLS only, on the port (`--port 0
+    /// --tls-port <port>`); `config` must name the certificate, key and CA (`tls-cert-file`,
+    /// `tls-key-file`, `tls-ca-cert-file`). Clients connect with `rediss://`.
+    pub fn start_tls(config: &str) -> Result<Self, TestkitError> {
+        let process = ServerProcess::start_prepared(&REDIS_SERVER, redis_tls_args, |dir| {
+            std::fs::write(dir.join(CONFIG_FILE), config)
+        })?;
+        Ok(RedisServer { process })
+    }
+
     /// `redis://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port())
@@ -70,4 +89,21 @@ fn redis_args(port: u16, dir: &Path) -> Vec<OsString> {
         "--dir".into(),
         dir.as_os_str().to_owned(),
     ]
+}
+
+/// The config file of [`RedisServer::start_with_config`], in the server's directory.
+const CONFIG_FILE: &str = "redis.conf";
+
+/// `redis-server <dir>/redis.conf` then [`redis_args`]: flags after the file override it.
+fn redis_config_args(port: u16, dir: &Path) -> Vec<OsString> {
+    let mut args = vec![dir.join(CONFIG_FILE).into_os_string()];
+    args.extend(redis_args(port, dir));
+    args
+}
+
+/// [`redis_config_args`] with the plain port closed and TLS on `port`.
+fn redis_tls_args(port: u16, dir: &Path) -> Vec<OsString> {
+    let mut args = redis_config_args(0, dir);
+    args.extend(["--tls-port".into(), port.to_string().into()]);
+    args
 }

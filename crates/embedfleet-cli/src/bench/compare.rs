@@ -32,12 +32,15 @@ use embedfleet_proto::{EmbedReply, EmbedRequest, Encoding};
 
 use super::run_id;
 use crate::fleet_args;
+use crate::security_args::NatsSecurityArgs;
 
 #[derive(Args)]
 pub struct FleetBenchArgs {
     /// NATS server of the running fleet, e.g. the URL `embedfleet serve` prints.
     #[arg(long, env = "EMBEDFLEET_NATS_URL")]
     nats_url: String,
+    #[command(flatten)]
+    nats_security: NatsSecurityArgs,
     /// Concurrent clients, each with its own NATS connection.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
     clients: u64,
@@ -123,9 +126,10 @@ async fn connect_clients(
     args: &FleetBenchArgs,
     encoding: Encoding,
 ) -> anyhow::Result<Vec<EmbedClient>> {
+    let security = args.nats_security.security()?;
     let mut clients = Vec::with_capacity(args.clients as usize);
     for _ in 0..args.clients {
-        let client = EmbedClient::connect(&args.nats_url)
+        let client = EmbedClient::connect_with(&args.nats_url, &security)
             .await?
             .with_encoding(encoding)
             .with_timeout(Duration::from_millis(args.timeout_ms));

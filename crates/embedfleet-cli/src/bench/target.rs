@@ -12,6 +12,8 @@ use clap::Args;
 use embedfleet_client::EmbedClient;
 use embedfleet_proto::Encoding;
 
+use crate::security_args::NatsSecurityArgs;
+
 /// How long an embedded `serve` may take to load its models and say it is ready.
 const SERVE_READY_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long it gets to stop after SIGTERM before it is killed.
@@ -24,6 +26,8 @@ pub struct TargetArgs {
     /// --models <models>` itself (its own nats-server, default settings) and stops it at the end.
     #[arg(long, env = "EMBEDFLEET_NATS_URL")]
     pub nats_url: Option<String>,
+    #[command(flatten)]
+    pub nats_security: NatsSecurityArgs,
     /// The fleet's Redis. The cold mode empties it (FLUSHDB) first, so never point this at a
     /// Redis whose contents matter; an embedded fleet is started with it as its cache tier.
     #[arg(long)]
@@ -73,9 +77,10 @@ impl Fleet {
         } else {
             Encoding::MsgPack
         };
+        let security = args.nats_security.security()?;
         let mut clients = Vec::with_capacity(args.connections as usize);
         for _ in 0..args.connections {
-            let client = EmbedClient::connect(&self.url)
+            let client = EmbedClient::connect_with(&self.url, &security)
                 .await?
                 .with_encoding(encoding)
                 .with_timeout(Duration::from_millis(args.timeout_ms));

@@ -103,6 +103,42 @@ ignored. Maps merge key by key, everything else (lists included) is replaced.
 {{- end }}
 {{- end -}}
 
+{{/* One role's NATS credentials and TLS settings (dict root, secret, user) as environment that
+     points into its Secret, mounted at /etc/embedfleet/nats by "embedfleet.authMount". */}}
+{{- define "embedfleet.natsAuthEnv" -}}
+{{- if .secret }}
+{{- $vars := dict "creds" "EMBEDFLEET_NATS_CREDS" "nkeySeed" "EMBEDFLEET_NATS_NKEY_SEED_FILE" "password" "EMBEDFLEET_NATS_PASSWORD_FILE" "token" "EMBEDFLEET_NATS_TOKEN_FILE" "tlsCa" "EMBEDFLEET_NATS_TLS_CA" "tlsCert" "EMBEDFLEET_NATS_TLS_CERT" "tlsKey" "EMBEDFLEET_NATS_TLS_KEY" }}
+{{- range $file, $var := $vars }}
+{{- with get $.root.Values.nats.auth.files $file }}
+- name: {{ $var }}
+  value: /etc/embedfleet/nats/{{ . }}
+{{- end }}
+{{- end }}
+{{- with .user }}
+- name: EMBEDFLEET_NATS_USER
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The coordinators' Redis AUTH and TLS settings, pointing into /etc/embedfleet/redis. */}}
+{{- define "embedfleet.redisAuthEnv" -}}
+{{- $auth := .Values.redis.auth }}
+{{- if $auth.secret }}
+{{- $vars := dict "password" "EMBEDFLEET_REDIS_PASSWORD_FILE" "tlsCa" "EMBEDFLEET_REDIS_TLS_CA" "tlsCert" "EMBEDFLEET_REDIS_TLS_CERT" "tlsKey" "EMBEDFLEET_REDIS_TLS_KEY" }}
+{{- range $file, $var := $vars }}
+{{- with get $auth.files $file }}
+- name: {{ $var }}
+  value: /etc/embedfleet/redis/{{ . }}
+{{- end }}
+{{- end }}
+{{- with $auth.user }}
+- name: EMBEDFLEET_REDIS_USER
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
 {{- define "embedfleet.redisEnv" -}}
 {{- if .Values.redis.urlSecret.name }}
 - name: EMBEDFLEET_REDIS_URL
