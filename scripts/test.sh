@@ -28,13 +28,8 @@ if [ $# -eq 0 ]; then
     target/release/embedfleet bench run --tier small --out target/bench-fleet
   echo "bench run (small tier, gate on): $((SECONDS - start))s"
 fi
-# The CUDA path must keep compiling on machines without CUDA: FuseMoE's on its own (cudarc loads
-# the driver at run time), and the whole CUDA build with its GPU test binaries (candle's CUDA
-# backend; nvcc and the CUDA 13.0 libraries from PyPI into tools/cuda; target/cuda). Nothing of
-# it runs here: there is no GPU (scripts/gpu-check.sh runs them where one is lent).
+# FuseMoE's CUDA path must keep compiling on machines without CUDA (cudarc loads the driver at
+# run time). The whole CUDA build (candle's CUDA backend and the GPU test binaries,
+# scripts/cuda-build.sh) is not part of this command: it takes ~22 min on 2 cores, more than the
+# rest of CI's build; scripts/gpu-check.sh prepare runs it before a GPU check.
 cargo build --release -p embedfleet-fusion --features cuda
-if [ $# -eq 0 ]; then
-  start=$SECONDS
-  bash scripts/cuda-build.sh > /dev/null
-  echo "CUDA build (scripts/cuda-build.sh): $((SECONDS - start))s"
-fi
