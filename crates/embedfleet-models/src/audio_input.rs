@@ -330,10 +330,14 @@ impl To16k {
         };
         let expected = (frames * u64::from(SAMPLE_RATE)).div_ceil(u64::from(self.rate)) as usize;
         let delay = resampler.output_delay();
-        let part = resampler
-            .process_partial(Some(&[&self.pending[..]]), None)
-            .map_err(|e| e.to_string())?;
-        self.out.extend_from_slice(&part[0]);
+        // rubato refuses an empty partial chunk (input that ended on a chunk boundary); the
+        // flush below pushes the delayed tail out either way.
+        if !self.pending.is_empty() {
+            let part = resampler
+                .process_partial(Some(&[&self.pending[..]]), None)
+                .map_err(|e| e.to_string())?;
+            self.out.extend_from_slice(&part[0]);
+        }
         while self.out.len() < delay + expected {
             let part = resampler
                 .process_partial(None::<&[&[f32]]>, None)

@@ -317,7 +317,9 @@ mod tests {
 
     #[test]
     fn codes_match_the_contract() {
-        let expected = [400, 400, 400, 400, 404, 413, 413, 422, 429, 503, 503, 500, 400, 422];
+        let expected = [
+            400, 400, 400, 400, 404, 413, 413, 422, 429, 503, 503, 500, 400, 422,
+        ];
         let got: Vec<u16> = ErrorKind::ALL.iter().map(|k| k.code()).collect();
         assert_eq!(got, expected);
     }
