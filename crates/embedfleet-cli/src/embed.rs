@@ -111,6 +111,8 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
     if let Some(url) = args.nats_url.clone() {
         return run_remote(&args, &url);
     }
+    // Read before any model loads, so a wrong path fails at once.
+    let images = file_inputs(&args.images)?;
     let models: Vec<String> = match &args.models {
         Some(models) => models.clone(),
         None => DEFAULT_MODELS.map(String::from).to_vec(),
@@ -142,7 +144,7 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     if !args.texts.is_empty() || !args.images.is_empty() {
-        let mut inputs = file_inputs(&args.images)?;
+        let mut inputs = images;
         inputs.extend(args.texts.iter().cloned().map(ModelInput::Text));
         emit(&pipeline, &inputs, &request, 0, &mut out)?;
         return Ok(out.flush()?);
