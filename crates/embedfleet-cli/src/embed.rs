@@ -123,6 +123,8 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
     if let Some(url) = args.nats_url.clone() {
         return run_remote(&args, &url);
     }
+    // Read the files before any model loads, so a wrong path fails at once.
+    let inputs = argument_inputs(&args)?;
     let models: Vec<String> = match &args.models {
         Some(models) => models.clone(),
         None => DEFAULT_MODELS.map(String::from).to_vec(),
@@ -157,7 +159,6 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     if has_argument_inputs(&args) {
-        let inputs = argument_inputs(&args)?;
         emit(&pipeline, &inputs, &request, 0, &mut out)?;
         return Ok(out.flush()?);
     }

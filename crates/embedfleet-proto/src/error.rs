@@ -33,12 +33,6 @@ pub enum ErrorKind {
     InputTooLong,
     /// A requested model cannot take the modality of an input.
     UnsupportedModality,
-    /// An image or audio payload that does not decode: corrupt or truncated data, or impossible
-    /// parameters (an audio sample rate of 0 or 10 MHz).
-    InvalidMedia,
-    /// Media in a format or codec the server does not decode, or that it cannot embed (an image
-    /// under the minimum size, silent-only audio).
-    UnsupportedMedia,
     /// The fleet is at its in-flight limit; retry later.
     Overloaded,
     /// No worker currently serves a needed model.
@@ -47,6 +41,12 @@ pub enum ErrorKind {
     Timeout,
     /// A bug or an unexpected failure on the server side.
     Internal,
+    /// An image or audio payload that does not decode: corrupt or truncated data, or impossible
+    /// parameters (an audio sample rate of 0 or 10 MHz).
+    InvalidMedia,
+    /// Media in a format or codec the server does not decode, or that it cannot embed (an image
+    /// under the minimum size).
+    UnsupportedMedia,
 }
 
 impl ErrorKind {
