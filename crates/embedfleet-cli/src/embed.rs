@@ -342,9 +342,18 @@ fn run_remote(args: &EmbedArgs, url: &str) -> anyhow::Result<()> {
 }
 
 /// The embed.v1 request for `items` under the command's flags. Without `--models` it names
-/// none, so the fleet runs its own default set.
+/// none, so the fleet runs its own default set. Plain texts travel as `input` (what every
+/// fleet version reads); a batch with media as `inputs` items.
 fn remote_request(args: &EmbedArgs, items: Vec<InputItem>) -> EmbedRequest {
-    let mut request = EmbedRequest::items(items)
+    let plain_text = |item: &InputItem| {
+        item.text.is_some() && *item == InputItem::text(item.text.clone().unwrap_or_default())
+    };
+    let request = if items.iter().all(plain_text) {
+        EmbedRequest::texts(items.into_iter().filter_map(|item| item.text))
+    } else {
+        EmbedRequest::items(items)
+    };
+    let mut request = request
         .with_fuse(!args.no_fuse)
         .with_partials(args.partials)
         .with_normalize(!args.no_normalize)
