@@ -6,6 +6,7 @@
 #
 #   scripts/cuda-build.sh                 # compute capability 9.0 (H100, H200)
 #   CUDA_COMPUTE_CAP=80 scripts/cuda-build.sh   # A100, A10...: PTX for 8.0 (JIT-compiled on 8.x)
+#   CUDA_BUILD_PROFILE=ci scripts/cuda-build.sh # what CI compiles: the same code, no LTO
 #
 # Prints, last, the paths of the built binaries (one a line) for scripts/gpu-check.sh to carry.
 set -euo pipefail
@@ -18,16 +19,18 @@ export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target/cuda}"
 # nvcc runs one process per kernel file; two at a time is what a 2-core CI machine can take.
 export NVCC_THREADS="${NVCC_THREADS:-2}"
+# `release` for binaries that are carried to a GPU and timed; CI only needs to know it compiles.
+profile="${CUDA_BUILD_PROFILE:-release}"
 # The same features reach every shared crate in both steps, so they share one build of candle
 # and its kernels (the benches' `cuda` adds nothing the CLI's does not).
 features=(--features embedfleet-cli/cuda,embedfleet-benches/cuda)
 
 start=$SECONDS
-cargo build --release -p embedfleet-cli --features embedfleet-cli/cuda
+cargo build --profile "$profile" -p embedfleet-cli --features embedfleet-cli/cuda
 # The GPU test and bench binaries (tests/cuda_parity.rs of the models and of FuseMoE,
 # benches/gpu.rs), in one invocation so every crate sees the same features. The bench binary is
 # built in test mode: run it with `--bench` to measure.
-cargo test --release -p embedfleet-models -p embedfleet-fusion -p embedfleet-benches \
+cargo test --profile "$profile" -p embedfleet-models -p embedfleet-fusion -p embedfleet-benches \
   -p embedfleet-cli "${features[@]}" --test cuda_parity --bench gpu --no-run \
   --message-format=json-render-diagnostics \
   | python3 -c '
@@ -38,6 +41,6 @@ for line in sys.stdin:
         print(msg["executable"])
 ' > "$CARGO_TARGET_DIR/gpu-binaries.txt"
 list="$CARGO_TARGET_DIR/gpu-binaries.txt"
-echo "cuda-build: compute capability $CUDA_COMPUTE_CAP, $((SECONDS - start))s" >&2
-echo "$CARGO_TARGET_DIR/release/embedfleet"
+echo "cuda-build: compute capability $CUDA_COMPUTE_CAP, profile $profile, $((SECONDS - start))s" >&2
+echo "$CARGO_TARGET_DIR/$profile/embedfleet"
 cat "$list"

@@ -5,13 +5,16 @@
     embedfleet serve                       # prints the NATS URL it listens on
     python3 embed.py nats://127.0.0.1:PORT
     python3 embed.py nats://127.0.0.1:PORT --image cat.png    # an image too (needs clip-vit-l)
+    python3 embed.py nats://127.0.0.1:PORT --audio hello.wav  # a sound too (needs whisper-large)
 
 The URL comes from the first argument, else $NATS_URL, else nats://127.0.0.1:4222. With
-`--image FILE` the request carries the image (base64, `image_b64`) before the text, and names
-clip-vit-l and minilm, so the fleet must serve both (`embedfleet serve --models clip-vit-l,minilm`):
-the image's vector comes from CLIP alone, the text's from both. The request
-is the embed.v1 JSON of docs/protocol.md; any NATS client in any language can send it the same
-way. Exits 1 with a one-line message when the fleet cannot answer.
+`--image FILE` the request carries the image (base64, `image_b64`) before the text and names
+clip-vit-l; with `--audio FILE` it carries the sound (base64, `audio_b64`) after the text and
+names whisper-large; minilm is always named, so the fleet must serve each model named
+(`embedfleet serve --models clip-vit-l,minilm,whisper-large`). An image's vector comes from CLIP
+alone, a sound's from Whisper alone, the text's from every text model named. The request is the
+embed.v1 JSON of docs/protocol.md; any NATS client in any language can send it the same way.
+Exits 1 with a one-line message when the fleet cannot answer.
 """
 
 import asyncio
@@ -34,15 +37,30 @@ def fail(message: str) -> None:
     sys.exit(1)
 
 
+def take_file_flag(args: list, flag: str):
+    """Removes `flag FILE` from args and returns FILE (None when the flag is absent)."""
+    if flag not in args:
+        return None
+    at = args.index(flag)
+    if at + 1 >= len(args):
+        fail(f"{flag} needs a file")
+    path = args[at + 1]
+    del args[at : at + 2]
+    return path
+
+
+def read_base64(path: str) -> str:
+    try:
+        with open(path, "rb") as file:
+            return base64.b64encode(file.read()).decode()
+    except OSError as error:
+        fail(f"cannot read {path}: {error}")
+
+
 async def main() -> None:
     args = sys.argv[1:]
-    image = None
-    if "--image" in args:
-        at = args.index("--image")
-        if at + 1 >= len(args):
-            fail("--image needs a file")
-        image = args[at + 1]
-        del args[at : at + 2]
+    image = take_file_flag(args, "--image")
+    audio = take_file_flag(args, "--audio")
     url = args[0] if args else os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
 
     # 1. Connect. nats-py retries a refused server (60 times, 2 s apart, by default); one retry
@@ -68,19 +86,19 @@ async def main() -> None:
         #    comes back in the same one). Every option besides `input` takes its default: the
         #    fleet's models, fused, normalised, truncated.
         request = {"input": "hello"}
-        if image is not None:
-            # Media travel as standard base64 of the file's bytes; `format` is only a hint (the
-            # server sniffs the bytes). Images reach only the models that take them.
-            try:
-                with open(image, "rb") as file:
-                    encoded = base64.b64encode(file.read()).decode()
-            except OSError as error:
-                fail(f"cannot read {image}: {error}")
-            format_hint = os.path.splitext(image)[1].lstrip(".").lower() or None
-            request = {
-                "inputs": [{"image_b64": encoded, "format": format_hint}, {"text": "hello"}],
-                "models": ["clip-vit-l", "minilm"],
-            }
+        if image is not None or audio is not None:
+            # Media travel as standard base64 of the file's bytes in `inputs` items; an image's
+            # `format` is only a hint (the server sniffs the bytes), and a sound's sample rate
+            # comes from its own header. Media reach only the models that take them.
+            inputs, models = [{"text": "hello"}], ["minilm"]
+            if image is not None:
+                format_hint = os.path.splitext(image)[1].lstrip(".").lower() or None
+                inputs.insert(0, {"image_b64": read_base64(image), "format": format_hint})
+                models.insert(0, "clip-vit-l")
+            if audio is not None:
+                inputs.append({"audio_b64": read_base64(audio)})
+                models.append("whisper-large")
+            request = {"inputs": inputs, "models": models}
         try:
             reply = await nc.request(
                 EMBED_ENDPOINT,
