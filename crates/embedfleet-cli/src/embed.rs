@@ -29,9 +29,10 @@ const DEFAULT_MODELS: [&str; 2] = ["minilm", "mpnet"];
 pub struct EmbedArgs {
     /// Texts to embed; with none (and no --image or --audio), one input per stdin line.
     texts: Vec<String>,
-    /// Audio files to embed (WAV, FLAC, MP3, Ogg Vorbis; whisper-large reads them), after the
-    /// texts in the output.
-    #[arg(long = "audio", value_name = "FILE", num_args = 1..)]
+    /// An audio file to embed (WAV, FLAC, MP3, Ogg Vorbis; whisper-large reads it); repeat the
+    /// flag for several. Audio comes after the texts in the output. One file per flag, so that
+    /// `--audio hello.wav "a cat"` leaves "a cat" a text.
+    #[arg(long = "audio", value_name = "FILE")]
     audio: Vec<PathBuf>,
     /// Longest audio embedded in process, in seconds; longer is refused.
     #[arg(long, env = "EMBEDFLEET_MAX_AUDIO_SECONDS", default_value_t = 600.0)]

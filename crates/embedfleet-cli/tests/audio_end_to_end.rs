@@ -1,7 +1,7 @@
 //! Audio end to end on real Whisper tiny.en weights (in the whisper-large slot, the width rule)
 //! next to the real minilm:
 //!
-//! - `embedfleet embed "text" --audio a.wav b.mp3` prints one fused vector per input, texts
+//! - `embedfleet embed "text" --audio a.wav --audio b.mp3` prints one fused vector per input, texts
 //!   first; each input's partials show which models took it (minilm the text, whisper-large the
 //!   audio);
 //! - the same inputs through `embedfleet serve` over NATS (`embed --nats-url`, sending
@@ -84,6 +84,7 @@ fn text_and_audio_in_process_and_through_the_fleet() {
             "a quick brown fox",
             "--audio",
             wav.to_str().unwrap(),
+            "--audio",
             mp3.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);

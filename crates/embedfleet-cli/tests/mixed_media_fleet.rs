@@ -226,3 +226,47 @@ fn text_image_and_audio_in_one_request_and_from_python() {
         .terminate_within(Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// The command line, `embed --image cat.png --audio hello.wav "a cat"`: one file per
+/// flag, so the text after `--audio FILE` stays a text; three fused vectors, image first.
+#[test]
+fn embed_image_audio_and_text_in_process() {
+    let Some(dir) = model_dir() else {
+        return;
+    };
+    let output = run_with_stdin(
+        embedfleet(&[
+            "embed",
+            "--models",
+            MODELS,
+            "--model-dir",
+            dir.path().to_str().unwrap(),
+            "--partials",
+            "--image",
+            image_file().to_str().unwrap(),
+            "--audio",
+            audio_file().to_str().unwrap(),
+            "a cat",
+        ]),
+        None,
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let elements: Vec<Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect();
+    assert_eq!(elements.len(), 3);
+    let want: [&[&str]; 3] = [
+        &["clip-vit-l"],
+        &["clip-vit-l", "minilm"],
+        &["whisper-large"],
+    ];
+    for (element, models) in elements.iter().zip(want) {
+        assert_eq!(vector(&element["embedding"]).len(), FUSED_DIM);
+        assert_eq!(partial_models(element), models.iter().copied().collect());
+    }
+}
