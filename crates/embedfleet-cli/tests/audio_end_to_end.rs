@@ -165,12 +165,7 @@ fn text_and_audio_in_process_and_through_the_fleet() {
         no_frames[4..8].copy_from_slice(&36u32.to_le_bytes());
         no_frames[40..44].copy_from_slice(&0u32.to_le_bytes());
         let cases: [(Vec<u8>, Option<u32>, u16, &str); 4] = [
-            (
-                b"not a sound file".to_vec(),
-                None,
-                422,
-                "unsupported_media",
-            ),
+            (b"not a sound file".to_vec(), None, 422, "unsupported_media"),
             (good[..good.len() / 2].to_vec(), None, 400, "invalid_media"),
             (good.clone(), Some(44_100), 400, "invalid_media"),
             (no_frames, None, 400, "empty_input"),

@@ -50,7 +50,10 @@ fn model_dir() -> Option<tempfile::TempDir> {
     let link = |target: &Path, name: &str| {
         std::os::unix::fs::symlink(target, dir.path().join(name)).unwrap();
     };
-    link(&fixtures().join("checkpoints/clip/clip-vit-l"), "clip-vit-l");
+    link(
+        &fixtures().join("checkpoints/clip/clip-vit-l"),
+        "clip-vit-l",
+    );
     link(&models_dir().join("minilm"), "minilm");
     link(&whisper, "whisper-large");
     Some(dir)
@@ -152,9 +155,16 @@ fn text_image_and_audio_in_one_request_and_from_python() {
         let nats = client(&url).await;
         // Ready: a small request answers (a retried one could land in the cache, so not the
         // request under test).
-        wait_for_success(&nats, &json!({ "input": "warm up", "models": ["minilm"] }), WAIT).await;
+        wait_for_success(
+            &nats,
+            &json!({ "input": "warm up", "models": ["minilm"] }),
+            WAIT,
+        )
+        .await;
         let request = mixed_request(json!({ "return_partials": true }));
-        let first = request_json(&nats, &request, WAIT).await.ok("the mixed request");
+        let first = request_json(&nats, &request, WAIT)
+            .await
+            .ok("the mixed request");
         let repeat = request_json(&nats, &request, WAIT).await.ok("the repeat");
         (first, repeat)
     });
@@ -179,7 +189,10 @@ fn text_image_and_audio_in_one_request_and_from_python() {
     let fused: Vec<Vec<f32>> = data.iter().map(|e| vector(&e["embedding"])).collect();
     for (a, b) in [(0, 1), (0, 2), (1, 2)] {
         let similarity = cosine(&fused[a], &fused[b]);
-        assert!(similarity < 0.999, "inputs {a} and {b}: cosine {similarity}");
+        assert!(
+            similarity < 0.999,
+            "inputs {a} and {b}: cosine {similarity}"
+        );
     }
 
     let again = check_fused_reply(&repeat, 3);
@@ -187,7 +200,12 @@ fn text_image_and_audio_in_one_request_and_from_python() {
         assert_eq!(element["cached"], true, "a repeat comes from the cache");
         assert_eq!(partial_models(element), partial_models(before));
         assert_eq!(check_experts(element), check_experts(before));
-        assert!(cosine(&vector(&element["embedding"]), &vector(&before["embedding"])) > 0.999999);
+        assert!(
+            cosine(
+                &vector(&element["embedding"]),
+                &vector(&before["embedding"])
+            ) > 0.999999
+        );
     }
 
     let python = Command::new("python3")
