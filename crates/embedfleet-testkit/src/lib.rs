@@ -8,13 +8,12 @@
 //!
 //! - [`nats`]: [`NatsServer`], `nats-server` with JetStream and a temporary store.
 //! - [`redis`]: [`RedisServer`], `redis-server` with persistence off.
-//! - [`process`]: [`ServerProcess`], what both share: spawn, wait for the port, stop, restart,
-//!   kill on drop.
+//! - [`process`], [`port`], [`binary`]: what both share (spawn, wait for the port, stop,
+//!   restart, kill on drop; free ports; finding a binary), re-exported from the
+//!   `embedfleet-process` crate, which `embedfleet serve`'s own nats-server uses too.
+//!   [`TestkitError`] is its error type.
 //! - [`role`]: [`RoleProcess`], an `embedfleet` role (or any command) as a child process, ready
 //!   when it prints its ` ready: ` line, with its output drained into a log.
-//! - [`port`]: picking a free port and waiting for one to accept or refuse connections.
-//! - [`binary`]: finding a server binary, with an install hint when it is missing.
-//! - [`error`]: the one error type, [`TestkitError`].
 //! - [`fixed_model`]: [`FixedVectorModel`], a deterministic weight-free model for the tests of
 //!   the roles around the models.
 //!
@@ -33,17 +32,15 @@
 //! The helpers use std only (no async runtime), so sync and async tests can both use them; the
 //! waits they do are short and bounded.
 
-pub mod binary;
-pub mod error;
 pub mod fixed_model;
 pub mod nats;
-pub mod port;
-pub mod process;
 pub mod redis;
 pub mod reference;
 pub mod role;
 
-pub use error::TestkitError;
+pub use embedfleet_process::{binary, port, process};
+/// The error of starting, stopping and restarting the servers.
+pub type TestkitError = embedfleet_process::ProcessError;
 pub use fixed_model::{FixedVectorModel, HangLatch};
 pub use nats::NatsServer;
 pub use process::ServerProcess;

@@ -1,5 +1,6 @@
-//! The one error type of the testkit. Messages are written for the person reading a failed
-//! test: they name the binary, the port and, for a missing binary, how to install it.
+//! The one error type of server processes. Messages are one line (they reach a CLI user as
+//! `error: ...` as well as a test log): they name the binary, the port and, for a missing
+//! binary, how to install it; a server's log is quoted by its last lines, joined with ` | `.
 
 use std::io;
 use std::path::PathBuf;
@@ -7,8 +8,8 @@ use std::time::Duration;
 
 /// Why a server could not be started, stopped or restarted.
 #[derive(Debug, thiserror::Error)]
-pub enum TestkitError {
-    /// The server binary is neither on `PATH` nor in the usual system directories.
+pub enum ProcessError {
+    /// The server binary is neither at the override, on `PATH` nor in the system directories.
     #[error(
         "`{binary}` not found (looked in ${env_var}, PATH, /usr/sbin, /usr/bin, \
          /usr/local/bin); install it with `apt-get install {package}` \
@@ -19,25 +20,30 @@ pub enum TestkitError {
         package: &'static str,
         env_var: &'static str,
     },
+    /// The environment override names something that is not an executable file: an explicit
+    /// setting that is wrong is an error, not a reason to quietly run another binary.
+    #[error("${env_var} is {}, which is not an executable file", .path.display())]
+    BadOverride {
+        env_var: &'static str,
+        path: PathBuf,
+    },
     /// Spawning the process failed at the OS level.
-    #[error("could not spawn `{binary}`: {source}")]
+    #[error("could not spawn `{}`: {source}", .binary.display())]
     Spawn {
         binary: PathBuf,
         #[source]
         source: io::Error,
     },
-    /// The process exited before its port accepted connections.
-    #[error(
-        "`{binary}` on port {port} exited before accepting connections ({status}); its log:\n{log}"
-    )]
+    /// The process exited before it listened on its port.
+    #[error("`{}` on port {port} exited before accepting connections ({status}); its log: {log}", .binary.display())]
     ExitedEarly {
         binary: PathBuf,
         port: u16,
         status: String,
         log: String,
     },
-    /// The port did not accept connections within the bounded wait.
-    #[error("`{binary}` did not accept connections on 127.0.0.1:{port} within {waited:?}; its log:\n{log}")]
+    /// The process did not listen on its port within the bounded wait; it has been killed.
+    #[error("`{}` did not accept connections on 127.0.0.1:{port} within {waited:?}; its log: {log}", .binary.display())]
     NotReady {
         binary: PathBuf,
         port: u16,
@@ -45,7 +51,7 @@ pub enum TestkitError {
         log: String,
     },
     /// Every attempt to start on a fresh free port lost the port to another process.
-    #[error("`{binary}` could not bind a free port after {attempts} attempts; last log:\n{log}")]
+    #[error("`{}` could not bind a free port after {attempts} attempts; last log: {log}", .binary.display())]
     PortsExhausted {
         binary: PathBuf,
         attempts: usize,
@@ -60,9 +66,9 @@ pub enum TestkitError {
     },
 }
 
-impl TestkitError {
+impl ProcessError {
     pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(io::Error) -> Self {
         let what = what.into();
-        move |source| TestkitError::Io { what, source }
+        move |source| ProcessError::Io { what, source }
     }
 }

@@ -10,7 +10,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::TestkitError;
+use crate::ProcessError;
 
 /// How long one connection attempt of a probe may take; loopback answers in microseconds.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
@@ -18,12 +18,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 /// A port on 127.0.0.1 that was free a moment ago (see the module docs for the race).
-pub fn free_port() -> Result<u16, TestkitError> {
+pub fn free_port() -> Result<u16, ProcessError> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .map_err(TestkitError::io("binding 127.0.0.1:0 to pick a free port"))?;
+        .map_err(ProcessError::io("binding 127.0.0.1:0 to pick a free port"))?;
     let port = listener
         .local_addr()
-        .map_err(TestkitError::io("reading the port of 127.0.0.1:0"))?
+        .map_err(ProcessError::io("reading the port of 127.0.0.1:0"))?
         .port();
     drop(listener);
     Ok(port)

@@ -5,9 +5,9 @@
 use std::env;
 use std::path::{Path, PathBuf};
 
-use crate::TestkitError;
+use crate::ProcessError;
 
-/// A server binary the testkit can start, and how to tell the user to get it.
+/// A server binary that can be started, and how to tell the user to get it.
 #[derive(Debug, Clone, Copy)]
 pub struct ServerBinary {
     /// File name looked up on `PATH`, e.g. `redis-server`.
@@ -22,13 +22,20 @@ pub struct ServerBinary {
 const SYSTEM_DIRS: [&str; 3] = ["/usr/sbin", "/usr/bin", "/usr/local/bin"];
 
 impl ServerBinary {
-    /// The binary's path: the environment override, then `PATH`, then `/usr/sbin`,
-    /// `/usr/bin` and `/usr/local/bin`.
-    pub fn locate(&self) -> Result<PathBuf, TestkitError> {
-        if let Some(path) = env::var_os(self.env_var).map(PathBuf::from) {
-            if is_executable_file(&path) {
-                return Ok(path);
-            }
+    /// The binary's path: the environment override when it is set (and not empty), else the
+    /// first of `PATH`, `/usr/sbin`, `/usr/bin` and `/usr/local/bin` that holds it. An override
+    /// that is not an executable file is [`ProcessError::BadOverride`].
+    pub fn locate(&self) -> Result<PathBuf, ProcessError> {
+        if let Some(path) = env::var_os(self.env_var).filter(|p| !p.is_empty()) {
+            let path = PathBuf::from(path);
+            return if is_executable_file(&path) {
+                Ok(path)
+            } else {
+                Err(ProcessError::BadOverride {
+                    env_var: self.env_var,
+                    path,
+                })
+            };
         }
         let path_dirs = env::var_os("PATH")
             .map(|p| env::split_paths(&p).collect::<Vec<_>>())
@@ -38,7 +45,7 @@ impl ServerBinary {
             .chain(SYSTEM_DIRS.iter().map(PathBuf::from))
             .map(|dir| dir.join(self.name))
             .find(|candidate| is_executable_file(candidate))
-            .ok_or(TestkitError::BinaryNotFound {
+            .ok_or(ProcessError::BinaryNotFound {
                 binary: self.name,
                 package: self.package,
                 env_var: self.env_var,
@@ -70,5 +77,23 @@ mod tests {
             message.contains("apt-get install no-such-package"),
             "{message}"
         );
+        assert!(!message.contains('\n'));
+    }
+
+    #[test]
+    fn a_wrong_override_is_an_error_not_a_fallback() {
+        // `sh` is on every PATH: a fallback would find it.
+        const VAR: &str = "EMBEDFLEET_PROCESS_TEST_SH";
+        let sh = ServerBinary {
+            name: "sh",
+            package: "dash",
+            env_var: VAR,
+        };
+        std::env::set_var(VAR, "/nowhere/sh");
+        let error = sh.locate().unwrap_err();
+        std::env::remove_var(VAR);
+        assert!(matches!(error, ProcessError::BadOverride { .. }), "{error}");
+        assert!(error.to_string().contains("/nowhere/sh"), "{error}");
+        assert!(sh.locate().is_ok(), "without the override PATH has sh");
     }
 }
