@@ -1,7 +1,14 @@
-//! Model worker bench: each real model's single-input latency and batch-32 throughput on fixed
-//! sentences (`benches/data/sentences.txt`), after warm-up, in the group `per_model_latency`
-//! (`<model>/single`, `<model>/batch32`). Compare with `scripts/bench-sentence-transformers.py`
-//! side by side: `scripts/bench-models-side-by-side.sh`.
+//! Model worker bench: every catalogue model that loads here, single-input latency and batch
+//! throughput on fixed inputs (`benches/data/sentences.txt`; the fixture images and speech clip
+//! for CLIP and Whisper), after warm-up, in the group `per_model_latency`
+//! (`<model>@<source>/single`, `<model>@<source>/batch32`). `<source>` says what was timed:
+//! `real` (minilm, mpnet: real weights), `real-tiny.en` / `real-smollm2-135m` (real but much
+//! smaller checkpoints in the whisper-large and e5-mistral slots), `fixture` (the architecture
+//! tests' tiny random checkpoints, `crates/embedfleet-models/tests/fixtures/checkpoints/`: they
+//! track each path's own cost from change to change and say nothing about the real model's
+//! speed). On a machine with the real checkpoints in `$EMBEDFLEET_MODELS_DIR`, every model is
+//! `real`. Compare with `scripts/bench-sentence-transformers.py` side by side:
+//! `scripts/bench-models-side-by-side.sh`.
 //!
 //! Specification targets (on GPU; CPU figures in docs/benchmarks.md): a semantic model < 5 ms
 //! single, a code model < 10 ms single.
@@ -9,20 +16,13 @@
 //! Thread count: candle uses every core by default; set `RAYON_NUM_THREADS` to match the Python
 //! side's `--threads` when comparing.
 //!
-//! The fixture groups (`t5-fixture/...`, `bert-fixture/...`) run the small random checkpoints of
-//! the architecture tests (`crates/embedfleet-models/tests/fixtures/checkpoints/`), not real
-//! weights: they track each path's own cost (kernels, packing, tokenizers built from vocabulary
-//! files, instruction handling) from change to change, and say nothing about the real models'
-//! speed.
-//!
 //! `per_model_dtype` runs minilm and mpnet at every weight dtype (`<model>/<dtype>/single` and
 //! `/batch32`): f32 on the packed CPU kernels, f16/bf16/q8_0/q4k on candle tensor ops and its
 //! quantised matmul. What each costs in quality: docs/benchmarks.md, "Quantised weights".
 //!
-//! `e5-mistral` has no real weights here: its groups run the decoder on the small random fixture
-//! checkpoint (`e5-mistral-fixture`, labelled so: its speed says nothing about a 7B model) and on
-//! SmolLM2-135M, a real Llama in the e5-mistral slot when `scripts/fetch-models.sh` made it
-//! (`e5-mistral-smollm2`), where the CPU kernels and candle tensor ops also run side by side.
+//! The decoder groups: `e5-mistral-fixture` and `e5-mistral-smollm2` (SmolLM2-135M, a real Llama
+//! in the e5-mistral slot, when `scripts/fetch-models.sh` made it) through the embedder, and
+//! `e5-mistral-smollm2-stack`, the decoder stack alone, CPU kernels against candle tensor ops.
 
 use std::time::Duration;
 
@@ -34,6 +34,7 @@ use embedfleet_models::{
     catalogue, DecoderEmbedder, Device, Dtype, EmbedOptions, EmbeddingModel, ModelInput,
     ModelRegistry, TextEmbedder, WeightResolver,
 };
+use embedfleet_proto::Modality;
 
 const BATCH: usize = 32;
 
@@ -87,16 +88,90 @@ fn bench_dtypes(c: &mut Criterion) {
     group.finish();
 }
 
+/// Where `per_model_latency` finds each catalogue model's weights, and the label its bench ids
+/// carry: `real` (the real checkpoint), `real-<name>` (a real, smaller checkpoint of the same
+/// architecture in the model's slot: the width rule) or `fixture` (the architecture tests' tiny
+/// random checkpoint: the code path's cost, nothing about the real model's speed).
+fn weight_source(name: &str) -> (std::path::PathBuf, &'static str) {
+    let fixtures = embedfleet_benches::bench_dir()
+        .join("../crates/embedfleet-models/tests/fixtures/checkpoints");
+    let has = |dir: &std::path::Path| dir.join(name).join("model.safetensors").is_file();
+    let real = models_dir();
+    if has(&real) {
+        return (real, "real");
+    }
+    let smaller_real = match name {
+        "whisper-large" => Some((real.join("whisper-tiny-en"), "real-tiny.en")),
+        "e5-mistral" => Some((real.join("smollm2"), "real-smollm2-135m")),
+        _ => None,
+    };
+    if let Some((dir, label)) = smaller_real.filter(|(dir, _)| has(dir)) {
+        return (dir, label);
+    }
+    let variant = match name {
+        "sentence-t5-xxl" => "t5-relu",
+        "instructor-xl" => "t5-gated",
+        "e5-mistral" => "mistral-gqa2-sharded",
+        "clip-vit-l" => "clip",
+        _ => "bert-family",
+    };
+    (fixtures.join(variant), "fixture")
+}
+
+/// The inputs a model is timed on: sentences for text models, the fixture images for CLIP, the
+/// fixture speech clip for Whisper; and the batch size (Whisper reads a whole 30-s window per
+/// clip, so its batch is 4).
+fn bench_inputs(model: &dyn EmbeddingModel) -> (Vec<ModelInput>, usize) {
+    let media = embedfleet_benches::bench_dir().join("../crates/embedfleet-models/tests/fixtures");
+    let spec = model.spec();
+    if spec.takes(Modality::Image) {
+        let images = ["photo.jpg", "shapes.png", "gradient.png", "wide.png", "lossless.webp"]
+            .iter()
+            .map(|file| ModelInput::Image {
+                bytes: std::fs::read(media.join("images").join(file)).expect("fixture image"),
+                format: None,
+            })
+            .collect();
+        return (images, BATCH);
+    }
+    if spec.takes(Modality::Audio) {
+        let clip = std::fs::read(media.join("audio/speech-16k.wav")).expect("fixture clip");
+        let input = ModelInput::Audio {
+            bytes: clip,
+            sample_rate: None,
+        };
+        return (vec![input], 4);
+    }
+    let texts = sentences().into_iter().map(ModelInput::Text).collect();
+    (texts, BATCH)
+}
+
+/// `per_model_latency`: every catalogue model that loads here, one input per call
+/// (`<model>@<source>/single`) and a batch (`<model>@<source>/batch<N>`); see
+/// [`weight_source`] for what `<source>` says.
 fn bench_models(c: &mut Criterion) {
-    let sentences: Vec<ModelInput> = sentences().into_iter().map(ModelInput::Text).collect();
-    assert!(
-        sentences.len() >= BATCH,
-        "need at least {BATCH} bench sentences"
-    );
     let options = EmbedOptions::default();
-    for name in ["minilm", "mpnet"] {
-        eprintln!("models bench: loading {name}");
-        let model = load(name);
+    for spec in catalogue::CATALOGUE {
+        let name = spec.name;
+        let (dir, source) = weight_source(name);
+        eprintln!("models bench: loading {name} ({source}, {})", dir.display());
+        let registry = ModelRegistry::new(
+            WeightResolver {
+                models_dir: Some(dir),
+                offline: true,
+            },
+            Device::Cpu,
+        );
+        let model = match registry.get(name) {
+            Ok(model) => model,
+            Err(e) => {
+                eprintln!("models bench: {name} skipped: {e}");
+                continue;
+            }
+        };
+        let (inputs, batch_size) = bench_inputs(model.as_ref());
+        let batch: Vec<ModelInput> = inputs.iter().cycle().take(batch_size).cloned().collect();
+        let label = format!("{name}@{source}");
 
         let mut group = c.benchmark_group("per_model_latency");
         group
@@ -104,12 +179,12 @@ fn bench_models(c: &mut Criterion) {
             .measurement_time(Duration::from_secs(8))
             .sample_size(20);
 
-        // One sentence per call, cycling through the set as the Python side does.
+        // One input per call, cycling through the set as the Python side does.
         group.throughput(Throughput::Elements(1));
         let mut next = 0;
-        group.bench_function(BenchmarkId::new(name, "single"), |b| {
+        group.bench_function(BenchmarkId::new(&label, "single"), |b| {
             b.iter(|| {
-                let input = &sentences[next % sentences.len()];
+                let input = &inputs[next % inputs.len()];
                 next += 1;
                 model
                     .embed_batch(std::slice::from_ref(input), &options)
@@ -117,51 +192,9 @@ fn bench_models(c: &mut Criterion) {
             })
         });
 
-        group.throughput(Throughput::Elements(BATCH as u64));
-        let batch = &sentences[..BATCH];
-        let id = BenchmarkId::new(name, format!("batch{BATCH}"));
-        group.bench_with_input(id, batch, |b, batch| {
-            b.iter(|| model.embed_batch(batch, &options).expect("embeds"))
-        });
-        group.finish();
-    }
-}
-
-/// Each architecture on its fixture checkpoints (see the file header), loaded through the
-/// registry as the fleet loads it: batch 32 of the bench sentences; sentence-t5 (relu fixture),
-/// instructor (gated fixture, with its default instruction) and the BERT family (bge-large,
-/// gte-large and contriever, dragon-plus: tokenizer.json and vocab.txt; codebert: RoBERTa with a
-/// byte-level BPE from vocab.json + merges.txt).
-fn bench_fixtures(c: &mut Criterion) {
-    let fixtures = embedfleet_benches::bench_dir()
-        .join("../crates/embedfleet-models/tests/fixtures/checkpoints");
-    let sentences: Vec<ModelInput> = sentences().into_iter().map(ModelInput::Text).collect();
-    let options = EmbedOptions::default();
-    for (path, variant, name) in [
-        ("t5", "t5-relu", "sentence-t5-xxl"),
-        ("t5", "t5-gated", "instructor-xl"),
-        ("bert", "bert-family", "bge-large"),
-        ("bert", "bert-family", "gte-large"),
-        ("bert", "bert-family", "contriever"),
-        ("bert", "bert-family", "dragon-plus"),
-        ("bert", "bert-family", "codebert"),
-    ] {
-        let registry = ModelRegistry::new(
-            WeightResolver {
-                models_dir: Some(fixtures.join(variant)),
-                offline: true,
-            },
-            Device::Cpu,
-        );
-        let model = registry.get(name).expect("fixture loads");
-        let mut group = c.benchmark_group(format!("{path}-fixture/{variant}/{name}"));
-        group
-            .warm_up_time(Duration::from_secs(1))
-            .measurement_time(Duration::from_secs(4))
-            .sample_size(20)
-            .throughput(Throughput::Elements(BATCH as u64));
-        let batch = &sentences[..BATCH];
-        group.bench_with_input(BenchmarkId::new("batch", BATCH), batch, |b, batch| {
+        group.throughput(Throughput::Elements(batch_size as u64));
+        let id = BenchmarkId::new(&label, format!("batch{batch_size}"));
+        group.bench_with_input(id, &batch[..], |b, batch| {
             b.iter(|| model.embed_batch(batch, &options).expect("embeds"))
         });
         group.finish();
@@ -257,11 +290,5 @@ fn bench_decoder(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(
-    benches,
-    bench_models,
-    bench_dtypes,
-    bench_fixtures,
-    bench_decoder
-);
+criterion_group!(benches, bench_models, bench_dtypes, bench_decoder);
 criterion_main!(benches);
