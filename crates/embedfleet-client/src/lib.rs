@@ -12,6 +12,8 @@
 //!   [`ClientError::Service`] with the server's [`ProtoError`];
 //! - nobody subscribed to `embed.v1` is [`ClientError::NoResponders`], no reply in time is
 //!   [`ClientError::Timeout`];
+//! - the caller's trace, when it has one, travels in a W3C `traceparent` header
+//!   ([`trace_context`]), so the fleet's spans join it;
 //! - credentials (creds file, nkey, user and password, token) and TLS (private CA, client
 //!   certificate) come from [`NatsSecurity`] ([`security`]), by default from the
 //!   `EMBEDFLEET_NATS_*` environment variables.
@@ -59,11 +61,13 @@
 //! ```
 
 pub mod security;
+pub mod trace_context;
 
 use std::time::Duration;
 
 use async_nats::{HeaderMap, RequestErrorKind};
 use bytes::Bytes;
+use tracing::Instrument;
 use embedfleet_proto::{
     EmbedReply, EmbedRequest, Embedding, Encoding, EncodingFormat, ErrorBody, ErrorKind,
     ProtoError, RequestLimits, CONTENT_TYPE, EMBED_ENDPOINT, SERVICE_ERROR, SERVICE_ERROR_CODE,
@@ -235,6 +239,20 @@ impl EmbedClient {
         }
         let bytes = payload.len();
         headers.insert(CONTENT_TYPE, self.encoding.content_type());
+        let span = tracing::info_span!("embed.v1", otel.kind = "client", bytes);
+        self.round_trip(request, headers, payload, bytes)
+            .instrument(span)
+            .await
+    }
+
+    async fn round_trip(
+        &self,
+        request: &EmbedRequest,
+        mut headers: HeaderMap,
+        payload: Vec<u8>,
+        bytes: usize,
+    ) -> Result<(EmbedReply, Option<String>), ClientError> {
+        trace_context::inject_current(&mut headers);
         let nats_request = async_nats::Request::new()
             .headers(headers)
             .payload(Bytes::from(payload))
