@@ -191,6 +191,8 @@ mod tests {
         assert!(span_context.is_some());
     }
 
+    /// Malformed as the SDK's propagator judges it. It is lenient about lengths (a short hex
+    /// id parses, and a trailing `-` is dropped); such a header still names a valid trace.
     #[test]
     fn missing_or_malformed_traceparents_are_no_trace() {
         assert!(remote_span_context(None).is_none());
@@ -203,7 +205,8 @@ mod tests {
             "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-",
+            "00-not-a-trace-context",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-zz",
         ] {
             let headers = headers_with(TRACEPARENT, garbage);
             assert!(remote_span_context(Some(&headers)).is_none(), "{garbage:?}");

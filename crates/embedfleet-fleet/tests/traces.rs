@@ -244,7 +244,12 @@ fn batches_linking<'a>(spans: &'a [SpanData], job: &SpanData) -> Vec<&'a SpanDat
             s.name == "batch"
                 && s.links
                     .iter()
-                    .any(|link| link.span_context == job.span_context)
+                    // The link's copy came out of the job's headers, so it is remote:
+                    // compare the ids.
+                    .any(|link| {
+                        link.span_context.trace_id() == job.span_context.trace_id()
+                            && link.span_context.span_id() == job.span_context.span_id()
+                    })
         })
         .collect()
 }
