@@ -218,7 +218,11 @@ mod tests {
         assert!(!settings(&[]).unwrap());
         assert!(!settings(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "")]).unwrap());
         assert!(settings(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318")]).unwrap());
-        assert!(settings(&[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://c:4318/v1/traces")]).unwrap());
+        assert!(settings(&[(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "http://c:4318/v1/traces"
+        )])
+        .unwrap());
         assert!(settings(&[("OTEL_TRACES_EXPORTER", "otlp")]).unwrap());
         assert!(!settings(&[
             ("OTEL_TRACES_EXPORTER", "none"),
@@ -300,7 +304,10 @@ mod tests {
     #[test]
     fn settings_this_build_cannot_honour_are_one_line_errors() {
         let error = settings(&[("OTEL_TRACES_EXPORTER", "zipkin")]).unwrap_err();
-        assert!(error.to_string().contains("only `otlp` and `none`"), "{error}");
+        assert!(
+            error.to_string().contains("only `otlp` and `none`"),
+            "{error}"
+        );
         let error = settings(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),

@@ -67,13 +67,13 @@ use std::time::Duration;
 
 use async_nats::{HeaderMap, RequestErrorKind};
 use bytes::Bytes;
-use tracing::Instrument;
 use embedfleet_proto::{
     EmbedReply, EmbedRequest, Embedding, Encoding, EncodingFormat, ErrorBody, ErrorKind,
     ProtoError, RequestLimits, CONTENT_TYPE, EMBED_ENDPOINT, SERVICE_ERROR, SERVICE_ERROR_CODE,
     TIMINGS_HEADER,
 };
 pub use security::{NatsAuth, NatsSecurity, NatsTls, Secret, SecurityError, SecuritySettings};
+use tracing::Instrument;
 
 /// How long [`EmbedClient::embed`] waits for a reply unless told otherwise: a little over the
 /// coordinator's own default request timeout (30 s), so that a slow fleet answers with its typed

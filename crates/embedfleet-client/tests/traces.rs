@@ -77,7 +77,10 @@ async fn requests_carry_the_callers_trace_and_nothing_without_one() {
     let parts: Vec<&str> = header.split('-').collect();
     assert_eq!(parts.len(), 4, "{header}");
     assert_eq!(parts[0], "00");
-    assert_eq!(TraceId::from_hex(parts[1]).unwrap(), caller_context.trace_id());
+    assert_eq!(
+        TraceId::from_hex(parts[1]).unwrap(),
+        caller_context.trace_id()
+    );
     assert_eq!(parts[3], "01", "sampled");
     // The span it names is the client's `embed.v1` span, a child of the caller's.
     let sent_span = SpanId::from_hex(parts[2]).unwrap();

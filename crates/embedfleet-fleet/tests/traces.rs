@@ -59,7 +59,10 @@ fn exporter() -> &'static InMemorySpanExporter {
 /// otherwise: the spans under test are the same either way.
 fn hosted_models() -> Vec<Arc<dyn EmbeddingModel>> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models");
-    if MODELS.iter().all(|m| dir.join(m).join("config.json").exists()) {
+    if MODELS
+        .iter()
+        .all(|m| dir.join(m).join("config.json").exists())
+    {
         let registry = ModelRegistry::new(
             WeightResolver {
                 models_dir: Some(dir),
@@ -165,7 +168,12 @@ impl Fleet {
     async fn embed(&self, text: &str, traceparent: Option<&str>) -> Vec<Option<String>> {
         let mut jobs = Vec::new();
         for model in MODELS {
-            jobs.push(self.client.subscribe(model_job_subject(model)).await.unwrap());
+            jobs.push(
+                self.client
+                    .subscribe(model_job_subject(model))
+                    .await
+                    .unwrap(),
+            );
         }
         self.client.flush().await.unwrap();
         let mut headers = HeaderMap::new();
@@ -181,7 +189,10 @@ impl Fleet {
         .await
         .expect("a reply within 60 s")
         .expect("request");
-        let failed = reply.headers.as_ref().and_then(|h| h.get(SERVICE_ERROR_CODE));
+        let failed = reply
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(SERVICE_ERROR_CODE));
         assert!(failed.is_none(), "error reply: {:?}", reply.headers);
         let body: EmbedReply = serde_json::from_slice(&reply.payload).expect("reply decodes");
         assert_eq!(body.data.len(), 1);
@@ -261,7 +272,9 @@ fn complete(spans: &[SpanData], trace: TraceId) -> bool {
     named(spans, trace, "embed.request").len() == 1
         && jobs.len() == MODELS.len()
         && named(spans, trace, "job.reply").len() == MODELS.len()
-        && jobs.iter().all(|job| batches_linking(spans, job).len() == 1)
+        && jobs
+            .iter()
+            .all(|job| batches_linking(spans, job).len() == 1)
 }
 
 fn traceparent_parts(header: &str) -> (TraceId, SpanId) {
@@ -291,7 +304,10 @@ async fn one_request_through_coordinator_and_worker_is_one_connected_trace() {
     let request = named(&spans, client_trace, "embed.request");
     let request = request[0];
     assert_eq!(request.span_kind, SpanKind::Server);
-    assert_eq!(request.parent_span_id, client_span, "a child of the client's span");
+    assert_eq!(
+        request.parent_span_id, client_span,
+        "a child of the client's span"
+    );
     assert!(request.parent_span_is_remote);
     let request_id = request.span_context.span_id();
 
@@ -326,7 +342,10 @@ async fn one_request_through_coordinator_and_worker_is_one_connected_trace() {
         assert_eq!(trace, client_trace, "the job carries the client's trace");
         published_ids.insert(span);
     }
-    assert_eq!(published_ids, job_ids, "each job's traceparent names its job span");
+    assert_eq!(
+        published_ids, job_ids,
+        "each job's traceparent names its job span"
+    );
 
     // The worker's side: queue wait and reply under each job span, in the same trace.
     for stage in ["queue.wait", "job.reply"] {
@@ -338,7 +357,11 @@ async fn one_request_through_coordinator_and_worker_is_one_connected_trace() {
     // call is its child.
     for job in &jobs {
         let batch = batches_linking(&spans, job)[0];
-        assert_eq!(batch.parent_span_id, SpanId::INVALID, "a batch has no one parent");
+        assert_eq!(
+            batch.parent_span_id,
+            SpanId::INVALID,
+            "a batch has no one parent"
+        );
         assert_ne!(batch.span_context.trace_id(), client_trace);
         let models = named(&spans, batch.span_context.trace_id(), "model");
         assert_eq!(models.len(), 1);
@@ -385,7 +408,11 @@ async fn one_request_through_coordinator_and_worker_is_one_connected_trace() {
             .iter()
             .find(|s| s.name == "embed.request" && !known.contains(&s.span_context.trace_id()))
             .unwrap();
-        assert_eq!(request.parent_span_id, SpanId::INVALID, "{text}: a new root");
+        assert_eq!(
+            request.parent_span_id,
+            SpanId::INVALID,
+            "{text}: a new root"
+        );
         let trace = request.span_context.trace_id();
         assert_ne!(trace, client_trace);
         for header in &published {
