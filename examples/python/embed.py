@@ -7,6 +7,12 @@
     python3 embed.py nats://127.0.0.1:PORT --image cat.png    # an image too (needs clip-vit-l)
     python3 embed.py nats://127.0.0.1:PORT --audio hello.wav  # a sound too (needs whisper-large)
 
+The request carries a W3C `traceparent` header, so the fleet's spans (docs/operations.md#traces)
+join this client's trace: the trace id is printed, to find the trace in the tracing backend
+(export is on where the fleet's roles have OTEL_EXPORTER_OTLP_ENDPOINT set). An application with
+its own OpenTelemetry SDK would send its current span's context instead, with the SDK's
+propagator; here the ids are made with `secrets`, which needs no extra dependency.
+
 The URL comes from the first argument, else $NATS_URL, else nats://127.0.0.1:4222. With
 `--image FILE` the request carries the image (base64, `image_b64`) before the text and names
 clip-vit-l; with `--audio FILE` it carries the sound (base64, `audio_b64`) after the text and
@@ -21,6 +27,7 @@ import asyncio
 import base64
 import json
 import os
+import secrets
 import sys
 
 import nats
@@ -30,6 +37,19 @@ EMBED_ENDPOINT = "embed.v1"
 # Slightly over the coordinator's own 30 s request timeout, so a slow fleet answers with its
 # typed `timeout` error first.
 TIMEOUT_S = 35.0
+
+
+def new_traceparent() -> tuple[str, str]:
+    """A W3C Trace Context `traceparent` for a new, sampled trace: version 00, a random 16-byte
+    trace id and 8-byte parent span id (neither all zeros, which the format forbids), flags 01.
+    Returns (header value, trace id)."""
+    trace_id = "0" * 32
+    while trace_id == "0" * 32:
+        trace_id = secrets.token_hex(16)
+    span_id = "0" * 16
+    while span_id == "0" * 16:
+        span_id = secrets.token_hex(8)
+    return f"00-{trace_id}-{span_id}-01", trace_id
 
 
 def fail(message: str) -> None:
@@ -99,12 +119,13 @@ async def main() -> None:
                 inputs.append({"audio_b64": read_base64(audio)})
                 models.append("whisper-large")
             request = {"inputs": inputs, "models": models}
+        traceparent, trace_id = new_traceparent()
         try:
             reply = await nc.request(
                 EMBED_ENDPOINT,
                 json.dumps(request).encode(),
                 timeout=TIMEOUT_S,
-                headers={"Content-Type": "application/json"},
+                headers={"Content-Type": "application/json", "traceparent": traceparent},
             )
         except NoRespondersError:
             fail(f"no embedfleet service answers on {url}: start one with `embedfleet serve`")
@@ -130,6 +151,7 @@ async def main() -> None:
             print(f"input {element['index']}: dimension {len(vector)}, first values: [{head}, ...]")
         first = body["data"][0]
         print(f"cached: {first.get('cached', False)}, tokens: {body['usage']['prompt_tokens']}")
+        print(f"trace id: {trace_id}")
     finally:
         await nc.close()
 

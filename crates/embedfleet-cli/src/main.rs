@@ -8,8 +8,8 @@
 //!   holds what they share (flags, runtime, signals); `security_args.rs` the NATS and Redis
 //!   credentials and TLS flags of every command that connects; `http_args.rs` their health and
 //!   metrics endpoint. `fetch.rs`: checkpoints into a model directory; `probe.rs`: a container health
-//!   check. `bench/`: `embedfleet bench` (the perf harness, capacity sweep and fleet comparison;
-//!   layout in `bench/mod.rs`).
+//!   check. `telemetry.rs`: logging and OTLP trace export. `bench/`: `embedfleet bench` (the
+//!   perf harness, capacity sweep and fleet comparison; layout in `bench/mod.rs`).
 //!
 //! Every failure ends in one line on stderr (`error: ...`) and a non-zero exit; nothing panics
 //! on bad input.
@@ -33,9 +33,9 @@ mod probe;
 mod quantized_search;
 mod security_args;
 mod serve;
+mod telemetry;
 mod worker;
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -78,15 +78,20 @@ enum Command {
     Fusion(fusion_cmd::FusionArgs),
 }
 
+impl Command {
+    /// The `service.name` of this command's exported spans (docs/operations.md#traces).
+    fn service_name(&self) -> &'static str {
+        match self {
+            Command::Serve(_) => "embedfleet-serve",
+            Command::Coordinator(_) => "embedfleet-coordinator",
+            Command::Worker(_) => "embedfleet-worker",
+            Command::Embed(_) => "embedfleet-embed",
+            _ => "embedfleet",
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("EMBEDFLEET_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // --help and --version are not failures; print them as clap formats them.
@@ -104,6 +109,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let telemetry = match telemetry::init(cli.command.service_name()) {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("error: {}", one_line(&error));
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Embed(args) => embed::run(args),
         Command::Models(args) => models::run(args),
@@ -117,6 +129,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => eval::run(args),
         Command::Fusion(args) => fusion_cmd::run(args),
     };
+    telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // A severe regression is a verdict, not a failure to run: its own code, for CI.

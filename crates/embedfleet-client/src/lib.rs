@@ -12,6 +12,8 @@
 //!   [`ClientError::Service`] with the server's [`ProtoError`];
 //! - nobody subscribed to `embed.v1` is [`ClientError::NoResponders`], no reply in time is
 //!   [`ClientError::Timeout`];
+//! - the caller's trace, when it has one, travels in a W3C `traceparent` header
+//!   ([`trace_context`]), so the fleet's spans join it;
 //! - credentials (creds file, nkey, user and password, token) and TLS (private CA, client
 //!   certificate) come from [`NatsSecurity`] ([`security`]), by default from the
 //!   `EMBEDFLEET_NATS_*` environment variables.
@@ -59,6 +61,7 @@
 //! ```
 
 pub mod security;
+pub mod trace_context;
 
 use std::time::Duration;
 
@@ -70,6 +73,7 @@ use embedfleet_proto::{
     TIMINGS_HEADER,
 };
 pub use security::{NatsAuth, NatsSecurity, NatsTls, Secret, SecurityError, SecuritySettings};
+use tracing::Instrument;
 
 /// How long [`EmbedClient::embed`] waits for a reply unless told otherwise: a little over the
 /// coordinator's own default request timeout (30 s), so that a slow fleet answers with its typed
@@ -235,6 +239,20 @@ impl EmbedClient {
         }
         let bytes = payload.len();
         headers.insert(CONTENT_TYPE, self.encoding.content_type());
+        let span = tracing::info_span!("embed.v1", otel.kind = "client", bytes);
+        self.round_trip(request, headers, payload, bytes)
+            .instrument(span)
+            .await
+    }
+
+    async fn round_trip(
+        &self,
+        request: &EmbedRequest,
+        mut headers: HeaderMap,
+        payload: Vec<u8>,
+        bytes: usize,
+    ) -> Result<(EmbedReply, Option<String>), ClientError> {
+        trace_context::inject_current(&mut headers);
         let nats_request = async_nats::Request::new()
             .headers(headers)
             .payload(Bytes::from(payload))

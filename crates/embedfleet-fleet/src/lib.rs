@@ -15,7 +15,7 @@
 //!   [`config`]: the roles' settings; [`embedded_nats`]: the child nats-server of `serve`;
 //!   [`stage_timings`]: a request's stage timings for the perf harness.
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics` of every role; [`metrics`]: the Prometheus
-//!   metrics they serve.
+//!   metrics they serve; [`trace_context`]: the `traceparent` header across hops (traces).
 
 pub mod config;
 pub mod coordinator;
@@ -30,6 +30,7 @@ pub mod plan;
 pub mod queues;
 pub mod revisions;
 pub mod stage_timings;
+pub mod trace_context;
 pub mod worker;
 
 pub use config::{BatchConfig, CoordinatorConfig, QueueConfig};

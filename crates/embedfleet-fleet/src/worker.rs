@@ -69,7 +69,7 @@ use embedfleet_models::{EmbeddingModel, ModelError};
 use crate::config::{BatchConfig, QueueConfig};
 use crate::job::{self, ModelJob};
 use crate::queues::{ensure_job_stream, ensure_model_consumer};
-use crate::revisions;
+use crate::{revisions, trace_context};
 pub use batch::estimate_tokens;
 use batch::{Batch, Pending};
 use runner::{job_failure, progress_ticks, send_progress, settle, Answer, BatchRunner};
@@ -537,10 +537,13 @@ impl ModelLoop {
             .iter()
             .map(|input| estimate_tokens(input, spec.max_seq_len, job.truncate))
             .sum();
+        let trace = trace_context::extract(message.headers.as_ref());
+        record_queue_wait(self.name(), &message, &trace);
         let pending = Pending {
             message,
             job,
             tokens,
+            trace,
         };
         if pending.expired() {
             self.skip_expired(&pending).await;
@@ -579,6 +582,23 @@ impl ModelLoop {
             settle(&pending.message, AckKind::Nak(None)).await;
         }
     }
+}
+
+/// The job's wait in the JetStream queue as a span of the job's trace: from the server's
+/// publish timestamp to its delivery here (a clock behind the server's shows it as zero).
+fn record_queue_wait(model: &'static str, message: &Message, trace: &opentelemetry::Context) {
+    let Ok(info) = message.info() else { return };
+    let published = std::time::SystemTime::from(info.published);
+    trace_context::record_finished_span(
+        "queue.wait",
+        trace,
+        published,
+        std::time::SystemTime::now(),
+        vec![
+            opentelemetry::KeyValue::new("model", model),
+            opentelemetry::KeyValue::new("delivered", info.delivered),
+        ],
+    );
 }
 
 /// Re-raises a batch task's panic in the model's loop, where the worker reports it.

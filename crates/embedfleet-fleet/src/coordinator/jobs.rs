@@ -12,6 +12,7 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use embedfleet_cache::CacheKey;
 use embedfleet_models::ModelSpec;
@@ -26,7 +27,7 @@ use super::routing::PendingGuard;
 use super::table::{PartialTable, Source};
 use super::Coordinator;
 use crate::job::{self, ModelJob, PartialOutcome, PartialResult};
-use crate::{queues, stage_timings};
+use crate::{queues, stage_timings, trace_context};
 
 /// Times one job is published again after its partial was lost.
 const MAX_REASKS: u32 = 2;
@@ -67,7 +68,16 @@ impl Coordinator {
                     .map(|&i| partial_key(work, spec, revision, &work.inputs[i]))
                     .collect();
                 let started = Instant::now();
-                let found = self.cache.get_many(&keys).await;
+                let found = self
+                    .cache
+                    .get_many(&keys)
+                    .instrument(tracing::info_span!(
+                        "cache.lookup",
+                        entry = "partial",
+                        model = spec.name,
+                        keys = keys.len()
+                    ))
+                    .await;
                 let revision: Arc<str> = Arc::from(revision.as_str());
                 stage_timings::record("cache_get", started.elapsed());
                 open.clear();
@@ -114,12 +124,21 @@ impl Coordinator {
         let jobs = sent.iter().map(|(slot, indices, _)| {
             let spec = work.models[*slot];
             let inputs: Vec<Input> = indices.iter().map(|&i| work.inputs[i].clone()).collect();
+            // The job's span is the parent the worker's side of it hangs under: its context
+            // travels in the job's `traceparent` (publish_before).
+            let span = tracing::info_span!(
+                "job",
+                otel.kind = "producer",
+                model = spec.name,
+                inputs = inputs.len()
+            );
             async move {
                 let started = Instant::now();
                 let result = self.run_job(spec, inputs, work, deadline, wait_until).await;
                 stage_timings::record_model("jobs", spec.name, started.elapsed());
                 result
             }
+            .instrument(span)
         });
         let results = futures::future::join_all(jobs).await;
         // The first error (in slot order) answers the request; the other jobs' vectors are
@@ -280,6 +299,7 @@ impl Coordinator {
             n => format!("{}.{job_id}.{n}", self.id),
         };
         headers.insert(NATS_MSG_ID, id.as_str());
+        trace_context::inject_current(&mut headers);
         match tokio::time::timeout_at(until, self.publish_job(model, headers, payload)).await {
             Ok(Ok(sequence)) => {
                 self.stats.jobs_published.fetch_add(1, Ordering::Relaxed);

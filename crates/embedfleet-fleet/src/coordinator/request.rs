@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use embedfleet_cache::CacheKey;
 use embedfleet_fusion::FuseMoe;
@@ -28,19 +29,28 @@ impl Coordinator {
         encoding: Encoding,
         deadline: Instant,
     ) -> Result<Answer, ProtoError> {
-        self.config.limits.check_payload_len(payload.len())?;
-        let request: EmbedRequest = encoding.decode(payload)?;
-        let inputs = request.to_inputs(&self.config.limits)?;
-        let output = request.output_options()?;
-        let models = self.resolve_models(request.models.as_deref())?;
-        crate::plan::check_modalities(&inputs, &models).map_err(|untaken| {
-            ProtoError::new(
-                ErrorKind::UnsupportedModality,
-                format!(
-                    "input {} ({}) is taken by none of the requested models ({})",
-                    untaken.index, untaken.modality, untaken.models
-                ),
-            )
+        let (request, inputs, output, models) = tracing::info_span!(
+            "decode",
+            bytes = payload.len(),
+            inputs = tracing::field::Empty
+        )
+        .in_scope(|| {
+            self.config.limits.check_payload_len(payload.len())?;
+            let request: EmbedRequest = encoding.decode(payload)?;
+            let inputs = request.to_inputs(&self.config.limits)?;
+            tracing::Span::current().record("inputs", inputs.len());
+            let output = request.output_options()?;
+            let models = self.resolve_models(request.models.as_deref())?;
+            crate::plan::check_modalities(&inputs, &models).map_err(|untaken| {
+                ProtoError::new(
+                    ErrorKind::UnsupportedModality,
+                    format!(
+                        "input {} ({}) is taken by none of the requested models ({})",
+                        untaken.index, untaken.modality, untaken.models
+                    ),
+                )
+            })?;
+            Ok::<_, ProtoError>((request, inputs, output, models))
         })?;
         let layer_set = self.admit(&models, request.fuse)?;
         if let (Some(set), Some(_)) = (&layer_set, output.dimensions) {
@@ -173,7 +183,16 @@ impl Coordinator {
             let lookups: Vec<CacheKey> = keys.iter().flatten().cloned().collect();
             if !lookups.is_empty() {
                 let started = Instant::now();
-                let mut found = self.cache.get_many(&lookups).await.into_iter();
+                let mut found = self
+                    .cache
+                    .get_many(&lookups)
+                    .instrument(tracing::info_span!(
+                        "cache.lookup",
+                        entry = "fused",
+                        keys = lookups.len()
+                    ))
+                    .await
+                    .into_iter();
                 stage_timings::record("cache_get", started.elapsed());
                 for (i, key) in keys.iter().enumerate() {
                     if key.is_some() {
@@ -255,6 +274,7 @@ impl Coordinator {
             let (task_layer, rows_of) = (layer.clone(), open.clone());
             let device = self.fusion.device();
             let started = Instant::now();
+            let fusion_span = tracing::info_span!("fusion", rows = open.len());
             let (table, results) = tokio::task::spawn_blocking(move || {
                 let _timer = crate::metrics::global().fusion_timer();
                 let rows: Vec<Vec<Option<&[f32]>>> =
@@ -263,6 +283,7 @@ impl Coordinator {
                 drop(rows);
                 (partials, results)
             })
+            .instrument(fusion_span)
             .await
             .map_err(|e| ProtoError::internal(format!("fusion task: {e}")))?;
             stage_timings::record("fusion", started.elapsed());

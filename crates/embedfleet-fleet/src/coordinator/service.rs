@@ -8,9 +8,11 @@ use async_nats::service::ServiceExt;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::StreamExt;
+use opentelemetry::context::FutureExt as _;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use embedfleet_proto::{
     Encoding, ProtoError, CONTENT_TYPE, CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, EMBED_ENDPOINT,
@@ -20,7 +22,7 @@ use embedfleet_proto::{
 use super::cache_keys::CacheWrites;
 use super::request::Answer;
 use super::{Coordinator, CoordinatorError, QUEUE_GROUP};
-use crate::{job, queues, revisions, stage_timings};
+use crate::{job, queues, revisions, stage_timings, trace_context};
 
 impl Coordinator {
     /// Serves `embed.v1` until `shutdown` fires, then stops taking requests, finishes those in
@@ -114,7 +116,20 @@ impl Coordinator {
         let encoding = request_encoding(&request.message);
         match self.admission.clone().try_acquire_owned() {
             Ok(permit) => {
-                tasks.spawn(async move {
+                // The request's span continues the client's trace (its `traceparent`); the
+                // client's context is also made current on the task, so that the jobs pass it
+                // on even when this process exports no spans (trace_context.rs).
+                let parent = trace_context::extract(request.message.headers.as_ref());
+                let span = tracing::info_span!(
+                    "embed.request",
+                    otel.kind = "server",
+                    messaging.system = "nats",
+                    otel.status_code = tracing::field::Empty,
+                    error.kind = tracing::field::Empty,
+                );
+                trace_context::continue_trace(&span, &parent);
+                let request_span = span.clone();
+                let serve = async move {
                     let timer = crate::metrics::global().request_timer();
                     let timed = request.message.headers.as_ref();
                     let timed = timed.is_some_and(|h| h.get(TIMINGS_HEADER).is_some());
@@ -129,13 +144,23 @@ impl Coordinator {
                         }
                     };
                     let (outcome, timings) = stage_timings::collect(timed, handling).await;
-                    let after_reply = self.reply(&request, encoding, outcome, timings).await;
+                    if let Err(error) = &outcome {
+                        record_error(&request_span, error);
+                    }
+                    let after_reply = self
+                        .reply(&request, encoding, outcome, timings)
+                        .instrument(tracing::info_span!("reply"))
+                        .await;
                     drop(timer);
                     if let Some(writes) = after_reply {
-                        self.cache_writes(writes).await;
+                        let entries = writes.entries.len();
+                        self.cache_writes(writes)
+                            .instrument(tracing::info_span!("cache.write", entries))
+                            .await;
                     }
                     drop(permit);
-                });
+                };
+                tasks.spawn(serve.instrument(span).with_context(parent));
             }
             Err(_) => {
                 self.stats.overloaded.fetch_add(1, Ordering::Relaxed);
@@ -236,6 +261,16 @@ impl Coordinator {
                 content_type(encoding),
             )
             .await
+    }
+}
+
+/// Marks the request's span as failed for a server error (5xx); a 4xx is the client's doing,
+/// which OpenTelemetry's conventions do not count as the server's error. The kind goes on the
+/// span either way.
+fn record_error(span: &tracing::Span, error: &ProtoError) {
+    span.record("error.kind", error.kind.as_str());
+    if error.code() >= 500 {
+        span.record("otel.status_code", "error");
     }
 }
 

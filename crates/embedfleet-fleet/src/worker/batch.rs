@@ -17,6 +17,9 @@ pub(super) struct Pending {
     pub(super) job: ModelJob,
     /// [`estimate_tokens`] summed over the job's inputs.
     pub(super) tokens: usize,
+    /// The trace the job's `traceparent` carries (the coordinator's job span); empty when
+    /// none. The batch span links to it, the job's reply span is its child.
+    pub(super) trace: opentelemetry::Context,
 }
 
 impl Pending {

@@ -10,6 +10,8 @@ use std::time::Duration;
 use async_nats::jetstream::{AckKind, Message};
 use async_nats::PublishErrorKind;
 use tokio::time::{Instant, Interval};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use embedfleet_models::{EmbedOptions, EmbeddingModel, ModelEmbedding, ModelError};
 use embedfleet_proto::{ErrorKind, Input};
@@ -18,6 +20,7 @@ use super::batch::{locate, Pending};
 use super::{bump, WorkerConfig, WorkerStats};
 use crate::config::QueueConfig;
 use crate::job::{self, JobFailure, PartialOutcome, PartialResult, PartialVector};
+use crate::trace_context;
 
 /// Redelivery delay after a transient failure: this much per delivery so far, up to the maximum.
 const NAK_DELAY_STEP: Duration = Duration::from_millis(250);
@@ -52,6 +55,24 @@ impl BatchRunner {
         if batch.is_empty() {
             return;
         }
+        // One batch serves many requests, so its span has no one parent: it starts a trace of
+        // its own and links to the span of every job in it (the coordinator's `job` spans).
+        let span = tracing::info_span!(
+            "batch",
+            otel.kind = "consumer",
+            model = self.name(),
+            jobs = batch.len(),
+            inputs = batch.iter().map(|p| p.job.inputs.len()).sum::<usize>()
+        );
+        for pending in &batch {
+            if let Some(job_span) = trace_context::span_context_of(&pending.trace) {
+                span.add_link(job_span);
+            }
+        }
+        self.run_batch(batch).instrument(span).await
+    }
+
+    async fn run_batch(&self, batch: Vec<Pending>) {
         bump(&self.stats.batches);
         let mut groups = VecDeque::from([batch]);
         while let Some(mut jobs) = groups.pop_front() {
@@ -125,7 +146,8 @@ impl BatchRunner {
                 tokio::time::timeout(limit, &mut call).await.ok()
             }
         };
-        let Some(outcome) = self.keep_alive(jobs, watched).await else {
+        let model_span = tracing::info_span!("model", inputs = expected, tokens);
+        let Some(outcome) = self.keep_alive(jobs, watched).instrument(model_span).await else {
             return Err(EmbedFailure::Hung(call));
         };
         match outcome {
@@ -238,6 +260,19 @@ impl BatchRunner {
     /// the server's max payload becomes a `Failed` one (the request could never get it); a
     /// publish that did not go out leaves the job to be redelivered.
     pub(super) async fn reply(&self, pending: &Pending, answer: Answer) {
+        // In the request's trace, under the coordinator's job span (the batch's own trace
+        // only links to it).
+        let span = tracing::info_span!(
+            "job.reply",
+            otel.kind = "producer",
+            model = self.name(),
+            job_id = pending.job.job_id
+        );
+        trace_context::continue_trace(&span, &pending.trace);
+        self.publish_partial(pending, answer).instrument(span).await
+    }
+
+    async fn publish_partial(&self, pending: &Pending, answer: Answer) {
         let mut answer = answer;
         loop {
             let (outcome, counter, settle_with) = match answer {
