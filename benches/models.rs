@@ -38,10 +38,6 @@ use embedfleet_proto::Modality;
 
 const BATCH: usize = 32;
 
-fn load(name: &str) -> TextEmbedder {
-    load_at(name, Dtype::F32)
-}
-
 fn load_at(name: &str, dtype: Dtype) -> TextEmbedder {
     let spec = catalogue::find(name).expect("catalogue model");
     let resolver = WeightResolver {
