@@ -337,7 +337,7 @@ impl ModelWorker {
 struct ModelLoop {
     /// The model's copy serving now (replaced by a hot swap); each batch takes it once.
     slot: Arc<ModelSlot>,
-    /// `runner.model` is the copy the last batch took.
+    /// `runner.model` is taken from `slot` afresh before each pull and each batch.
     runner: BatchRunner,
     js: jetstream::Context,
     /// Jobs delivered to this worker but left out of the last batch (other options, or no
@@ -460,6 +460,9 @@ impl ModelLoop {
             if !self.wait_for_slot(shutdown).await {
                 return Ok(());
             }
+            // Let go of a copy a hot swap replaced, even while idle (within a pull's expiry), so
+            // that only running batches keep old weights alive.
+            self.runner.model = self.slot.current();
             if self.carry.is_empty() {
                 let first = pull(consumer, 1, Some(IDLE_PULL_EXPIRES)).await?;
                 backoff.reset();

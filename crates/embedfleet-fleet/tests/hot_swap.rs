@@ -444,7 +444,10 @@ async fn a_swap_under_load_loses_nothing_and_every_reply_has_one_revision() {
     assert_eq!(revisions_seen.len(), 2, "{revisions_seen:?}");
 
     // The probe again: the coordinator keys by the new revision, so the old fused vector is not
-    // served; the new one is computed, then cached under the new revision.
+    // served; the new one is computed, then cached under the new revision. (A fresh request
+    // first: a coordinator learns revisions from partials too, and the last partial it saw
+    // could be an old batch's that ended after the announcement.)
+    embed(&fleet.client, &request("one more fresh request")).await.unwrap();
     wait_for_revision(&fleet.coordinator, "minilm", &new_revision).await;
     let probe_after = embed(&fleet.client, &request(probe)).await.unwrap();
     assert!(
