@@ -401,7 +401,12 @@ async fn a_swap_under_load_loses_nothing_and_every_reply_has_one_revision() {
 
     // Every partial the worker sent names one of the two revisions, and its vectors are that
     // revision's, input by input: no batch ran on one copy and was labelled with the other.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Every reply needed a partial, so the spy sees at least as many.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while partials_seen.lock().unwrap().len() < sent.len() {
+        assert!(tokio::time::Instant::now() < deadline, "the spy missed partials");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     jobs_task.abort();
     partials_task.abort();
     let jobs: HashMap<u64, ModelJob> = jobs_seen
@@ -411,12 +416,6 @@ async fn a_swap_under_load_loses_nothing_and_every_reply_has_one_revision() {
         .map(|job| (job.job_id, job))
         .collect();
     let partials = std::mem::take(&mut *partials_seen.lock().unwrap());
-    assert!(
-        partials.len() >= sent.len(),
-        "{} partials for {} requests",
-        partials.len(),
-        sent.len()
-    );
     let mut revisions_seen = HashSet::new();
     for partial in &partials {
         let Some(job) = jobs.get(&partial.job_id) else {

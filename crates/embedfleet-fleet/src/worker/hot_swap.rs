@@ -255,6 +255,7 @@ impl HotSwap {
         drop(old);
         tracing::info!(model, dir = ?request.dir, %old_revision, "hot swap: loading new weights");
         let name = model.to_string();
+        let started = std::time::Instant::now();
         let loaded = tokio::task::spawn_blocking(move || {
             let new = loader(&name, request.dir.as_deref()).map_err(|error| {
                 let code = match error {
@@ -295,6 +296,8 @@ impl HotSwap {
                 return SwapReply::error(model, SwapErrorCode::LoadFailed, message);
             }
         };
+        // The load-time gauge a worker's start sets, now for the new copy.
+        crate::metrics::global().model_loaded(new.spec().name, started.elapsed());
         let new_revision = new.revision().to_string();
         if new_revision == old_revision {
             tracing::info!(model, revision = %new_revision, "hot swap: revision unchanged; kept the copy serving");
