@@ -79,7 +79,7 @@ use crate::queues::{ensure_job_stream, ensure_model_consumer};
 use crate::revisions;
 pub use batch::estimate_tokens;
 use batch::{Batch, Pending};
-use hot_swap::{serve_swap_commands, ModelSlot};
+use hot_swap::{serve_swap_commands, subscribe_swap_commands, ModelSlot};
 pub use hot_swap::{
     swap_subject, warm_up, HotSwap, ModelLoader, SwapErrorCode, SwapReply, SwapRequest,
     SWAP_SUBJECT_PREFIX,
@@ -276,6 +276,10 @@ impl ModelWorker {
         // A child token, so that a panicking loop can stop its siblings without touching the
         // caller's token.
         let stop = shutdown.child_token();
+        let swap_subscriptions = match self.answer_swap_commands {
+            true => Some(subscribe_swap_commands(&self.client, &self.swaps).await),
+            false => None,
+        };
         let mut loops = JoinSet::new();
         let mut names = HashMap::new();
         for slot in self.slots {
@@ -291,10 +295,11 @@ impl ModelWorker {
         }
         tracing::info!(models = ?names.values().collect::<Vec<_>>(), "model worker started");
         // Swap commands stop with the loops; a swap still loading then is abandoned.
-        let swap_commands = self.answer_swap_commands.then(|| {
+        let swap_commands = swap_subscriptions.map(|subscriptions| {
             tokio::spawn(serve_swap_commands(
                 self.client.clone(),
                 self.swaps.clone(),
+                subscriptions,
                 stop.clone(),
             ))
         });

@@ -404,7 +404,10 @@ async fn a_swap_under_load_loses_nothing_and_every_reply_has_one_revision() {
     // Every reply needed a partial, so the spy sees at least as many.
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while partials_seen.lock().unwrap().len() < sent.len() {
-        assert!(tokio::time::Instant::now() < deadline, "the spy missed partials");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the spy missed partials"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     jobs_task.abort();
@@ -446,7 +449,9 @@ async fn a_swap_under_load_loses_nothing_and_every_reply_has_one_revision() {
     // served; the new one is computed, then cached under the new revision. (A fresh request
     // first: a coordinator learns revisions from partials too, and the last partial it saw
     // could be an old batch's that ended after the announcement.)
-    embed(&fleet.client, &request("one more fresh request")).await.unwrap();
+    embed(&fleet.client, &request("one more fresh request"))
+        .await
+        .unwrap();
     wait_for_revision(&fleet.coordinator, "minilm", &new_revision).await;
     let probe_after = embed(&fleet.client, &request(probe)).await.unwrap();
     assert!(
@@ -579,6 +584,11 @@ async fn a_second_swap_while_one_loads_is_refused_as_in_progress() {
     let stand_in = Arc::new(FixedVectorModel::new("minilm").unwrap());
     let stand_in_revision = stand_in.revision().to_string();
     let worker = start_worker(&fleet, stand_in, gated).await;
+    // Answered: the worker is up, and so are its swap subscriptions (made before its loops).
+    let reply = embed(&fleet.client, &request("answered by the stand-in"))
+        .await
+        .unwrap();
+    assert!(!vectors(&reply).0.is_empty());
 
     let client = fleet.client.clone();
     let first = tokio::spawn(async move { swap_command(&client, "").await });
@@ -609,9 +619,12 @@ async fn a_second_swap_while_one_loads_is_refused_as_in_progress() {
         "{direct:?}"
     );
     // Still loading: the stand-in answers.
-    let reply = embed(&fleet.client, &request("answered by the stand-in"))
-        .await
-        .unwrap();
+    let reply = embed(
+        &fleet.client,
+        &request("answered by the stand-in while a swap loads"),
+    )
+    .await
+    .unwrap();
     assert!(!vectors(&reply).0.is_empty());
     assert_eq!(
         worker.swaps.revision_of("minilm"),

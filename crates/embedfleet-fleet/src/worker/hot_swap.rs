@@ -345,24 +345,38 @@ pub fn warm_up(model: &dyn EmbeddingModel) -> Result<(), ModelError> {
         .map(drop)
 }
 
+/// Subscribes to the swap commands of every hosted model. Done before the job loops start, on
+/// the same connection, so a worker that has taken a job is already listening.
+pub(super) async fn subscribe_swap_commands(
+    client: &async_nats::Client,
+    swaps: &HotSwap,
+) -> Vec<(&'static str, async_nats::Subscriber)> {
+    let mut subscriptions = Vec::new();
+    for model in swaps.models() {
+        match client.subscribe(swap_subject(model)).await {
+            Ok(subscriber) => subscriptions.push((model, subscriber)),
+            Err(error) => {
+                tracing::error!(model, %error, "cannot subscribe to swap commands; hot swap of this model is off")
+            }
+        }
+    }
+    subscriptions
+}
+
 /// Answers swap commands for every hosted model until `shutdown`; see the module docs. At most
 /// one swap per model runs at a time (others are refused at once), so the work held here is
 /// bounded by the number of models.
 pub(super) async fn serve_swap_commands(
     client: async_nats::Client,
     swaps: HotSwap,
+    subscriptions: Vec<(&'static str, async_nats::Subscriber)>,
     shutdown: CancellationToken,
 ) {
-    let mut subscriptions = Vec::new();
-    for model in swaps.models() {
-        match client.subscribe(swap_subject(model)).await {
-            Ok(subscriber) => subscriptions.push(subscriber.map(move |message| (model, message))),
-            Err(error) => {
-                tracing::error!(model, %error, "cannot subscribe to swap commands; hot swap of this model is off")
-            }
-        }
-    }
-    let mut commands = futures::stream::select_all(subscriptions);
+    let mut commands = futures::stream::select_all(
+        subscriptions
+            .into_iter()
+            .map(|(model, subscriber)| subscriber.map(move |message| (model, message))),
+    );
     let mut running = JoinSet::new();
     loop {
         let (model, message) = tokio::select! {
