@@ -79,7 +79,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             ..args.worker.clone()
         };
         // serve's in-process workers take no swap commands: the registry is not kept.
-        hosted.push(load_models(&group.models, &worker)?.0);
+        hosted.push(load_models(&group.models, &worker)?.models);
     }
     http.ready(MODELS_LOADED);
     // Slot order, like the specs: the fusion layer is built for what these checkpoints produce.

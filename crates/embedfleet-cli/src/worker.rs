@@ -38,13 +38,16 @@ pub struct WorkerRoleArgs {
 pub const MODELS_LOADED: &str = "models loaded and warmed";
 pub const CONSUMERS_BOUND: &str = "consumers bound";
 
-/// Loads `names` now (a missing checkpoint fails the start, not the first job), and returns
-/// them with the registry that loaded them, which loads a hot swap's new copies the same way.
-/// Every copy is a fresh load that the registry does not keep, so a swapped-out copy is freed.
-pub fn load_models(
-    names: &[String],
-    worker: &WorkerArgs,
-) -> anyhow::Result<(Vec<Arc<dyn EmbeddingModel>>, Arc<ModelRegistry>)> {
+/// A worker's models, loaded and warmed, with the registry that loaded them: it loads a hot
+/// swap's new copies the same way (device, dtype, limits). Every copy is a fresh load that the
+/// registry does not keep, so a swapped-out copy is freed.
+pub struct LoadedModels {
+    pub models: Vec<Arc<dyn EmbeddingModel>>,
+    pub registry: Arc<ModelRegistry>,
+}
+
+/// Loads `names` now (a missing checkpoint fails the start, not the first job).
+pub fn load_models(names: &[String], worker: &WorkerArgs) -> anyhow::Result<LoadedModels> {
     let specs = fleet_args::model_specs(names)?;
     let device = worker.device.open()?;
     let registry = ModelRegistry::new(WeightResolver::from_env(worker.model_dir.clone()), device)
@@ -74,7 +77,10 @@ pub fn load_models(
             Ok(model)
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok((models, Arc::new(registry)))
+    Ok(LoadedModels {
+        models,
+        registry: Arc::new(registry),
+    })
 }
 
 /// A hot swap's loader: a fresh copy from the checkpoint directory named, or from the
@@ -131,7 +137,7 @@ pub fn run(args: WorkerRoleArgs) -> anyhow::Result<()> {
     // Secret files are read first: a wrong path fails in milliseconds, not after the load.
     let security = args.nats.security.security()?;
     let http = RoleHttp::start(&args.http, "worker", &[MODELS_LOADED, CONSUMERS_BOUND])?;
-    let (models, registry) = load_models(&args.models, &args.worker)?;
+    let LoadedModels { models, registry } = load_models(&args.models, &args.worker)?;
     http.ready(MODELS_LOADED);
     fleet_args::runtime()?.block_on(async {
         let shutdown = fleet_args::shutdown_on_signals()?;
