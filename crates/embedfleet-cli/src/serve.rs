@@ -78,7 +78,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             dtype,
             ..args.worker.clone()
         };
-        hosted.push(load_models(&group.models, &worker)?);
+        // serve's in-process workers take no swap commands: the registry is not kept.
+        hosted.push(load_models(&group.models, &worker)?.models);
     }
     http.ready(MODELS_LOADED);
     // Slot order, like the specs: the fusion layer is built for what these checkpoints produce.

@@ -206,7 +206,9 @@ fn user_password_and_nkey_over_mutual_tls_with_a_tls_redis() {
          permissions: $EMBEDFLEET_COORDINATOR_PERMISSIONS }}\n    \
          {{ user: app, password: \"{app_password}\", permissions: $EMBEDFLEET_CLIENT_PERMISSIONS }}\n    \
          {{ nkey: {}, permissions: $EMBEDFLEET_WORKER_PERMISSIONS }}\n    \
-         {{ nkey: {}, permissions: $EMBEDFLEET_CLIENT_PERMISSIONS }}\n  ]\n}}\n",
+         {{ nkey: {}, permissions: $EMBEDFLEET_CLIENT_PERMISSIONS }}\n    \
+         {{ user: operator, password: \"{nats_password}-op\", \
+         permissions: $EMBEDFLEET_OPERATOR_PERMISSIONS }}\n  ]\n}}\n",
         pki.nats_tls_block(),
         worker_key.public_key(),
         client_key.public_key(),

@@ -43,6 +43,12 @@
 //! | deadline passed before the job ran | none | ack, not run |
 //! | undecodable payload | none (no reply subject to use) | term |
 //!
+//! Hot swap (`hot_swap`): with a [`ModelLoader`] ([`ModelWorker::with_hot_swap`]) the worker also
+//! answers swap commands on `embedfleet.admin.swap.<model>`, replacing a model's weights while it
+//! serves. Each model's copy sits in a slot; a batch takes the copy once, when it starts, so it
+//! runs and labels its partials with one revision, and batches already running finish on the old
+//! weights.
+//!
 //! NATS errors never end the role: async-nats reconnects by itself, and a failed pull makes the
 //! loop declare the stream and consumer again, with back-off. Cancelling `shutdown` stops the
 //! pulling; jobs held for later batches are nakked without delay for another worker, the
@@ -51,6 +57,7 @@
 //! the server is unreachable (async-nats then ends the request on its own timer).
 
 mod batch;
+mod hot_swap;
 mod runner;
 
 use std::collections::{HashMap, VecDeque};
@@ -72,6 +79,11 @@ use crate::queues::{ensure_job_stream, ensure_model_consumer};
 use crate::{revisions, trace_context};
 pub use batch::estimate_tokens;
 use batch::{Batch, Pending};
+use hot_swap::{serve_swap_commands, subscribe_swap_commands, ModelSlot};
+pub use hot_swap::{
+    swap_subject, warm_up, HotSwap, ModelLoader, SwapErrorCode, SwapReply, SwapRequest,
+    SWAP_SUBJECT_PREFIX,
+};
 use runner::{job_failure, progress_ticks, send_progress, settle, Answer, BatchRunner};
 
 /// How long an idle pull request waits for a job. Short, because shutdown waits for the pull in
@@ -194,7 +206,10 @@ pub async fn run_worker(
 /// A model worker, built and then run; see the module docs.
 pub struct ModelWorker {
     client: async_nats::Client,
-    models: Vec<Arc<dyn EmbeddingModel>>,
+    /// Each hosted model's slot, in the order given; shared with `swaps`.
+    slots: Vec<Arc<ModelSlot>>,
+    swaps: HotSwap,
+    answer_swap_commands: bool,
     config: WorkerConfig,
     stats: Arc<WorkerStats>,
 }
@@ -213,12 +228,41 @@ impl ModelWorker {
         if let Some(twice) = models.iter().find(|m| !seen.insert(m.spec().name)) {
             return Err(WorkerError::DuplicateModel(twice.spec().name.to_string()));
         }
+        let slots: Vec<Arc<ModelSlot>> = models
+            .into_iter()
+            .map(|model| Arc::new(ModelSlot::new(model)))
+            .collect();
+        let by_name = slots
+            .iter()
+            .map(|slot| (slot.current().spec().name, slot.clone()))
+            .collect();
         Ok(ModelWorker {
+            swaps: HotSwap::new(by_name, None, client.clone()),
+            answer_swap_commands: false,
             client,
-            models,
+            slots,
             config,
             stats: Arc::default(),
         })
+    }
+
+    /// Lets the worker swap its models' weights while serving, loading new copies with
+    /// `loader`, through [`ModelWorker::hot_swap`] and, when `answer_commands`, on swap commands
+    /// (`embedfleet.admin.swap.<model>`; see `hot_swap`).
+    pub fn with_hot_swap(mut self, loader: ModelLoader, answer_commands: bool) -> Self {
+        let by_name = self
+            .slots
+            .iter()
+            .map(|slot| (slot.current().spec().name, slot.clone()))
+            .collect();
+        self.swaps = HotSwap::new(by_name, Some(loader), self.client.clone());
+        self.answer_swap_commands = answer_commands;
+        self
+    }
+
+    /// The worker's swaps, for a caller that swaps without NATS (`SIGHUP`).
+    pub fn hot_swap(&self) -> HotSwap {
+        self.swaps.clone()
     }
 
     /// The live counters, readable while [`ModelWorker::run`] runs.
@@ -232,12 +276,16 @@ impl ModelWorker {
         // A child token, so that a panicking loop can stop its siblings without touching the
         // caller's token.
         let stop = shutdown.child_token();
+        let swap_subscriptions = match self.answer_swap_commands {
+            true => Some(subscribe_swap_commands(&self.client, &self.swaps).await),
+            false => None,
+        };
         let mut loops = JoinSet::new();
         let mut names = HashMap::new();
-        for model in self.models {
-            let name = model.spec().name;
+        for slot in self.slots {
+            let name = slot.current().spec().name;
             let job_loop = ModelLoop::new(
-                model,
+                slot,
                 self.client.clone(),
                 config.clone(),
                 self.stats.clone(),
@@ -246,6 +294,15 @@ impl ModelWorker {
             names.insert(handle.id(), name);
         }
         tracing::info!(models = ?names.values().collect::<Vec<_>>(), "model worker started");
+        // Swap commands stop with the loops; a swap still loading then is abandoned.
+        let swap_commands = swap_subscriptions.map(|subscriptions| {
+            tokio::spawn(serve_swap_commands(
+                self.client.clone(),
+                self.swaps.clone(),
+                subscriptions,
+                stop.clone(),
+            ))
+        });
 
         let mut panicked = None;
         while let Some(joined) = loops.join_next_with_id().await {
@@ -257,6 +314,12 @@ impl ModelWorker {
                     model,
                     reason: error.to_string(),
                 });
+            }
+        }
+        stop.cancel();
+        if let Some(swap_commands) = swap_commands {
+            if let Err(error) = swap_commands.await {
+                tracing::error!(%error, "the swap command task failed");
             }
         }
         // Partials and acks are buffered in the client; get them onto the wire before the caller
@@ -277,6 +340,9 @@ impl ModelWorker {
 
 /// One hosted model's job loop; see the module docs.
 struct ModelLoop {
+    /// The model's copy serving now (replaced by a hot swap); each batch takes it once.
+    slot: Arc<ModelSlot>,
+    /// `runner.model` is taken from `slot` afresh before each pull and each batch.
     runner: BatchRunner,
     js: jetstream::Context,
     /// Jobs delivered to this worker but left out of the last batch (other options, or no
@@ -288,7 +354,7 @@ struct ModelLoop {
 
 impl ModelLoop {
     fn new(
-        model: Arc<dyn EmbeddingModel>,
+        slot: Arc<ModelSlot>,
         client: async_nats::Client,
         config: Arc<WorkerConfig>,
         stats: Arc<WorkerStats>,
@@ -296,7 +362,7 @@ impl ModelLoop {
         ModelLoop {
             js: jetstream::new(client.clone()),
             runner: BatchRunner {
-                model,
+                model: slot.current(),
                 client,
                 config,
                 stats,
@@ -304,6 +370,7 @@ impl ModelLoop {
             },
             carry: VecDeque::new(),
             running: JoinSet::new(),
+            slot,
         }
     }
 
@@ -361,9 +428,10 @@ impl ModelLoop {
             };
             match bound.await {
                 Ok(consumer) => {
+                    let serving = self.slot.current();
                     let announcement = revisions::Announcement {
-                        revision: self.runner.model.revision().to_string(),
-                        dim: Some(self.runner.model.dim()),
+                        revision: serving.revision().to_string(),
+                        dim: Some(serving.dim()),
                     };
                     if let Err(error) =
                         revisions::announce(&self.js, self.name(), &announcement).await
@@ -397,6 +465,9 @@ impl ModelLoop {
             if !self.wait_for_slot(shutdown).await {
                 return Ok(());
             }
+            // Let go of a copy a hot swap replaced, even while idle (within a pull's expiry), so
+            // that only running batches keep old weights alive.
+            self.runner.model = self.slot.current();
             if self.carry.is_empty() {
                 let first = pull(consumer, 1, Some(IDLE_PULL_EXPIRES)).await?;
                 backoff.reset();
@@ -409,6 +480,9 @@ impl ModelLoop {
             }
             let batch = self.gather(consumer).await;
             if !batch.is_empty() {
+                // The batch's one copy of the model, for its forward pass and its partials'
+                // revision; a swap from now on changes later batches only.
+                self.runner.model = self.slot.current();
                 let runner = self.runner.clone();
                 self.running.spawn(async move { runner.run(batch).await });
             }

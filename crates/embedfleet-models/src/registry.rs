@@ -2,6 +2,7 @@
 //! the same moment, and is shared from then on, at the dtype `--dtype` gave it.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -18,7 +19,7 @@ use crate::dtype::{Dtype, ModelDtypes};
 use crate::error::ModelError;
 use crate::image_input::ImageLimits;
 use crate::model::EmbeddingModel;
-use crate::resolve::WeightResolver;
+use crate::resolve::{checkpoint_dir, ModelFiles, WeightResolver};
 use crate::t5_embedder::T5Embedder;
 use crate::text::TextEmbedder;
 
@@ -98,6 +99,34 @@ impl ModelRegistry {
         .cloned()
     }
 
+    /// A fresh copy of `name`, loaded now and kept nowhere here (the loaded-once cache of
+    /// [`ModelRegistry::get`] is neither read nor filled): from the checkpoint directory `dir`
+    /// when given, else from the resolver's usual places, re-read. A hot swap loads its new
+    /// weights this way, beside the copy serving, and the old copy is freed as soon as its last
+    /// user drops it; a worker loads its first copies this way too, so that nothing here pins
+    /// weights a swap has replaced.
+    pub fn load_fresh(
+        &self,
+        name: &str,
+        dir: Option<&Path>,
+    ) -> Result<Arc<dyn EmbeddingModel>, ModelError> {
+        let spec = lookup(name)?;
+        let files = match dir {
+            Some(dir) => checkpoint_dir(dir)?,
+            None => self.resolver.resolve(spec)?,
+        };
+        let model = load_files(spec, &files, self, self.dtype_of(spec))?;
+        self.loads.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            model = spec.name,
+            dtype = %model.dtype(),
+            revision = model.revision(),
+            dir = %files.dir.display(),
+            "model loaded (fresh copy)"
+        );
+        Ok(model)
+    }
+
     /// How many model loads have completed.
     pub fn loads(&self) -> usize {
         self.loads.load(Ordering::Relaxed)
@@ -138,35 +167,54 @@ fn load(
     registry: &ModelRegistry,
     dtype: Dtype,
 ) -> Result<Arc<dyn EmbeddingModel>, ModelError> {
-    let (resolver, device) = (&registry.resolver, &registry.device);
+    // Checked before resolving too: no download for an architecture this build cannot run.
     if !runs(spec.architecture) {
         return Err(ModelError::ArchitectureUnavailable {
             model: spec.name.to_string(),
             architecture: format!("{:?}", spec.architecture),
         });
     }
-    let files = resolver.resolve(spec)?;
+    let files = registry.resolver.resolve(spec)?;
+    load_files(spec, &files, registry, dtype)
+}
+
+/// Loads the checkpoint `files` as `spec`, after checking that a GPU has room for it (with
+/// whatever is loaded already counted as used: a hot swap's second copy must fit beside the
+/// first).
+fn load_files(
+    spec: &'static ModelSpec,
+    files: &ModelFiles,
+    registry: &ModelRegistry,
+    dtype: Dtype,
+) -> Result<Arc<dyn EmbeddingModel>, ModelError> {
+    let device = &registry.device;
+    if !runs(spec.architecture) {
+        return Err(ModelError::ArchitectureUnavailable {
+            model: spec.name.to_string(),
+            architecture: format!("{:?}", spec.architecture),
+        });
+    }
     if !device.is_cpu() {
         let weights = files.weights.parameters()? as f64 * dtype.bytes_per_weight();
         check_fits(spec.name, device, weights as u64 + ACTIVATION_MARGIN_BYTES)?;
     }
     Ok(match spec.architecture {
-        Architecture::T5Encoder => Arc::new(T5Embedder::load_at(spec, &files, device, dtype)?),
-        Architecture::Mistral => Arc::new(DecoderEmbedder::load_at(spec, &files, device, dtype)?),
+        Architecture::T5Encoder => Arc::new(T5Embedder::load_at(spec, files, device, dtype)?),
+        Architecture::Mistral => Arc::new(DecoderEmbedder::load_at(spec, files, device, dtype)?),
         Architecture::WhisperEncoder => Arc::new(WhisperEmbedder::load_at(
             spec,
-            &files,
+            files,
             device,
             dtype,
             registry.audio_limits,
         )?),
         Architecture::Clip => Arc::new(ClipEmbedder::load_at(
             spec,
-            &files,
+            files,
             device,
             dtype,
             registry.image_limits,
         )?),
-        _ => Arc::new(TextEmbedder::load_at(spec, &files, device, dtype)?),
+        _ => Arc::new(TextEmbedder::load_at(spec, files, device, dtype)?),
     })
 }

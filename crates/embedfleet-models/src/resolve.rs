@@ -141,9 +141,7 @@ impl WeightResolver {
             if dir.is_dir() {
                 // A directory that exists but is incomplete is an operator's mistake: say so
                 // instead of quietly falling back to the network.
-                let files = local_files(&dir)?;
-                let revision = format!("local-{}", hash_weights(&files.weights)?);
-                return Ok(ModelFiles { revision, ..files });
+                return checkpoint_dir(&dir);
             }
             tried.push(format!("{} (no such directory)", dir.display()));
         }
@@ -180,6 +178,15 @@ impl WeightResolver {
             tried,
         })
     }
+}
+
+/// The files of one checkpoint directory named outright (it holds `config.json` and the weights,
+/// as `<models dir>/<name>/` does), with its `local-<xxh3 of the weights>` revision. A hot swap
+/// loads new weights from such a directory.
+pub fn checkpoint_dir(dir: &Path) -> Result<ModelFiles, ModelError> {
+    let files = local_files(dir)?;
+    let revision = format!("local-{}", hash_weights(&files.weights)?);
+    Ok(ModelFiles { revision, ..files })
 }
 
 /// The files of a checkpoint directory, with an empty revision for the caller to fill.
