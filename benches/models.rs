@@ -121,13 +121,19 @@ fn bench_inputs(model: &dyn EmbeddingModel) -> (Vec<ModelInput>, usize) {
     let media = embedfleet_benches::bench_dir().join("../crates/embedfleet-models/tests/fixtures");
     let spec = model.spec();
     if spec.takes(Modality::Image) {
-        let images = ["photo.jpg", "shapes.png", "gradient.png", "wide.png", "lossless.webp"]
-            .iter()
-            .map(|file| ModelInput::Image {
-                bytes: std::fs::read(media.join("images").join(file)).expect("fixture image"),
-                format: None,
-            })
-            .collect();
+        let images = [
+            "photo.jpg",
+            "shapes.png",
+            "gradient.png",
+            "wide.png",
+            "lossless.webp",
+        ]
+        .iter()
+        .map(|file| ModelInput::Image {
+            bytes: std::fs::read(media.join("images").join(file)).expect("fixture image"),
+            format: None,
+        })
+        .collect();
         return (images, BATCH);
     }
     if spec.takes(Modality::Audio) {
