@@ -21,7 +21,8 @@ use serde_json::Value;
 
 mod support;
 use support::{
-    client, cosine, embedfleet, models_dir, outcome, run_with_stdin, start_role, vector,
+    client, cosine, embedfleet, linked_model_dir, models_dir, outcome, run_with_stdin, start_role,
+    vector,
 };
 
 fn clip(name: &str) -> PathBuf {
@@ -38,10 +39,10 @@ fn minilm_and_whisper() -> Option<tempfile::TempDir> {
         eprintln!("SKIPPED: no models/whisper-tiny-en (scripts/fetch-models.sh makes it)");
         return None;
     }
-    let dir = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(models_dir().join("minilm"), dir.path().join("minilm")).unwrap();
-    std::os::unix::fs::symlink(whisper, dir.path().join("whisper-large")).unwrap();
-    Some(dir)
+    Some(linked_model_dir(&[
+        (&models_dir().join("minilm"), "minilm"),
+        (&whisper, "whisper-large"),
+    ]))
 }
 
 fn lines(output: &std::process::Output) -> Vec<Value> {

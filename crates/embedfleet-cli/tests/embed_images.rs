@@ -5,7 +5,7 @@
 //! vectors are the in-process ones, and every bad image is a typed error that leaves the fleet
 //! serving.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
 
@@ -30,16 +30,13 @@ fn image_path(name: &str) -> String {
 
 /// A `--model-dir` with the CLIP fixture and the real minilm.
 fn model_dir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let link = |target: &Path, name: &str| {
-        std::os::unix::fs::symlink(target, dir.path().join(name)).unwrap();
-    };
-    link(
-        &fixtures().join("checkpoints/clip/clip-vit-l"),
-        "clip-vit-l",
-    );
-    link(&models_dir().join("minilm"), "minilm");
-    dir
+    linked_model_dir(&[
+        (
+            &fixtures().join("checkpoints/clip/clip-vit-l"),
+            "clip-vit-l",
+        ),
+        (&models_dir().join("minilm"), "minilm"),
+    ])
 }
 
 fn lines(output: Output) -> Vec<Value> {

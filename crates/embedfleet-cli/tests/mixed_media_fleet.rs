@@ -46,17 +46,14 @@ fn model_dir() -> Option<tempfile::TempDir> {
         eprintln!("SKIPPED: no models/whisper-tiny-en (scripts/fetch-models.sh makes it)");
         return None;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let link = |target: &Path, name: &str| {
-        std::os::unix::fs::symlink(target, dir.path().join(name)).unwrap();
-    };
-    link(
-        &fixtures().join("checkpoints/clip/clip-vit-l"),
-        "clip-vit-l",
-    );
-    link(&models_dir().join("minilm"), "minilm");
-    link(&whisper, "whisper-large");
-    Some(dir)
+    Some(linked_model_dir(&[
+        (
+            &fixtures().join("checkpoints/clip/clip-vit-l"),
+            "clip-vit-l",
+        ),
+        (&models_dir().join("minilm"), "minilm"),
+        (&whisper, "whisper-large"),
+    ]))
 }
 
 fn base64_of(path: &Path) -> String {

@@ -46,6 +46,16 @@ pub fn models_dir() -> PathBuf {
     dir
 }
 
+/// A `--model-dir` for a mix of checkpoints: a temporary directory holding one symlink per
+/// `(checkpoint directory, catalogue name)`.
+pub fn linked_model_dir(links: &[(&Path, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (target, name) in links {
+        std::os::unix::fs::symlink(target, dir.path().join(name)).unwrap();
+    }
+    dir
+}
+
 /// The binary with the repository's checkpoints, offline, and nothing leaking in from the
 /// caller's environment (a NATS or Redis URL, trained fusion weights, a log level).
 pub fn embedfleet(args: &[&str]) -> Command {
