@@ -8,6 +8,7 @@
 //! - [`port`]: picking a free loopback port and probing one.
 //! - [`process`]: [`ServerProcess`], a child on a fixed port with its own temporary directory:
 //!   spawn, wait until *it* listens, stop, restart on the same port, kill on drop.
+//! - [`nats`]: the command line of a `nats-server` with JetStream in such a directory.
 //! - [`error`]: the one error type, [`ProcessError`]; every message is one line.
 //!
 //! std only (no async runtime): the waits are short and bounded, so callers in async code run
@@ -15,6 +16,7 @@
 
 pub mod binary;
 pub mod error;
+pub mod nats;
 pub mod port;
 pub mod process;
 

@@ -6,8 +6,9 @@
 //! (`embedfleet_proto::RequestLimits::max_payload_bytes`), so tests can send what production
 //! accepts.
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+
+use embedfleet_process::nats::{jetstream_args, CONFIG_FILE, STORE_DIR};
 
 use crate::binary::ServerBinary;
 use crate::process::ServerProcess;
@@ -29,10 +30,6 @@ pub const SYSTEM_NATS_SERVER: ServerBinary = ServerBinary {
     env_var: "EMBEDFLEET_SYSTEM_NATS_SERVER",
 };
 
-/// Subdirectory of the server's directory that holds the JetStream store.
-const STORE_DIR: &str = "jetstream";
-/// The config file in the server's directory.
-const CONFIG_FILE: &str = "nats.conf";
 /// Largest message the server accepts: 8 MiB (nats' `MB` is 1024 * 1024), the fleet's request
 /// limit. Flags given next to `-c` (port, address, JetStream, store) override the file.
 pub const MAX_PAYLOAD: usize = 8 * 1024 * 1024;
@@ -49,13 +46,14 @@ impl NatsServer {
     /// (bounded) until it accepts connections. The error names the binary and how to install it
     /// when it is missing.
     pub fn start() -> Result<Self, TestkitError> {
-        let process = ServerProcess::start_prepared(&NATS_SERVER, nats_args, write_config)?;
+        let process = ServerProcess::start_prepared(&NATS_SERVER, jetstream_args, write_config)?;
         Ok(NatsServer { process })
     }
 
     /// [`NatsServer::start`] on [`SYSTEM_NATS_SERVER`].
     pub fn start_system() -> Result<Self, TestkitError> {
-        let process = ServerProcess::start_prepared(&SYSTEM_NATS_SERVER, nats_args, write_config)?;
+        let process =
+            ServerProcess::start_prepared(&SYSTEM_NATS_SERVER, jetstream_args, write_config)?;
         Ok(NatsServer { process })
     }
 
@@ -64,7 +62,7 @@ impl NatsServer {
     /// [`NatsServer::monitoring_url`].
     pub fn start_with_monitoring() -> Result<Self, TestkitError> {
         let process =
-            ServerProcess::start_prepared(&NATS_SERVER, nats_args, write_monitoring_config)?;
+            ServerProcess::start_prepared(&NATS_SERVER, jetstream_args, write_monitoring_config)?;
         Ok(NatsServer { process })
     }
 
@@ -72,7 +70,7 @@ impl NatsServer {
     /// authentication or TLS needs (`authorization { ... }`, `tls { ... }`, `operator: ...`).
     /// Files it names must outlive the server.
     pub fn start_with_config(config: &str) -> Result<Self, TestkitError> {
-        let process = ServerProcess::start_prepared(&NATS_SERVER, nats_args, |dir| {
+        let process = ServerProcess::start_prepared(&NATS_SERVER, jetstream_args, |dir| {
             write_config(dir)?;
             let path = dir.join(CONFIG_FILE);
             let base = std::fs::read_to_string(&path)?;
@@ -142,18 +140,4 @@ fn write_monitoring_config(dir: &Path) -> std::io::Result<()> {
         ),
     )?;
     std::fs::write(dir.join(MONITOR_PORT_FILE), port.to_string())
-}
-
-fn nats_args(port: u16, dir: &Path) -> Vec<OsString> {
-    vec![
-        "-c".into(),
-        dir.join(CONFIG_FILE).into_os_string(),
-        "-js".into(),
-        "-a".into(),
-        "127.0.0.1".into(),
-        "-p".into(),
-        port.to_string().into(),
-        "-sd".into(),
-        dir.join(STORE_DIR).into_os_string(),
-    ]
 }
