@@ -15,7 +15,9 @@ use clap::{Args, Subcommand};
 use embedfleet_proto::InputType;
 
 use crate::pair_data::{self, BeirSet};
-use crate::partial_cache::PartialCache;
+use crate::partial_cache::{PartialCache, PartialSource};
+use crate::partial_fleet::FleetPartials;
+use crate::security_args::NatsSecurityArgs;
 
 #[derive(Args)]
 pub struct FusionArgs {
@@ -114,18 +116,31 @@ pub struct CacheArgs {
     pub model_dir: Option<PathBuf>,
     /// Weight dtype of every model (`q8_0`) or per model (`mpnet=q4k`) [default: f32]. Each
     /// dtype has its own partials (the revision names it), so dtypes can be compared.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "nats_url")]
     pub dtype: Option<embedfleet_models::ModelDtypes>,
+    /// Compute missing partials on the fleet behind this NATS server (`embedfleet serve`, or
+    /// workers on GPUs) instead of in this process; they are cached under the revisions its
+    /// workers announce. --model-dir and --dtype are then the fleet's business.
+    #[arg(long, value_name = "URL")]
+    pub nats_url: Option<String>,
+    /// Credentials and TLS for --nats-url.
+    #[command(flatten)]
+    pub nats_security: NatsSecurityArgs,
 }
 
 impl CacheArgs {
     pub fn open(&self) -> anyhow::Result<PartialCache> {
-        PartialCache::open(
-            &self.cache_dir,
-            &self.models,
-            self.model_dir.clone(),
-            self.dtype.clone().unwrap_or_default(),
-        )
+        let source = match &self.nats_url {
+            Some(url) => PartialSource::Fleet(FleetPartials::connect(
+                url,
+                &self.nats_security.security()?,
+            )?),
+            None => PartialSource::InProcess {
+                model_dir: self.model_dir.clone(),
+                dtypes: self.dtype.clone().unwrap_or_default(),
+            },
+        };
+        PartialCache::open(&self.cache_dir, &self.models, source)
     }
 }
 

@@ -14,8 +14,8 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 use embedfleet_fusion::train::{
-    self, PairData, RetrievalExample, RetrievalHeldOut, ScoredExample, TrainEvent, TrainOptions,
-    TrainingRows,
+    self, PairData, Reference, RetrievalExample, RetrievalHeldOut, ScoredExample, TrainEvent,
+    TrainOptions, TrainingRows,
 };
 use embedfleet_fusion::{FuseMoe, FuseMoeConfig};
 use embedfleet_proto::InputType;
@@ -71,6 +71,9 @@ pub struct TrainArgs {
     /// Learning rate of the per-model input scales (two numbers for minilm + mpnet).
     #[arg(long, default_value_t = 1e-2)]
     slot_learning_rate: f64,
+    /// Weight of the retrieval (contrastive) loss against the scored-pair loss.
+    #[arg(long, default_value_t = 1.0)]
+    retrieval_weight: f64,
 }
 
 /// Texts by (input type, text) → row in the training table.
@@ -200,6 +203,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         matryoshka_dims: args.matryoshka_dims.clone(),
         balance_rate: args.balance_rate,
         slot_learning_rate: args.slot_learning_rate,
+        retrieval_weight: args.retrieval_weight,
         ..TrainOptions::default()
     };
     eprintln!(
@@ -210,7 +214,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         rows.len()
     );
     let started = Instant::now();
-    let mut bar = ProgressBar::new(args.max_epochs);
+    let mut bar = ProgressBar::new(args.max_epochs, names.clone());
     let mut epochs = Vec::new();
     let outcome = train::train(&config, &rows, &data, &options, &mut |event| {
         bar.show(event);
@@ -224,6 +228,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             epochs.push(json!({
                 "epoch": epoch, "loss": mean_loss,
                 "held_out_sts_spearman": held_out.sts_spearman, "held_out_ndcg_at_10": held_out.ndcg_at_10,
+                "held_out_selection": held_out.selection,
             }));
         }
     })?;
@@ -249,8 +254,13 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         "version": layer.version(),
         "seconds": seconds,
         "best_epoch": outcome.best_epoch,
-        "untrained_held_out": {"sts_spearman": outcome.untrained.sts_spearman, "ndcg_at_10": outcome.untrained.ndcg_at_10},
-        "best_held_out": {"sts_spearman": outcome.best.sts_spearman, "ndcg_at_10": outcome.best.ndcg_at_10},
+        "references_held_out": outcome.references.iter().map(|(reference, scores)| json!({
+            "system": reference_name(*reference, &names),
+            "sts_spearman": scores.sts_spearman, "ndcg_at_10": scores.ndcg_at_10,
+        })).collect::<Vec<_>>(),
+        "selection": "the smallest margin over the best reference per held-out task",
+        "untrained_held_out": {"sts_spearman": outcome.untrained.sts_spearman, "ndcg_at_10": outcome.untrained.ndcg_at_10, "selection": outcome.untrained.selection},
+        "best_held_out": {"sts_spearman": outcome.best.sts_spearman, "ndcg_at_10": outcome.best.ndcg_at_10, "selection": outcome.best.selection},
         "epochs": epochs,
         "data": {
             "scored": args.scored, "retrieval": args.retrieval,
@@ -263,6 +273,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             "learning_rate": options.learning_rate, "weight_decay": options.weight_decay,
             "matryoshka_dims": options.matryoshka_dims, "balance_rate": options.balance_rate,
             "slot_learning_rate": options.slot_learning_rate,
+            "retrieval_weight": options.retrieval_weight,
         },
     });
     let log_path = args.out.with_extension("json");
@@ -289,21 +300,34 @@ fn describe(scores: &train::HeldOutScores) -> String {
     if let Some(n) = scores.ndcg_at_10 {
         parts.push(format!("nDCG@10 {n:.2}"));
     }
-    parts.join(" / ")
+    format!(
+        "{} (margin over the best reference {:+.2})",
+        parts.join(" / "),
+        scores.selection
+    )
+}
+
+fn reference_name(reference: Reference, names: &[String]) -> String {
+    match reference {
+        Reference::Slot(slot) => names[slot].clone(),
+        Reference::Concatenation => "concatenation".to_string(),
+    }
 }
 
 /// One line per epoch, and a live bar on a terminal: `epoch 3/12 [#####.....] loss 1.23`.
 struct ProgressBar {
     max_epochs: usize,
+    names: Vec<String>,
     steps: usize,
     terminal: bool,
     running_loss: f64,
 }
 
 impl ProgressBar {
-    fn new(max_epochs: usize) -> Self {
+    fn new(max_epochs: usize, names: Vec<String>) -> Self {
         ProgressBar {
             max_epochs,
+            names,
             steps: 1,
             terminal: std::io::stderr().is_terminal(),
             running_loss: 0.0,
@@ -314,9 +338,17 @@ impl ProgressBar {
         match event {
             TrainEvent::Start {
                 held_out,
+                references,
                 steps_per_epoch,
             } => {
                 self.steps = (*steps_per_epoch).max(1);
+                for (reference, scores) in references {
+                    eprintln!(
+                        "reference {}: held-out {}",
+                        reference_name(*reference, &self.names),
+                        describe(scores)
+                    );
+                }
                 eprintln!("epoch 0 (untrained): held-out {}", describe(held_out));
             }
             TrainEvent::Step { epoch, step, loss } => {

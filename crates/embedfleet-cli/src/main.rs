@@ -27,6 +27,7 @@ mod http_args;
 mod models;
 mod pair_data;
 mod partial_cache;
+mod partial_fleet;
 mod plan;
 mod plan_file;
 mod probe;

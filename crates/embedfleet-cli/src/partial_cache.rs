@@ -10,6 +10,10 @@
 //! in-process pipeline's models produce (truncated, L2-normalised, as the fleet computes them).
 //! New texts are appended after every batch, so an interrupted run keeps what it computed; a
 //! torn last record is dropped on open. A new checkpoint revision gets a new file.
+//!
+//! Where missing partials come from ([`PartialSource`]): the models loaded in this process, or
+//! a running fleet (`--nats-url`, `partial_fleet.rs`), whose workers' vectors are the same and
+//! are filed under the revision the workers announce.
 
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
@@ -24,12 +28,36 @@ use embedfleet_models::{
 };
 use embedfleet_proto::InputType;
 
+use crate::partial_fleet::FleetPartials;
+
+/// Where the vectors of texts not cached yet are computed.
+pub enum PartialSource {
+    /// The models, loaded here from `model_dir` (or the usual resolver) at `dtypes`.
+    InProcess {
+        model_dir: Option<PathBuf>,
+        dtypes: ModelDtypes,
+    },
+    /// A running fleet's workers.
+    Fleet(FleetPartials),
+}
+
 /// Texts embedded per model call while filling the cache.
 const BATCH: usize = 32;
 
+/// What computes one model's missing partials.
+enum Embedder {
+    Local(Arc<dyn EmbeddingModel>),
+    /// The fleet, and the revision its workers announced when the cache was opened.
+    Fleet {
+        fleet: Arc<FleetPartials>,
+        revision: String,
+    },
+}
+
 /// One model's cached partials, in memory.
 struct ModelPartials {
-    model: Arc<dyn EmbeddingModel>,
+    spec: &'static ModelSpec,
+    embedder: Embedder,
     path: PathBuf,
     dim: usize,
     index: HashMap<u128, usize>,
@@ -50,30 +78,55 @@ fn text_key(input_type: InputType, text: &str) -> u128 {
 }
 
 impl PartialCache {
-    /// Opens (or creates) the cache for `model_names` (any order; slot order is restored),
-    /// loading the checkpoints from `model_dir` or the usual resolver, at `dtypes`.
-    pub fn open(
-        dir: &Path,
-        model_names: &[String],
-        model_dir: Option<PathBuf>,
-        dtypes: ModelDtypes,
-    ) -> anyhow::Result<Self> {
+    /// Opens (or creates) the cache for `model_names` (any order; slot order is restored), with
+    /// missing partials computed by `source`.
+    pub fn open(dir: &Path, model_names: &[String], source: PartialSource) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let specs = model_names
             .iter()
             .map(|name| embedfleet_models::registry::lookup(name))
             .collect::<Result<Vec<_>, _>>()?;
-        let registry = ModelRegistry::new(WeightResolver::from_env(model_dir), Device::Cpu)
-            .with_dtypes(dtypes);
+        let specs = catalogue::in_slot_order(specs);
+        let embedders: Vec<(Embedder, usize)> = match source {
+            PartialSource::InProcess { model_dir, dtypes } => {
+                let registry = ModelRegistry::new(WeightResolver::from_env(model_dir), Device::Cpu)
+                    .with_dtypes(dtypes);
+                specs
+                    .iter()
+                    .map(|spec| {
+                        let model = registry.get(spec.name)?;
+                        let dim = model.dim();
+                        Ok((Embedder::Local(model), dim))
+                    })
+                    .collect::<anyhow::Result<_>>()?
+            }
+            PartialSource::Fleet(fleet) => {
+                let fleet = Arc::new(fleet);
+                specs
+                    .iter()
+                    .map(|spec| {
+                        let announcement = fleet.announcement(spec.name)?;
+                        let dim = announcement.dim.with_context(|| {
+                            format!(
+                                "the fleet's {} worker does not announce its width: upgrade it",
+                                spec.name
+                            )
+                        })?;
+                        let fleet = fleet.clone();
+                        let revision = announcement.revision;
+                        Ok((Embedder::Fleet { fleet, revision }, dim))
+                    })
+                    .collect::<anyhow::Result<_>>()?
+            }
+        };
         let mut models = Vec::new();
-        for spec in catalogue::in_slot_order(specs) {
-            let model = registry.get(spec.name)?;
-            let revision = xxhash_rust::xxh3::xxh3_64(model.revision().as_bytes());
+        for (spec, (embedder, dim)) in specs.into_iter().zip(embedders) {
+            let revision = xxhash_rust::xxh3::xxh3_64(embedder.revision().as_bytes());
             let path = dir.join(format!("{}-{revision:016x}.partials", spec.name));
-            let dim = model.dim();
             let (index, values) = read_records(&path, dim)?;
             models.push(ModelPartials {
-                model,
+                spec,
+                embedder,
                 path,
                 dim,
                 index,
@@ -84,7 +137,7 @@ impl PartialCache {
     }
 
     pub fn specs(&self) -> Vec<&'static ModelSpec> {
-        self.models.iter().map(|m| m.model.spec()).collect()
+        self.models.iter().map(|m| m.spec).collect()
     }
 
     pub fn dims(&self) -> Vec<usize> {
@@ -131,13 +184,23 @@ impl PartialCache {
                     .iter()
                     .map(|m| {
                         let at = *m.index.get(&key).with_context(|| {
-                            format!("{}: no cached partial for {text:?}", m.model.spec().name)
+                            format!("{}: no cached partial for {text:?}", m.spec.name)
                         })?;
                         Ok(m.values[at * m.dim..(at + 1) * m.dim].to_vec())
                     })
                     .collect()
             })
             .collect()
+    }
+}
+
+impl Embedder {
+    /// The weights' revision the partials are filed under.
+    fn revision(&self) -> &str {
+        match self {
+            Embedder::Local(model) => model.revision(),
+            Embedder::Fleet { revision, .. } => revision,
+        }
     }
 }
 
@@ -148,58 +211,119 @@ impl ModelPartials {
         input_type: InputType,
         label: &str,
     ) -> anyhow::Result<()> {
-        let name = self.model.spec().name;
+        let name = self.spec.name;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.path)
             .with_context(|| format!("opening {}", self.path.display()))?;
+        let start_len = file.metadata()?.len();
+        let start_records = self.values.len() / self.dim;
         let mut out = std::io::BufWriter::new(file);
-        let options = EmbedOptions {
-            input_type,
-            ..EmbedOptions::default()
-        };
-        let terminal = std::io::stderr().is_terminal();
-        let started = Instant::now();
-        let mut last_report = Instant::now();
-        for (n, chunk) in texts.chunks(BATCH).enumerate() {
-            let inputs: Vec<ModelInput> = chunk
-                .iter()
-                .map(|t| ModelInput::Text((*t).clone()))
-                .collect();
-            let vectors = self.model.embed_batch(&inputs, &options)?;
-            for (text, embedding) in chunk.iter().zip(vectors) {
-                anyhow::ensure!(embedding.vector.len() == self.dim, "{name}: width changed");
+        let mut progress = Progress::new(format!("partials {label} {name}"), texts.len());
+        let (dim, index, values) = (self.dim, &mut self.index, &mut self.values);
+        let mut store = |chunk: &[&String], vectors: Vec<Vec<f32>>| -> anyhow::Result<()> {
+            for (text, vector) in chunk.iter().zip(vectors) {
+                anyhow::ensure!(
+                    vector.len() == dim,
+                    "{name}: a {}-wide vector where the cache holds {dim}-wide ones",
+                    vector.len()
+                );
                 let key = text_key(input_type, text);
                 out.write_all(&key.to_le_bytes())?;
-                for v in &embedding.vector {
+                for v in &vector {
                     out.write_all(&v.to_le_bytes())?;
                 }
-                self.index.insert(key, self.values.len() / self.dim);
-                self.values.extend_from_slice(&embedding.vector);
+                index.insert(key, values.len() / dim);
+                values.extend_from_slice(&vector);
             }
             out.flush()?;
-            let done = ((n + 1) * BATCH).min(texts.len());
-            if terminal || last_report.elapsed() > Duration::from_secs(15) || done == texts.len() {
-                last_report = Instant::now();
-                let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-9);
-                let eta = (texts.len() - done) as f64 / rate.max(1e-9);
-                let line = format!(
-                    "partials {label} {name}: {done}/{} ({rate:.1}/s, eta {:.0}s)",
-                    texts.len(),
-                    eta
-                );
-                if terminal {
-                    eprint!("\r{line}   ");
-                } else {
-                    eprintln!("{line}");
+            progress.advance(chunk.len());
+            Ok(())
+        };
+        match &self.embedder {
+            Embedder::Local(model) => {
+                let options = EmbedOptions {
+                    input_type,
+                    ..EmbedOptions::default()
+                };
+                for chunk in texts.chunks(BATCH) {
+                    let inputs: Vec<ModelInput> = chunk
+                        .iter()
+                        .map(|t| ModelInput::Text((*t).clone()))
+                        .collect();
+                    let vectors = model.embed_batch(&inputs, &options)?;
+                    store(chunk, vectors.into_iter().map(|e| e.vector).collect())?;
                 }
             }
+            Embedder::Fleet { fleet, revision } => {
+                let filled = fleet.embed(name, texts, input_type, &mut store);
+                drop(store);
+                let now = fleet.announcement(name)?.revision;
+                if &now != revision {
+                    // Some of what was appended may be the new weights' vectors: cut it all.
+                    let file = out.into_inner().map_err(|e| e.into_error())?;
+                    file.set_len(start_len)?;
+                    self.index.retain(|_, &mut at| at < start_records);
+                    self.values.truncate(start_records * self.dim);
+                    anyhow::bail!(
+                        "{name}'s revision on the fleet changed from {revision} to {now} during the fill; \
+                         its vectors were dropped: run again"
+                    );
+                }
+                filled?;
+            }
         }
-        if terminal {
+        progress.finish();
+        Ok(())
+    }
+}
+
+/// A progress line on stderr: redrawn in place on a terminal, every 15 s in a log.
+struct Progress {
+    label: String,
+    total: usize,
+    done: usize,
+    started: Instant,
+    last_report: Instant,
+    terminal: bool,
+}
+
+impl Progress {
+    fn new(label: String, total: usize) -> Self {
+        Progress {
+            label,
+            total,
+            done: 0,
+            started: Instant::now(),
+            last_report: Instant::now(),
+            terminal: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn advance(&mut self, n: usize) {
+        self.done += n;
+        let (done, total) = (self.done, self.total);
+        if self.terminal || self.last_report.elapsed() > Duration::from_secs(15) || done == total {
+            self.last_report = Instant::now();
+            let rate = done as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+            let eta = total.saturating_sub(done) as f64 / rate.max(1e-9);
+            let line = format!(
+                "{}: {done}/{total} ({rate:.1}/s, eta {eta:.0}s)",
+                self.label
+            );
+            if self.terminal {
+                eprint!("\r{line}   ");
+            } else {
+                eprintln!("{line}");
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if self.terminal {
             eprintln!();
         }
-        Ok(())
     }
 }
 

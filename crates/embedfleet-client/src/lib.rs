@@ -70,7 +70,7 @@ use bytes::Bytes;
 use embedfleet_proto::{
     EmbedReply, EmbedRequest, Embedding, Encoding, EncodingFormat, ErrorBody, ErrorKind,
     ProtoError, RequestLimits, CONTENT_TYPE, EMBED_ENDPOINT, SERVICE_ERROR, SERVICE_ERROR_CODE,
-    TIMINGS_HEADER,
+    TIMEOUT_HEADER, TIMINGS_HEADER,
 };
 pub use security::{NatsAuth, NatsSecurity, NatsTls, Secret, SecurityError, SecuritySettings};
 use tracing::Instrument;
@@ -146,6 +146,9 @@ pub struct EmbedClient {
     /// The payload bound checked before sending, so an oversized request fails here, not after
     /// crossing the network.
     limits: RequestLimits,
+    /// How long the fleet may work on each request (the `Embedfleet-Timeout-Ms` header); `None`:
+    /// the coordinator's own default.
+    fleet_deadline: Option<Duration>,
 }
 
 impl EmbedClient {
@@ -179,12 +182,24 @@ impl EmbedClient {
             timeout: DEFAULT_TIMEOUT,
             encoding: DEFAULT_ENCODING,
             limits: RequestLimits::default(),
+            fleet_deadline: None,
         }
     }
 
     /// Waits at most `timeout` for each reply.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Lets the fleet work up to `deadline` on each request instead of its default (30 s),
+    /// for bulk jobs whose batches queue behind each other: sent as the `Embedfleet-Timeout-Ms`
+    /// header, which a coordinator accepts up to its `max_request_timeout` (300 s unless
+    /// configured; a longer one is refused with `bad_request`). The client then waits
+    /// `deadline` plus 5 s, so the fleet's typed `timeout` error arrives before its own.
+    pub fn with_fleet_deadline(mut self, deadline: Duration) -> Self {
+        self.fleet_deadline = Some(deadline);
+        self.timeout = deadline + Duration::from_secs(5);
         self
     }
 
@@ -239,6 +254,9 @@ impl EmbedClient {
         }
         let bytes = payload.len();
         headers.insert(CONTENT_TYPE, self.encoding.content_type());
+        if let Some(deadline) = self.fleet_deadline {
+            headers.insert(TIMEOUT_HEADER, deadline.as_millis().max(1).to_string());
+        }
         let span = tracing::info_span!("embed.v1", otel.kind = "client", bytes);
         self.round_trip(request, headers, payload, bytes)
             .instrument(span)

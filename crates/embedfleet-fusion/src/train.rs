@@ -103,6 +103,8 @@ pub struct TrainOptions {
     /// Learning rate of the per-slot scales: two numbers that must travel far (a weaker model
     /// is best at roughly half weight) in the few epochs the other parts take to overfit.
     pub slot_learning_rate: f64,
+    /// Weight of the retrieval loss against the scored-pair loss (1: equal).
+    pub retrieval_weight: f64,
 }
 
 impl Default for TrainOptions {
@@ -121,12 +123,17 @@ impl Default for TrainOptions {
             scale: 20.0,
             balance_rate: 0.005,
             slot_learning_rate: 1e-2,
+            retrieval_weight: 1.0,
         }
     }
 }
 
 /// Held-out scores of one epoch: STS Spearman ×100 and retrieval nDCG@10 ×100 (where there is
-/// such data); `selection` is their mean, what early stopping compares.
+/// such data), and `selection`, what early stopping compares: the smallest margin, over the
+/// held-out tasks, by which the layer beats the best [`Reference`] on that task (negative while
+/// some single model or the concatenation is still better on some task). So an epoch that
+/// gains on one task by losing on the other is not chosen over one that gains on both: the
+/// goal is a fused vector better than each model alone on every task.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HeldOutScores {
     pub sts_spearman: Option<f64>,
@@ -134,12 +141,24 @@ pub struct HeldOutScores {
     pub selection: f64,
 }
 
+/// What the trained layer is compared with on the held-out data, computed from the partials
+/// themselves: each model alone (cosine of its own vector) and their normalised concatenation
+/// (what the seeded layer preserves).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reference {
+    /// The model in this slot (slot order of the config).
+    Slot(usize),
+    Concatenation,
+}
+
 /// What the caller is told while training runs.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TrainEvent {
-    /// The untrained layer's held-out scores (epoch 0).
+    /// The untrained layer's held-out scores (epoch 0), and the references the selection
+    /// measures margins against (their `selection` is their own margin).
     Start {
         held_out: HeldOutScores,
+        references: Vec<(Reference, HeldOutScores)>,
         steps_per_epoch: usize,
     },
     Step {
@@ -159,6 +178,8 @@ pub enum TrainEvent {
 #[derive(Debug, Clone)]
 pub struct TrainOutcome {
     pub parts: DeltaParts,
+    /// Each model alone and the concatenation, on the held-out data.
+    pub references: Vec<(Reference, HeldOutScores)>,
     pub untrained: HeldOutScores,
     pub best: HeldOutScores,
     /// 0 when no epoch beat the untrained layer.
@@ -561,11 +582,13 @@ impl<'a> Trainer<'a> {
         })
     }
 
-    fn held_out(
+    /// Held-out (STS Spearman, nDCG@10) of the vectors `embed` gives each row.
+    fn held_out_raw(
         &self,
         data: &PairData,
         retrieval: Option<&RetrievalHeldOut>,
-    ) -> candle_core::Result<HeldOutScores> {
+        embed: &dyn Fn(&[usize]) -> candle_core::Result<Matrix>,
+    ) -> candle_core::Result<[Option<f64>; 2]> {
         let sts = if data.held_out_scored.len() >= 2 {
             let a: Vec<usize> = data.held_out_scored.iter().map(|p| p.a).collect();
             let b: Vec<usize> = data.held_out_scored.iter().map(|p| p.b).collect();
@@ -574,18 +597,14 @@ impl<'a> Trainer<'a> {
                 .iter()
                 .map(|p| p.score as f64)
                 .collect();
-            Some(metrics::sts_spearman(
-                &self.embed_eval(&a)?,
-                &self.embed_eval(&b)?,
-                &gold,
-            ))
+            Some(metrics::sts_spearman(&embed(&a)?, &embed(&b)?, &gold))
         } else {
             None
         };
         let ndcg = match retrieval {
             Some(r) => {
-                let queries = self.embed_eval(&r.queries)?;
-                let corpus = self.embed_eval(&r.corpus)?;
+                let queries = embed(&r.queries)?;
+                let corpus = embed(&r.corpus)?;
                 let rankings = metrics::top_k_search(&queries, &corpus, 10);
                 let mut total = 0.0;
                 for (ranking, relevant) in rankings.iter().zip(&r.relevant) {
@@ -598,12 +617,77 @@ impl<'a> Trainer<'a> {
             }
             None => None,
         };
-        let present: Vec<f64> = [sts, ndcg].into_iter().flatten().collect();
-        Ok(HeldOutScores {
-            sts_spearman: sts,
-            ndcg_at_10: ndcg,
-            selection: present.iter().sum::<f64>() / present.len().max(1) as f64,
-        })
+        Ok([sts, ndcg])
+    }
+
+    /// Each model alone and the concatenation on the held-out data, straight from the rows'
+    /// assembled input (each slot's block is its normalised partial), and the best of them per
+    /// task: what [`HeldOutScores::selection`] is a margin over.
+    fn references(
+        &self,
+        data: &PairData,
+        retrieval: Option<&RetrievalHeldOut>,
+    ) -> candle_core::Result<(Vec<(Reference, [Option<f64>; 2])>, [f64; 2])> {
+        let f = &self.features;
+        let block = |offset: usize, width: usize| {
+            move |rows: &[usize]| -> candle_core::Result<Matrix> {
+                let mut data = Vec::with_capacity(rows.len() * width);
+                for &r in rows {
+                    data.extend_from_slice(&f.x[r * f.input_dim + offset..][..width]);
+                }
+                Ok(Matrix {
+                    rows: rows.len(),
+                    cols: width,
+                    data,
+                }
+                .prefix_normalized(width))
+            }
+        };
+        let mut references = Vec::new();
+        for (slot, (&offset, &width)) in self
+            .cfg
+            .slot_offsets()
+            .iter()
+            .zip(&self.cfg.input_dims)
+            .enumerate()
+        {
+            let scores = self.held_out_raw(data, retrieval, &block(offset, width))?;
+            references.push((Reference::Slot(slot), scores));
+        }
+        let concatenation = self.held_out_raw(data, retrieval, &block(0, f.input_dim))?;
+        references.push((Reference::Concatenation, concatenation));
+        let mut best = [f64::NEG_INFINITY; 2];
+        for (_, scores) in &references {
+            for (b, s) in best.iter_mut().zip(scores) {
+                if let Some(s) = s {
+                    *b = b.max(*s);
+                }
+            }
+        }
+        Ok((references, best))
+    }
+
+    fn scores(raw: [Option<f64>; 2], best: [f64; 2]) -> HeldOutScores {
+        let selection = raw
+            .iter()
+            .zip(best)
+            .filter_map(|(s, b)| s.map(|s| s - b))
+            .fold(f64::INFINITY, f64::min);
+        HeldOutScores {
+            sts_spearman: raw[0],
+            ndcg_at_10: raw[1],
+            selection,
+        }
+    }
+
+    fn held_out(
+        &self,
+        data: &PairData,
+        retrieval: Option<&RetrievalHeldOut>,
+        best: [f64; 2],
+    ) -> candle_core::Result<HeldOutScores> {
+        let raw = self.held_out_raw(data, retrieval, &|rows| self.embed_eval(rows))?;
+        Ok(Self::scores(raw, best))
     }
 
     /// Auxiliary-loss-free balancing: each expert's router bias moves by `balance_rate` towards
@@ -692,7 +776,12 @@ impl<'a> Trainer<'a> {
                 ..ParamsAdamW::default()
             },
         )?;
-        let untrained = self.held_out(data, retrieval)?;
+        let (references, best_reference) = self.references(data, retrieval)?;
+        let references: Vec<(Reference, HeldOutScores)> = references
+            .into_iter()
+            .map(|(r, raw)| (r, Self::scores(raw, best_reference)))
+            .collect();
+        let untrained = self.held_out(data, retrieval, best_reference)?;
         // Zero parts, i.e. the seeded layer: what is returned if no epoch beats it.
         let mut best_parts = DeltaParts::zeros(self.cfg, opts.rank_shared, opts.rank_expert);
         let steps = data
@@ -702,6 +791,7 @@ impl<'a> Trainer<'a> {
             .max(data.retrieval.len().div_ceil(bs));
         on_event(&TrainEvent::Start {
             held_out: untrained,
+            references: references.clone(),
             steps_per_epoch: steps,
         });
         let (mut best, mut best_epoch, mut stale) = (untrained, 0, 0);
@@ -747,7 +837,9 @@ impl<'a> Trainer<'a> {
                         .collect();
                     let (fused, balance) = self.embed(&rows, Some(&mut rng))?;
                     let n = batch.len();
-                    add(self.contrastive(&fused.narrow(0, 0, n)?, &fused.narrow(0, n, n)?)?)?;
+                    let contrastive =
+                        self.contrastive(&fused.narrow(0, 0, n)?, &fused.narrow(0, n, n)?)?;
+                    add((contrastive * opts.retrieval_weight)?)?;
                     if let Some((b, counts)) = balance {
                         add(b)?;
                         accumulate(&mut routes, &counts);
@@ -768,7 +860,7 @@ impl<'a> Trainer<'a> {
             }
             let mean_loss = loss_sum / steps.max(1) as f64;
             epoch_losses.push(mean_loss);
-            let held_out = self.held_out(data, retrieval)?;
+            let held_out = self.held_out(data, retrieval, best_reference)?;
             let improved = held_out.selection > best.selection;
             if improved {
                 best = held_out;
@@ -790,6 +882,7 @@ impl<'a> Trainer<'a> {
         }
         Ok(TrainOutcome {
             parts: best_parts,
+            references,
             untrained,
             best,
             best_epoch,

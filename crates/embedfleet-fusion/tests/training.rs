@@ -9,8 +9,8 @@
 
 use embedfleet_fusion::metrics::{sts_spearman, Matrix};
 use embedfleet_fusion::train::{
-    train, PairData, RetrievalExample, RetrievalHeldOut, ScoredExample, TrainEvent, TrainOptions,
-    TrainingRows,
+    train, PairData, Reference, RetrievalExample, RetrievalHeldOut, ScoredExample, TrainEvent,
+    TrainOptions, TrainingRows,
 };
 use embedfleet_fusion::{FuseMoe, FuseMoeConfig, FusionError};
 use rand::{Rng, SeedableRng};
@@ -199,6 +199,87 @@ fn training_lowers_the_loss_and_raises_the_held_out_metric() {
         "the training forward and the real forward disagree: {} vs {real_after}",
         after.sts_spearman.unwrap()
     );
+}
+
+/// Spearman ×100 of the held-out pairs under `vector(row)`, computed here from the rows.
+fn held_out_spearman(task: &Task, vector: &dyn Fn(usize) -> Vec<f32>) -> f64 {
+    let held = &task.data.held_out_scored;
+    let matrix =
+        |rows: Vec<usize>| Matrix::from_rows(&rows.into_iter().map(vector).collect::<Vec<_>>());
+    let gold: Vec<f64> = held.iter().map(|p| p.score as f64).collect();
+    sts_spearman(
+        &matrix(held.iter().map(|p| p.a).collect()),
+        &matrix(held.iter().map(|p| p.b).collect()),
+        &gold,
+    )
+}
+
+#[test]
+fn selection_is_the_smallest_margin_over_each_model_alone_and_the_concatenation() {
+    let task = synthetic_task(5);
+    let opts = TrainOptions {
+        max_epochs: 3,
+        ..options()
+    };
+    let mut started = None;
+    let outcome = train(&config(), &task.rows, &task.data, &opts, &mut |event| {
+        if let TrainEvent::Start { references, .. } = event {
+            started = Some(references.clone());
+        }
+    })
+    .unwrap();
+    assert_eq!(started.as_ref(), Some(&outcome.references));
+    let kinds: Vec<Reference> = outcome.references.iter().map(|(r, _)| *r).collect();
+    assert_eq!(
+        kinds,
+        [
+            Reference::Slot(0),
+            Reference::Slot(1),
+            Reference::Concatenation
+        ]
+    );
+
+    // Each reference's STS figure is the Spearman of its own vectors, computed independently:
+    // a slot's partial, or the two partials normalised and concatenated.
+    let unit = |v: &[f32]| {
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter().map(|x| x / n).collect::<Vec<f32>>()
+    };
+    let rows = &task.rows;
+    let slot = |s: usize| move |r: usize| rows[r][s].clone().unwrap();
+    let concatenation = |r: usize| {
+        let mut v = unit(rows[r][0].as_deref().unwrap());
+        v.extend(unit(rows[r][1].as_deref().unwrap()));
+        v
+    };
+    let expected = [
+        held_out_spearman(&task, &slot(0)),
+        held_out_spearman(&task, &slot(1)),
+        held_out_spearman(&task, &concatenation),
+    ];
+    for ((reference, scores), want) in outcome.references.iter().zip(expected) {
+        let got = scores.sts_spearman.unwrap();
+        assert!((got - want).abs() < 1e-3, "{reference:?}: {got} vs {want}");
+        assert!(scores.ndcg_at_10.is_some());
+    }
+
+    // selection = min over tasks of (score − the best reference on that task).
+    let best = |pick: &dyn Fn(&embedfleet_fusion::train::HeldOutScores) -> f64| {
+        outcome
+            .references
+            .iter()
+            .map(|(_, s)| pick(s))
+            .fold(f64::NEG_INFINITY, f64::max)
+    };
+    let best_sts = best(&|s| s.sts_spearman.unwrap());
+    let best_ndcg = best(&|s| s.ndcg_at_10.unwrap());
+    for scores in [outcome.untrained, outcome.best] {
+        let margin =
+            (scores.sts_spearman.unwrap() - best_sts).min(scores.ndcg_at_10.unwrap() - best_ndcg);
+        assert!((scores.selection - margin).abs() < 1e-9, "{scores:?}");
+    }
+    // The seeded layer preserves the concatenation, so it cannot be far ahead of it.
+    assert!(outcome.untrained.selection < 1.0, "{:?}", outcome.untrained);
 }
 
 #[test]
