@@ -20,7 +20,7 @@ scripts/fusion/prepare-data.sh "$EVAL_DIR" "$D"
 "$BIN" fusion train $MODELS \
   --scored "$D/stsb-train.jsonl" --retrieval "$D/scifact/train-pairs.jsonl" \
   --held-out-scored "$D/stsb-heldout.jsonl" --held-out-beir "$D/scifact/validation" \
-  --seed 14 --max-epochs 20 --patience 3 --learning-rate 1e-4 --out "$OUT"
+  --seed 14 --max-epochs 20 --patience 3 --learning-rate 1e-4 --retrieval-weight 8 --out "$OUT"
 # The training log sits beside the weights as minilm-mpnet.json; it names the local data paths.
 # Final evaluation, on data neither trained nor selected on; the held-out sets are shown too.
 "$BIN" eval $MODELS --fusion-weights "$OUT" --with-seeded \
