@@ -26,7 +26,10 @@ EMBEDFLEET_NATS_SERVER="$(bash scripts/fetch-nats-server.sh)"
 export EMBEDFLEET_NATS_SERVER EMBEDFLEET_MODELS_DIR="$PWD/models" HF_HUB_OFFLINE=1
 
 step "build ($PROFILE profile)"
-cargo build --profile "$PROFILE" -p embedfleet-cli >&2
+# What scripts/test.sh builds (test and bench targets unify the same features), so after a test
+# run this builds nothing; a plain `cargo build -p embedfleet-cli` would rebuild dependencies
+# with other features.
+cargo test --profile "$PROFILE" --workspace --no-run >&2
 cargo bench --profile "$PROFILE" --workspace --no-run >&2
 BIN=target/$PROFILE/embedfleet
 

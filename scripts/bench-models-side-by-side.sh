@@ -18,13 +18,16 @@ bash scripts/fetch-models.sh >&2
 echo "== sentence-transformers, $threads threads" >&2
 st_json=$("$python" scripts/bench-sentence-transformers.py --threads "$threads" | tail -n 1)
 echo "== embedfleet criterion benches, RAYON_NUM_THREADS=$threads" >&2
-RAYON_NUM_THREADS=$threads cargo bench -p embedfleet-benches --bench models >&2
+# The ci profile and the whole workspace, as scripts/test.sh builds them (nothing to rebuild after
+# a test run); only the two real-weight ids of per_model_latency.
+RAYON_NUM_THREADS=$threads cargo bench --profile "${BENCH_PROFILE:-ci}" --workspace --bench models \
+  -- 'per_model_latency/(minilm|mpnet)@real/' >&2
 
 ST_JSON=$st_json python3 - <<'PY'
 import json, os
 st = json.loads(os.environ["ST_JSON"])
 def median_ns(model, bench):
-    with open(f"target/criterion/per_model_latency/{model}/{bench}/new/estimates.json") as f:
+    with open(f"target/criterion/per_model_latency/{model}@real/{bench}/new/estimates.json") as f:
         return json.load(f)["median"]["point_estimate"]
 print(f"threads {st['threads']}, cpu {st['cpu']}, load at start {st['load_average']}")
 print(f"{'model':<8} {'ST single ms':>12} {'ours ms':>8} {'speed-up':>8}   {'ST batch32 sent/s':>17} {'ours':>7} {'ratio':>6}")
