@@ -133,6 +133,8 @@ fn main() -> ExitCode {
     telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader went away (`embedfleet models | head -3`): what it wanted was printed.
+        Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
         // A severe regression is a verdict, not a failure to run: its own code, for CI.
         Err(error) if error.is::<bench::SevereRegression>() => {
             eprintln!("error: {}", one_line(&error));
@@ -143,6 +145,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// The error and its causes on one line, "a: b: c", skipping a cause whose text the message

@@ -1,5 +1,8 @@
 //! `embedfleet models`: the catalogue, as a table or JSON lines.
 
+use std::fmt::Write as _;
+use std::io::Write as _;
+
 use clap::Args;
 use embedfleet_models::catalogue::{fusion_input_width, Prompting, CATALOGUE};
 use embedfleet_models::registry::runs;
@@ -12,6 +15,15 @@ pub struct ModelsArgs {
 }
 
 pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
+    // Written in one go, so a closed pipe (`embedfleet models | head -3`) is one error that
+    // main treats as a normal end, not a panic in the middle of println!.
+    let out = render(&args)?;
+    std::io::stdout().lock().write_all(out.as_bytes())?;
+    Ok(())
+}
+
+fn render(args: &ModelsArgs) -> Result<String, std::fmt::Error> {
+    let mut out = String::new();
     if args.json {
         for spec in CATALOGUE {
             let modalities: Vec<String> = spec.modalities.iter().map(ToString::to_string).collect();
@@ -24,12 +36,13 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
                 "runs": runs(spec.architecture), "prompting": prompting(spec.prompting),
                 "normalized_upstream": spec.normalized_upstream,
             });
-            println!("{line}");
+            writeln!(out, "{line}")?;
         }
-        return Ok(());
+        return Ok(out);
     }
     // Weight memory per dtype; activations come on top (see docs/architecture.md).
-    println!(
+    writeln!(
+        out,
         "{:<4} {:<16} {:>5} {:>6} {:<10} {:<12} {:>7} {:>12} {:<4} {:<12}  hf repo",
         "id",
         "name",
@@ -41,11 +54,12 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
         "f16/bf16 GiB",
         "runs",
         "prompting"
-    );
+    )?;
     let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
     for spec in CATALOGUE {
         let takes: Vec<String> = spec.modalities.iter().map(ToString::to_string).collect();
-        println!(
+        writeln!(
+            out,
             "E{:<3} {:<16} {:>5} {:>6} {:<10} {:<12} {:>7.2} {:>12.2} {:<4} {:<12}  {}",
             spec.ordinal,
             spec.name,
@@ -58,14 +72,15 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
             if runs(spec.architecture) { "yes" } else { "no" },
             prompting(spec.prompting),
             spec.hf_repo
-        );
+        )?;
     }
-    println!(
+    writeln!(
+        out,
         "fusion input width with all {} models: {}",
         CATALOGUE.len(),
         fusion_input_width(CATALOGUE)
-    );
-    Ok(())
+    )?;
+    Ok(out)
 }
 
 /// How the model reads `instruction` / `input_type`, in a word (docs/protocol.md has the rules).

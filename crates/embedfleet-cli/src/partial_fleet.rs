@@ -71,7 +71,7 @@ impl FleetPartials {
             )
         };
         let value = self.runtime.block_on(async {
-            // No bucket yet: no worker of any model has started on this server.
+            // No bucket (or none readable): no worker of any model has started on this server.
             let Ok(bucket) = self.jetstream.get_key_value(REVISIONS_BUCKET).await else {
                 return Ok(None);
             };
@@ -85,8 +85,8 @@ impl FleetPartials {
             .with_context(|| format!("{model}'s revision on the fleet at {url} is not UTF-8"))
     }
 
-    /// `model`'s vector of every text, in order, `IN_FLIGHT` requests of `REQUEST_TEXTS` at a
-    /// time; `on_done(n)` after each request's texts have come back (in order).
+    /// `model`'s vector of every text, `IN_FLIGHT` requests of `REQUEST_TEXTS` at a time;
+    /// `on_batch(texts, vectors)` for each request, in the texts' order.
     pub fn embed(
         &self,
         model: &str,

@@ -97,19 +97,20 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.out {
         std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
     }
-    match args.format {
-        Format::Table => print!("{}", render::table(&plan)),
-        Format::Commands => println!("{}", render::commands(&plan).join("\n")),
-        Format::Helm => print!("{}", render::helm_values(&plan)),
-        Format::Json => println!("{json}"),
-        Format::All => {
-            print!("{}", render::table(&plan));
-            println!("\n# one worker per device");
-            println!("{}", render::commands(&plan).join("\n"));
-            println!("\n# Helm values (deploy/helm/embedfleet)");
-            print!("{}", render::helm_values(&plan));
-        }
-    }
+    let out = match args.format {
+        Format::Table => render::table(&plan),
+        Format::Commands => format!("{}\n", render::commands(&plan).join("\n")),
+        Format::Helm => render::helm_values(&plan),
+        Format::Json => format!("{json}\n"),
+        Format::All => format!(
+            "{}\n# one worker per device\n{}\n\n# Helm values (deploy/helm/embedfleet)\n{}",
+            render::table(&plan),
+            render::commands(&plan).join("\n"),
+            render::helm_values(&plan)
+        ),
+    };
+    // One write: a closed pipe is an error main ends quietly on, not a println! panic.
+    std::io::Write::write_all(&mut std::io::stdout().lock(), out.as_bytes())?;
     Ok(())
 }
 

@@ -1,4 +1,5 @@
-//! `embedfleet plan` as an operator runs it: the two cases of the GPU issue, and bad flags.
+//! `embedfleet plan` as an operator runs it: the two cases of the GPU issue, bad flags, and
+//! (with `models`) output piped into a reader that stops early.
 
 mod support;
 use support::embedfleet;
@@ -99,5 +100,29 @@ fn bad_flags_and_impossible_plans_are_one_line_errors() {
         assert_eq!(output.status.code(), Some(code), "{args:?}: {stderr}");
         assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
         assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+}
+
+/// A reader that goes away early (`| head -3`) ends the command quietly with status 0: no
+/// panic from a print to a closed pipe, no error line.
+#[test]
+fn a_closed_stdout_pipe_is_a_quiet_success() {
+    for args in [
+        vec!["models"],
+        vec!["models", "--json"],
+        vec!["plan", "--gpus", "80GB,24GB", "--format", "all"],
+    ] {
+        let mut child = embedfleet(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Close the read end before the command writes anything.
+        drop(child.stdout.take());
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{args:?}: {:?} {stderr}", output.status);
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
     }
 }

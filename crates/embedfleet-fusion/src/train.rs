@@ -37,8 +37,11 @@ use crate::delta::{check_foldable, seeded_map, DeltaParts};
 use crate::error::FusionError;
 use crate::gate::gate_hidden;
 use crate::linear::linear_forward;
-use crate::metrics::{self, Matrix};
+use crate::metrics::Matrix;
 use crate::model::FuseMoe;
+
+mod held_out;
+pub use held_out::{HeldOutScores, Reference};
 
 /// A scored pair, as indices into [`TrainingRows`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -126,29 +129,6 @@ impl Default for TrainOptions {
             retrieval_weight: 1.0,
         }
     }
-}
-
-/// Held-out scores of one epoch: STS Spearman ×100 and retrieval nDCG@10 ×100 (where there is
-/// such data), and `selection`, what early stopping compares: the smallest margin, over the
-/// held-out tasks, by which the layer beats the best [`Reference`] on that task (negative while
-/// some single model or the concatenation is still better on some task). So an epoch that
-/// gains on one task by losing on the other is not chosen over one that gains on both: the
-/// goal is a fused vector better than each model alone on every task.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct HeldOutScores {
-    pub sts_spearman: Option<f64>,
-    pub ndcg_at_10: Option<f64>,
-    pub selection: f64,
-}
-
-/// What the trained layer is compared with on the held-out data, computed from the partials
-/// themselves: each model alone (cosine of its own vector) and their normalised concatenation
-/// (what the seeded layer preserves).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reference {
-    /// The model in this slot (slot order of the config).
-    Slot(usize),
-    Concatenation,
 }
 
 /// What the caller is told while training runs.
@@ -582,112 +562,14 @@ impl<'a> Trainer<'a> {
         })
     }
 
-    /// Held-out (STS Spearman, nDCG@10) of the vectors `embed` gives each row.
-    fn held_out_raw(
-        &self,
-        data: &PairData,
-        retrieval: Option<&RetrievalHeldOut>,
-        embed: &dyn Fn(&[usize]) -> candle_core::Result<Matrix>,
-    ) -> candle_core::Result<[Option<f64>; 2]> {
-        let sts = if data.held_out_scored.len() >= 2 {
-            let a: Vec<usize> = data.held_out_scored.iter().map(|p| p.a).collect();
-            let b: Vec<usize> = data.held_out_scored.iter().map(|p| p.b).collect();
-            let gold: Vec<f64> = data
-                .held_out_scored
-                .iter()
-                .map(|p| p.score as f64)
-                .collect();
-            Some(metrics::sts_spearman(&embed(&a)?, &embed(&b)?, &gold))
-        } else {
-            None
-        };
-        let ndcg = match retrieval {
-            Some(r) => {
-                let queries = embed(&r.queries)?;
-                let corpus = embed(&r.corpus)?;
-                let rankings = metrics::top_k_search(&queries, &corpus, 10);
-                let mut total = 0.0;
-                for (ranking, relevant) in rankings.iter().zip(&r.relevant) {
-                    let ids: Vec<String> = ranking.iter().map(|(i, _)| i.to_string()).collect();
-                    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-                    let rel = relevant.iter().map(|i| (i.to_string(), 1)).collect();
-                    total += metrics::ndcg_at_k(&ids, &rel, 10);
-                }
-                Some(100.0 * total / r.queries.len() as f64)
-            }
-            None => None,
-        };
-        Ok([sts, ndcg])
-    }
-
-    /// Each model alone and the concatenation on the held-out data, straight from the rows'
-    /// assembled input (each slot's block is its normalised partial), and the best of them per
-    /// task: what [`HeldOutScores::selection`] is a margin over.
-    fn references(
-        &self,
-        data: &PairData,
-        retrieval: Option<&RetrievalHeldOut>,
-    ) -> candle_core::Result<(Vec<(Reference, [Option<f64>; 2])>, [f64; 2])> {
-        let f = &self.features;
-        let block = |offset: usize, width: usize| {
-            move |rows: &[usize]| -> candle_core::Result<Matrix> {
-                let mut data = Vec::with_capacity(rows.len() * width);
-                for &r in rows {
-                    data.extend_from_slice(&f.x[r * f.input_dim + offset..][..width]);
-                }
-                Ok(Matrix {
-                    rows: rows.len(),
-                    cols: width,
-                    data,
-                }
-                .prefix_normalized(width))
-            }
-        };
-        let mut references = Vec::new();
-        for (slot, (&offset, &width)) in self
-            .cfg
-            .slot_offsets()
-            .iter()
-            .zip(&self.cfg.input_dims)
-            .enumerate()
-        {
-            let scores = self.held_out_raw(data, retrieval, &block(offset, width))?;
-            references.push((Reference::Slot(slot), scores));
-        }
-        let concatenation = self.held_out_raw(data, retrieval, &block(0, f.input_dim))?;
-        references.push((Reference::Concatenation, concatenation));
-        let mut best = [f64::NEG_INFINITY; 2];
-        for (_, scores) in &references {
-            for (b, s) in best.iter_mut().zip(scores) {
-                if let Some(s) = s {
-                    *b = b.max(*s);
-                }
-            }
-        }
-        Ok((references, best))
-    }
-
-    fn scores(raw: [Option<f64>; 2], best: [f64; 2]) -> HeldOutScores {
-        let selection = raw
-            .iter()
-            .zip(best)
-            .filter_map(|(s, b)| s.map(|s| s - b))
-            .fold(f64::INFINITY, f64::min);
-        HeldOutScores {
-            sts_spearman: raw[0],
-            ndcg_at_10: raw[1],
-            selection,
-        }
-    }
-
     fn held_out(
         &self,
         data: &PairData,
         retrieval: Option<&RetrievalHeldOut>,
         best: [f64; 2],
     ) -> candle_core::Result<HeldOutScores> {
-        let raw = self.held_out_raw(data, retrieval, &|rows| self.embed_eval(rows))?;
-        Ok(Self::scores(raw, best))
+        let raw = held_out::task_scores(data, retrieval, &|rows| self.embed_eval(rows))?;
+        Ok(held_out::scores(raw, best))
     }
 
     /// Auxiliary-loss-free balancing: each expert's router bias moves by `balance_rate` towards
@@ -776,10 +658,16 @@ impl<'a> Trainer<'a> {
                 ..ParamsAdamW::default()
             },
         )?;
-        let (references, best_reference) = self.references(data, retrieval)?;
+        let (references, best_reference) = held_out::references(
+            self.cfg,
+            &self.features.x,
+            self.features.input_dim,
+            data,
+            retrieval,
+        )?;
         let references: Vec<(Reference, HeldOutScores)> = references
             .into_iter()
-            .map(|(r, raw)| (r, Self::scores(raw, best_reference)))
+            .map(|(r, raw)| (r, held_out::scores(raw, best_reference)))
             .collect();
         let untrained = self.held_out(data, retrieval, best_reference)?;
         // Zero parts, i.e. the seeded layer: what is returned if no epoch beats it.
