@@ -122,7 +122,11 @@ fn a_closed_stdout_pipe_is_a_quiet_success() {
         drop(child.stdout.take());
         let output = child.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(output.status.success(), "{args:?}: {:?} {stderr}", output.status);
+        assert!(
+            output.status.success(),
+            "{args:?}: {:?} {stderr}",
+            output.status
+        );
         assert!(stderr.is_empty(), "{args:?}: {stderr}");
     }
 }

@@ -28,6 +28,7 @@ mod table;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
 use async_nats::jetstream;
 use serde::Serialize;
@@ -116,6 +117,12 @@ pub struct Coordinator {
     /// before a job runs; they are learnt from partials (or primed by `serve`, which hosts the
     /// workers). Until then a model's inputs skip the cache lookup, never serve a stale vector.
     revisions: RwLock<HashMap<String, String>>,
+    /// Model → the revision its workers last announced, and when that arrived. For
+    /// `max_request_timeout` after it, an announcement outranks partials: partials of the old
+    /// weights from batches in flight at a swap arrive after it and must not switch the cache
+    /// keys back (lookups would serve the old revision's vectors again). Past that, a revision
+    /// that keeps answering wins over the announcement (its workers are gone: a rollback).
+    announced: RwLock<HashMap<String, (String, Instant)>>,
     /// Model → width of the vectors its workers' checkpoint produces (the width rule: it may
     /// differ from the catalogue's), announced with the revision and confirmed by every vector
     /// seen. Fusion is built for these; the catalogue width stands in until one is known.
@@ -165,6 +172,7 @@ impl Coordinator {
             cache,
             fusion: Arc::new(fusion),
             revisions: RwLock::new(HashMap::new()),
+            announced: RwLock::new(HashMap::new()),
             widths: RwLock::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             next_job: AtomicU64::new(1),
@@ -225,7 +233,38 @@ impl Coordinator {
             .cloned()
     }
 
+    /// A worker announced `revision` for `model` (the revisions bucket): cache keys switch now.
+    fn learn_announced_revision(&self, model: &str, revision: &str) {
+        self.announced
+            .write()
+            .expect("announced poisoned")
+            .insert(model.to_string(), (revision.to_string(), Instant::now()));
+        self.switch_revision(model, revision);
+    }
+
+    /// A partial of `model` came from `revision`: the revision that answers, unless a worker
+    /// announced another one less than `max_request_timeout` ago (see `announced`).
     fn learn_revision(&self, model: &str, revision: &str) {
+        let overruled = self
+            .announced
+            .read()
+            .expect("announced poisoned")
+            .get(model)
+            .is_some_and(|(announced, at)| {
+                announced != revision && at.elapsed() < self.config.max_request_timeout
+            });
+        if overruled {
+            tracing::debug!(
+                model,
+                revision,
+                "a partial of a revision other than the one just announced; keys stay"
+            );
+            return;
+        }
+        self.switch_revision(model, revision);
+    }
+
+    fn switch_revision(&self, model: &str, revision: &str) {
         let known = self
             .revisions
             .read()

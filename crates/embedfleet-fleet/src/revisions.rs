@@ -15,7 +15,9 @@
 //! revision alone, and the coordinator then learns the width from the first partial.
 //!
 //! During a rolling upgrade old and new workers answer side by side: the bucket holds the last
-//! announcement, partials teach the revision that actually answered, and each vector is cached
+//! announcement, partials teach the revision that actually answered (but not within the
+//! coordinator's `max_request_timeout` of an announcement of another one: those are late
+//! batches of the old weights), and each vector is cached
 //! under the revision in its partial, so nothing is cached under the wrong revision either way.
 
 use std::time::Duration;

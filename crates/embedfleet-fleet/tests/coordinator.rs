@@ -1,7 +1,8 @@
 //! The coordinator against a real nats-server (and redis-server), with workers hosting the
 //! testkit's fixed-vector models, so every expected vector can be computed here: replies in
 //! both encodings, fusion equal to the fusion stage run by hand, the cache (fused and partial
-//! reuse across model sets), new revisions announced by workers, error replies with their codes,
+//! reuse across model sets), new revisions announced by workers (and not undone by late partials
+//! of the old weights), error replies with their codes,
 //! 429 under a flood, 503 with no worker.
 
 mod support;
@@ -12,6 +13,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use embedfleet_fleet::fusion::FusionStage;
+use embedfleet_fleet::revisions::{self, Announcement};
 use embedfleet_fleet::CoordinatorConfig;
 use embedfleet_models::catalogue;
 use embedfleet_proto::{EmbedReply, EmbedRequest, Encoding, Input};
@@ -157,6 +159,51 @@ async fn the_cache_answers_repeats_and_partials_serve_other_model_sets() {
     ));
     assert_eq!(fleet.coordinator.stats().jobs_published, jobs);
     assert!(fleet.coordinator.stats().cache.redis_configured);
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_partial_of_the_old_weights_does_not_undo_an_announced_revision() {
+    // A short max_request_timeout: how long an announcement outranks partials.
+    let grace = Duration::from_secs(2);
+    let config = CoordinatorConfig {
+        request_timeout: grace,
+        max_request_timeout: grace,
+        ..CoordinatorConfig::default()
+    };
+    let fleet = Fleet::start(&["minilm", "mpnet"], config, None, Duration::ZERO).await;
+    wait_for_revision(&fleet.coordinator, "minilm", "fixed-minilm").await;
+
+    // A hot swap announced v2 while this worker still answers with v1, as batches in flight at
+    // a swap do: their partials arrive after the announcement.
+    let js = async_nats::jetstream::new(fleet.client.clone());
+    let v2 = Announcement {
+        revision: "fixed-minilm-v2".into(),
+        dim: Some(384),
+    };
+    revisions::announce(&js, "minilm", &v2).await.unwrap();
+    wait_for_revision(&fleet.coordinator, "minilm", "fixed-minilm-v2").await;
+    let reply = fleet
+        .embed(&EmbedRequest::texts([
+            "answered by the old weights after the swap",
+        ]))
+        .await;
+    assert!(!reply.data[0].cached);
+    assert_eq!(
+        fleet.coordinator.revision_of("minilm").as_deref(),
+        Some("fixed-minilm-v2"),
+        "a v1 partial right after the v2 announcement must not switch the keys back"
+    );
+
+    // Past the grace, the revision that keeps answering wins: v2's workers are gone (rollback).
+    tokio::time::sleep(grace + Duration::from_millis(200)).await;
+    fleet
+        .embed(&EmbedRequest::texts(["answered by the old weights, later"]))
+        .await;
+    assert_eq!(
+        fleet.coordinator.revision_of("minilm").as_deref(),
+        Some("fixed-minilm")
+    );
     fleet.stop().await;
 }
 

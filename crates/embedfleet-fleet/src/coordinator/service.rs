@@ -50,7 +50,7 @@ impl Coordinator {
             stop_watch.clone(),
             move |model, announcement| {
                 if let Some(coordinator) = learner.upgrade() {
-                    coordinator.learn_revision(model, &announcement.revision);
+                    coordinator.learn_announced_revision(model, &announcement.revision);
                     if let Some(width) = announcement.dim {
                         coordinator.learn_width(model, width);
                     }
