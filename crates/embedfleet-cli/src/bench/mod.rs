@@ -6,7 +6,8 @@
 //! - `sweep.rs`: `bench sweep`, capacity planning: sustainable throughput per worker, replicas.
 //! - `compare.rs`: `bench fleet`, the quick fleet-versus-in-process comparison.
 //! - `dataset.rs`: deterministic tiers and `--trace`. `drive.rs`: closed- and open-loop load.
-//! - `stats.rs`: percentiles and per-point results. `resources.rs`: `/proc` sampling.
+//! - `stats.rs`: percentiles and per-point results. `resources.rs`: `/proc` sampling;
+//!   `gpu_use.rs`: GPU memory and utilisation through NVML.
 //! - `target.rs`: a running fleet (`--nats-url`) or an embedded `serve`; the Redis flush.
 //! - `report.rs`: table, `latest.json`, `latest.txt`. `html.rs`: `report.html` with SVG plots.
 //! - `gate.rs`: `benches/baseline.json` and the comparison.
@@ -18,6 +19,7 @@ mod compare;
 mod dataset;
 mod drive;
 mod gate;
+mod gpu_use;
 mod html;
 mod report;
 mod resources;

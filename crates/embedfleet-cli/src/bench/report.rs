@@ -190,6 +190,41 @@ pub fn table(report: &RunReport) -> String {
             );
         }
     }
+    let gpus: Vec<_> = report
+        .points
+        .iter()
+        .flat_map(|p| p.gpus.iter().map(move |g| (p, g)))
+        .collect();
+    if !gpus.is_empty() {
+        let _ = writeln!(
+            out,
+            "\ngpus (NVML)\n{:<5} {:<16} {:<4} {:<24} {:>10} {:>10} {:>10} {:>8} {:>8}",
+            "mode",
+            "load",
+            "gpu",
+            "name",
+            "mem_peak",
+            "mem_mean",
+            "mem_total",
+            "util_avg",
+            "util_max"
+        );
+        for (p, g) in gpus {
+            let _ = writeln!(
+                out,
+                "{:<5} {:<16} {:<4} {:<24} {:>9.0}M {:>9.0}M {:>9.0}M {:>7.1}% {:>7.1}%",
+                p.mode,
+                p.label,
+                g.index,
+                g.name,
+                g.memory_used_peak_mib,
+                g.memory_used_mean_mib,
+                g.memory_total_mib,
+                g.utilization_mean_pct,
+                g.utilization_peak_pct
+            );
+        }
+    }
     for p in report.points.iter().filter(|p| p.error_count() > 0) {
         for (kind, n) in &p.errors {
             let _ = writeln!(out, "errors {} {}: {n} x {kind}", p.mode, p.label);
@@ -348,5 +383,50 @@ mod tests {
         let cols: Vec<&str> = row.split_whitespace().collect();
         assert_eq!(cols[2..6], ["1", "0", "1.0", "31.0"], "{text}");
         assert!(text.contains("knee cold b=1: concurrency 1"), "{text}");
+    }
+
+    #[test]
+    fn gpu_use_is_reported_where_sampled_and_absent_from_the_json_otherwise() {
+        let plain = point("cold", 1, 30);
+        let json = serde_json::to_value(&plain).unwrap();
+        assert!(json.get("gpus").is_none(), "{json}");
+        let mut with_gpu = point("cold", 1, 30);
+        with_gpu.gpus = vec![crate::bench::stats::GpuUse {
+            index: 0,
+            name: "NVIDIA H100 80GB HBM3".into(),
+            memory_total_mib: 81_559.0,
+            memory_used_peak_mib: 9_216.0,
+            memory_used_mean_mib: 9_100.0,
+            utilization_mean_pct: 41.5,
+            utilization_peak_pct: 97.0,
+            samples: 12,
+        }];
+        let json = serde_json::to_value(&with_gpu).unwrap();
+        assert_eq!(json["gpus"][0]["memory_used_peak_mib"], 9216.0);
+        let back: PointResult = serde_json::from_value(json).unwrap();
+        assert_eq!(back, with_gpu);
+        let report = RunReport {
+            schema: REPORT_SCHEMA,
+            dataset: "small".into(),
+            dataset_size: 64,
+            models: vec!["minilm".into()],
+            fleet: "embedded".into(),
+            encoding: "msgpack".into(),
+            stage_timings: true,
+            recorded: BTreeMap::new(),
+            knees: Vec::new(),
+            points: vec![with_gpu],
+            gate: None,
+        };
+        let text = table(&report);
+        let row = text
+            .lines()
+            .skip_while(|l| !l.starts_with("gpus (NVML)"))
+            .find(|l| l.starts_with("cold"))
+            .unwrap_or_else(|| panic!("a GPU row: {text}"));
+        assert!(
+            row.contains("9216M") && row.contains("41.5%") && row.contains("97.0%"),
+            "{row}"
+        );
     }
 }

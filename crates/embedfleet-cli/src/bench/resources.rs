@@ -2,14 +2,16 @@
 //! memory (`VmRSS`) and CPU time (`utime + stime`) of each process and of its descendants (the
 //! embedded `serve` has a child nats-server). Linux only; elsewhere the list stays empty.
 //!
-//! GPU memory and utilisation are not sampled (no NVML binding is wired in yet).
+//! GPU memory and utilisation are sampled in the same loop, through NVML (`gpu_use.rs`), where
+//! the machine has it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::stats::{round3, ProcessUse};
+use super::gpu_use::{self, GpuTracks};
+use super::stats::{round3, GpuUse, ProcessUse};
 
 /// Clock ticks per second of `/proc/<pid>/stat` times: `USER_HZ`, 100 on every Linux the fleet
 /// runs on (x86-64, arm64).
@@ -18,7 +20,14 @@ const TICKS_PER_SECOND: f64 = 100.0;
 /// A background thread sampling until [`Sampler::finish`].
 pub struct Sampler {
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Vec<ProcessUse>>,
+    thread: std::thread::JoinHandle<Resources>,
+}
+
+/// What a point used: the fleet's processes, and the machine's GPUs.
+#[derive(Default)]
+pub struct Resources {
+    pub processes: Vec<ProcessUse>,
+    pub gpus: Vec<GpuUse>,
 }
 
 impl Sampler {
@@ -29,7 +38,7 @@ impl Sampler {
         Sampler { stop, thread }
     }
 
-    pub fn finish(self) -> Vec<ProcessUse> {
+    pub fn finish(self) -> Resources {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().unwrap_or_default()
     }
@@ -47,14 +56,19 @@ struct Track {
     cpu_count: u64,
 }
 
-fn sample_until(roots: &[u32], interval: Duration, stop: &AtomicBool) -> Vec<ProcessUse> {
+fn sample_until(roots: &[u32], interval: Duration, stop: &AtomicBool) -> Resources {
     let mut tracks: BTreeMap<u32, Track> = BTreeMap::new();
-    if roots.is_empty() {
-        return Vec::new();
-    }
+    let mut gpus = GpuTracks::default();
     loop {
         let now = Instant::now();
-        for pid in with_descendants(roots) {
+        gpus.add(gpu_use::read_all());
+        // No pids (an external fleet not named with --sample-pid): no /proc scan either.
+        let pids = if roots.is_empty() {
+            BTreeSet::new()
+        } else {
+            with_descendants(roots)
+        };
+        for pid in pids {
             let Some(stat) = read_stat(pid) else { continue };
             let track = tracks.entry(pid).or_default();
             track.name = stat.name;
@@ -83,7 +97,7 @@ fn sample_until(roots: &[u32], interval: Duration, stop: &AtomicBool) -> Vec<Pro
             std::thread::sleep(Duration::from_millis(10).min(interval));
         }
     }
-    tracks
+    let processes = tracks
         .into_iter()
         .map(|(pid, t)| ProcessUse {
             pid,
@@ -94,7 +108,11 @@ fn sample_until(roots: &[u32], interval: Duration, stop: &AtomicBool) -> Vec<Pro
             cpu_peak_pct: round3(t.cpu_peak),
             samples: t.rss_count,
         })
-        .collect()
+        .collect();
+    Resources {
+        processes,
+        gpus: gpus.finish(),
+    }
 }
 
 /// `roots` and every live process whose parent chain reaches one of them.
@@ -186,7 +204,7 @@ mod tests {
     fn this_process_is_sampled() {
         let sampler = Sampler::start(vec![std::process::id()], Duration::from_millis(20));
         std::thread::sleep(Duration::from_millis(70));
-        let used = sampler.finish();
+        let used = sampler.finish().processes;
         let me = used
             .iter()
             .find(|u| u.pid == std::process::id())

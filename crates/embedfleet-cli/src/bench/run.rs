@@ -258,7 +258,8 @@ impl PointContext<'_> {
         let (samples, wall) = run_point(self.clients, source, load, budget, self.timed).await;
         let resources = sampler.finish();
         let mut result = PointResult::new(mode.name(), load.clone(), samples, wall);
-        result.resources = resources;
+        result.resources = resources.processes;
+        result.gpus = resources.gpus;
         eprintln!(
             "{:<5} {:<16} {} requests, {} errors, {:.1} items/s",
             result.mode,

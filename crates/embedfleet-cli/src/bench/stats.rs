@@ -129,6 +129,20 @@ pub struct ProcessUse {
     pub samples: u64,
 }
 
+/// Peak and mean use of one GPU over a load point (NVML, device-wide; `gpu_use.rs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuUse {
+    pub index: u32,
+    pub name: String,
+    pub memory_total_mib: f64,
+    pub memory_used_peak_mib: f64,
+    pub memory_used_mean_mib: f64,
+    /// Share of time a kernel ran (NVML's utilisation), 0–100.
+    pub utilization_mean_pct: f64,
+    pub utilization_peak_pct: f64,
+    pub samples: u64,
+}
+
 /// What one load point of a run measured: one row of the table, one entry of `latest.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PointResult {
@@ -147,6 +161,9 @@ pub struct PointResult {
     /// `jobs.<model>` when the fleet reported its timings.
     pub steps: BTreeMap<String, Percentiles>,
     pub resources: Vec<ProcessUse>,
+    /// The machine's GPUs, where NVML is present; absent from the JSON otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<GpuUse>,
 }
 
 impl PointResult {
@@ -178,6 +195,7 @@ impl PointResult {
             items_per_s: round3(samples.items_ok as f64 / wall_s),
             steps,
             resources: Vec::new(),
+            gpus: Vec::new(),
         }
     }
 
