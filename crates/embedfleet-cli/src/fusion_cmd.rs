@@ -131,10 +131,10 @@ pub struct CacheArgs {
 impl CacheArgs {
     pub fn open(&self) -> anyhow::Result<PartialCache> {
         let source = match &self.nats_url {
-            Some(url) => PartialSource::Fleet(FleetPartials::connect(
+            Some(url) => PartialSource::Fleet(Box::new(FleetPartials::connect(
                 url,
                 &self.nats_security.security()?,
-            )?),
+            )?)),
             None => PartialSource::InProcess {
                 model_dir: self.model_dir.clone(),
                 dtypes: self.dtype.clone().unwrap_or_default(),

@@ -38,7 +38,7 @@ pub enum PartialSource {
         dtypes: ModelDtypes,
     },
     /// A running fleet's workers.
-    Fleet(FleetPartials),
+    Fleet(Box<FleetPartials>),
 }
 
 /// Texts embedded per model call while filling the cache.
@@ -101,7 +101,7 @@ impl PartialCache {
                     .collect::<anyhow::Result<_>>()?
             }
             PartialSource::Fleet(fleet) => {
-                let fleet = Arc::new(fleet);
+                let fleet: Arc<FleetPartials> = Arc::from(fleet);
                 specs
                     .iter()
                     .map(|spec| {
@@ -258,7 +258,6 @@ impl ModelPartials {
             }
             Embedder::Fleet { fleet, revision } => {
                 let filled = fleet.embed(name, texts, input_type, &mut store);
-                drop(store);
                 let now = fleet.announcement(name)?.revision;
                 if &now != revision {
                     // Some of what was appended may be the new weights' vectors: cut it all.

@@ -33,6 +33,9 @@ pub const IN_FLIGHT: usize = 4;
 /// so this is larger than an interactive request's default.
 const DEADLINE: Duration = Duration::from_secs(120);
 
+/// Called with each request's texts and their vectors, in the texts' order.
+pub type OnBatch<'a> = dyn FnMut(&[&String], Vec<Vec<f32>>) -> anyhow::Result<()> + 'a;
+
 /// A connection to a fleet that computes partials.
 pub struct FleetPartials {
     runtime: tokio::runtime::Runtime,
@@ -92,7 +95,7 @@ impl FleetPartials {
         model: &str,
         texts: &[&String],
         input_type: InputType,
-        on_batch: &mut dyn FnMut(&[&String], Vec<Vec<f32>>) -> anyhow::Result<()>,
+        on_batch: &mut OnBatch<'_>,
     ) -> anyhow::Result<()> {
         let url = &self.url;
         self.runtime.block_on(async {

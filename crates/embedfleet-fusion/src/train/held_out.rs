@@ -10,6 +10,9 @@ use super::{PairData, RetrievalHeldOut};
 /// (STS Spearman ×100, nDCG@10 ×100), each `None` without such held-out data.
 pub(super) type TaskScores = [Option<f64>; 2];
 
+/// Each reference's scores, and the best of them per task.
+pub(super) type ReferenceScores = (Vec<(Reference, TaskScores)>, [f64; 2]);
+
 /// Held-out scores of one epoch: STS Spearman ×100 and retrieval nDCG@10 ×100 (where there is
 /// such data), and `selection`, what early stopping compares: the smallest margin, over the
 /// held-out tasks, by which the layer beats the best [`Reference`] on that task (negative while
@@ -80,7 +83,7 @@ pub(super) fn references(
     input_dim: usize,
     data: &PairData,
     retrieval: Option<&RetrievalHeldOut>,
-) -> candle_core::Result<(Vec<(Reference, TaskScores)>, [f64; 2])> {
+) -> candle_core::Result<ReferenceScores> {
     let block = |offset: usize, width: usize| {
         move |rows: &[usize]| -> candle_core::Result<Matrix> {
             let mut data = Vec::with_capacity(rows.len() * width);
