@@ -258,7 +258,11 @@ impl ModelPartials {
             }
             Embedder::Fleet { fleet, revision } => {
                 let filled = fleet.embed(name, texts, input_type, &mut store);
-                let now = fleet.announcement(name)?.revision;
+                // A lost connection fails both: report the fill's own error first.
+                let now = match fleet.announcement(name) {
+                    Ok(announcement) => announcement.revision,
+                    Err(error) => return Err(filled.err().unwrap_or(error)),
+                };
                 if &now != revision {
                     // Some of what was appended may be the new weights' vectors: cut it all.
                     let file = out.into_inner().map_err(|e| e.into_error())?;

@@ -48,12 +48,18 @@ fn only_file(dir: &Path) -> std::path::PathBuf {
     files.into_iter().next().unwrap()
 }
 
-fn partials(cache: &Path, pairs: &Path, nats_url: Option<&str>) -> std::process::Output {
+/// `fusion partials` of `model` for the texts of `pairs`, in process or through `nats_url`.
+fn partials(
+    model: &str,
+    cache: &Path,
+    pairs: &Path,
+    nats_url: Option<&str>,
+) -> std::process::Output {
     let mut args = vec![
         "fusion",
         "partials",
         "--models",
-        "minilm",
+        model,
         "--scored",
         pairs.to_str().unwrap(),
         "--cache-dir",
@@ -86,13 +92,16 @@ fn a_fleet_fills_the_same_partials_as_the_in_process_models() {
     let server = NatsServer::start().expect("nats-server");
     let url = server.url();
     // Nothing serves yet: no worker has announced minilm.
-    assert_one_line_error(&partials(&from_fleet, &pairs, Some(&url)), "minilm");
+    assert_one_line_error(
+        &partials("minilm", &from_fleet, &pairs, Some(&url)),
+        "minilm",
+    );
 
     let mut serve = start_role(
         "serve",
         &["serve", "--nats-url", &url, "--models", "minilm"],
     );
-    let output = partials(&from_fleet, &pairs, Some(&url));
+    let output = partials("minilm", &from_fleet, &pairs, Some(&url));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success(),
@@ -101,7 +110,7 @@ fn a_fleet_fills_the_same_partials_as_the_in_process_models() {
     );
     assert!(stderr.contains("6/6"), "progress reaches 6 texts: {stderr}");
 
-    let output = partials(&in_process, &pairs, None);
+    let output = partials("minilm", &in_process, &pairs, None);
     assert!(
         output.status.success(),
         "{}",
@@ -127,27 +136,14 @@ fn a_fleet_fills_the_same_partials_as_the_in_process_models() {
 
     // A filled cache asks the fleet for nothing and appends nothing.
     let before = std::fs::metadata(&fleet_file).unwrap().len();
-    let output = partials(&from_fleet, &pairs, Some(&url));
+    let output = partials("minilm", &from_fleet, &pairs, Some(&url));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     assert!(!stderr.contains("partials "), "nothing to embed: {stderr}");
     assert_eq!(std::fs::metadata(&fleet_file).unwrap().len(), before);
 
     // A model the fleet does not serve is named.
-    let output = support::embedfleet(&[
-        "fusion",
-        "partials",
-        "--models",
-        "mpnet",
-        "--scored",
-        pairs.to_str().unwrap(),
-        "--cache-dir",
-        from_fleet.to_str().unwrap(),
-        "--nats-url",
-        &url,
-    ])
-    .output()
-    .unwrap();
+    let output = partials("mpnet", &from_fleet, &pairs, Some(&url));
     assert_one_line_error(&output, "mpnet");
 
     serve

@@ -88,6 +88,19 @@ pub fn knees(points: &[PointResult]) -> Vec<Knee> {
     knees
 }
 
+/// A blank line, `header` and `rows`, one per line; nothing when there are no rows (a fleet
+/// that sent no timings, no sampled process, no GPU).
+fn section(out: &mut String, header: &str, rows: impl Iterator<Item = String>) {
+    let mut rows = rows.peekable();
+    if rows.peek().is_none() {
+        return;
+    }
+    let _ = writeln!(out, "\n{header}");
+    for row in rows {
+        let _ = writeln!(out, "{row}");
+    }
+}
+
 /// The human-readable report: points, stage timings, resources, errors, knees, gate.
 pub fn table(report: &RunReport) -> String {
     let mut out = String::new();
@@ -144,40 +157,28 @@ pub fn table(report: &RunReport) -> String {
             ms(|s| s.max_ms),
         );
     }
-    let stages: Vec<_> = report
-        .points
-        .iter()
-        .flat_map(|p| p.steps.iter().map(move |(step, s)| (p, step, s)))
-        .filter(|(_, step, _)| step.as_str() != "round_trip")
-        .collect();
-    if !stages.is_empty() {
-        let _ = writeln!(
-            out,
-            "\nfleet stage timings (reply metadata)\n{:<5} {:<16} {:<16} {:>9} {:>9} {:>9} {:>9}",
+    let stages = report.points.iter().flat_map(|p| {
+        p.steps
+            .iter()
+            .filter(|(step, _)| step.as_str() != "round_trip")
+            .map(move |(step, s)| {
+                format!(
+                    "{:<5} {:<16} {:<16} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
+                    p.mode, p.label, step, s.p50_ms, s.p90_ms, s.p99_ms, s.max_ms
+                )
+            })
+    });
+    section(
+        &mut out,
+        &format!(
+            "fleet stage timings (reply metadata)\n{:<5} {:<16} {:<16} {:>9} {:>9} {:>9} {:>9}",
             "mode", "load", "step", "p50_ms", "p90_ms", "p99_ms", "max_ms"
-        );
-        for (p, step, s) in stages {
-            let _ = writeln!(
-                out,
-                "{:<5} {:<16} {:<16} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
-                p.mode, p.label, step, s.p50_ms, s.p90_ms, s.p99_ms, s.max_ms
-            );
-        }
-    }
-    let used: Vec<_> = report
-        .points
-        .iter()
-        .flat_map(|p| p.resources.iter().map(move |u| (p, u)))
-        .collect();
-    if !used.is_empty() {
-        let _ = writeln!(
-            out,
-            "\nfleet processes (/proc)\n{:<5} {:<16} {:<16} {:>7} {:>9} {:>9} {:>8} {:>8}",
-            "mode", "load", "process", "pid", "rss_peak", "rss_mean", "cpu_mean", "cpu_peak"
-        );
-        for (p, u) in used {
-            let _ = writeln!(
-                out,
+        ),
+        stages,
+    );
+    let processes = report.points.iter().flat_map(|p| {
+        p.resources.iter().map(move |u| {
+            format!(
                 "{:<5} {:<16} {:<16} {:>7} {:>8.1}M {:>8.1}M {:>7.1}% {:>7.1}%",
                 p.mode,
                 p.label,
@@ -187,31 +188,20 @@ pub fn table(report: &RunReport) -> String {
                 u.rss_mean_mib,
                 u.cpu_mean_pct,
                 u.cpu_peak_pct
-            );
-        }
-    }
-    let gpus: Vec<_> = report
-        .points
-        .iter()
-        .flat_map(|p| p.gpus.iter().map(move |g| (p, g)))
-        .collect();
-    if !gpus.is_empty() {
-        let _ = writeln!(
-            out,
-            "\ngpus (NVML)\n{:<5} {:<16} {:<4} {:<24} {:>10} {:>10} {:>10} {:>8} {:>8}",
-            "mode",
-            "load",
-            "gpu",
-            "name",
-            "mem_peak",
-            "mem_mean",
-            "mem_total",
-            "util_avg",
-            "util_max"
-        );
-        for (p, g) in gpus {
-            let _ = writeln!(
-                out,
+            )
+        })
+    });
+    section(
+        &mut out,
+        &format!(
+            "fleet processes (/proc)\n{:<5} {:<16} {:<16} {:>7} {:>9} {:>9} {:>8} {:>8}",
+            "mode", "load", "process", "pid", "rss_peak", "rss_mean", "cpu_mean", "cpu_peak"
+        ),
+        processes,
+    );
+    let gpus = report.points.iter().flat_map(|p| {
+        p.gpus.iter().map(move |g| {
+            format!(
                 "{:<5} {:<16} {:<4} {:<24} {:>9.0}M {:>9.0}M {:>9.0}M {:>7.1}% {:>7.1}%",
                 p.mode,
                 p.label,
@@ -222,9 +212,25 @@ pub fn table(report: &RunReport) -> String {
                 g.memory_total_mib,
                 g.utilization_mean_pct,
                 g.utilization_peak_pct
-            );
-        }
-    }
+            )
+        })
+    });
+    section(
+        &mut out,
+        &format!(
+            "gpus (NVML)\n{:<5} {:<16} {:<4} {:<24} {:>10} {:>10} {:>10} {:>8} {:>8}",
+            "mode",
+            "load",
+            "gpu",
+            "name",
+            "mem_peak",
+            "mem_mean",
+            "mem_total",
+            "util_avg",
+            "util_max"
+        ),
+        gpus,
+    );
     for p in report.points.iter().filter(|p| p.error_count() > 0) {
         for (kind, n) in &p.errors {
             let _ = writeln!(out, "errors {} {}: {n} x {kind}", p.mode, p.label);
